@@ -1,0 +1,1 @@
+"""Tokenizer, webdataset shard writer and the deterministic, resumable loader."""

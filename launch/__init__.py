@@ -1,0 +1,1 @@
+"""The `pretrain` command line and the local and Slurm launchers."""

@@ -1,0 +1,70 @@
+"""`pretrain`: the command line. Each subcommand is a small function over the library; errors the user can fix
+(config, data, checkpoint, command line) print one line naming the problem and the fix, and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.config import ConfigError, default_world_size, load_config, resolve_world
+
+
+class UserError(Exception):
+    """Bad input the user can fix; printed as one line, exit status 2."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 parallel.tp=2")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pretrain.plan import describe
+
+    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_world(cfg, args.world_size or default_world_size(cfg))
+    table = Table(title=f"plan for {args.config}", show_header=False, expand=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in describe(cfg, args.mfu, args.peak_tflops):
+        table.add_row(key, value)
+    Console(width=max(120, Console().width)).print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="Pretrain Mistral-style language models: plan a run, then train, watch, resume and export it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Each command group registers its own subparsers; add a module's `register` here to add commands.
+    for register in (_register_plan,):
+        register(sub)
+    return parser
+
+
+def _register_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU and implied throughput of a config")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, help="number of GPUs (default: the config's dp or Slurm allocation)")
+    p.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilization to assume (default 0.5)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="bf16 peak of one GPU in TFLOP/s (default: H100 datasheet, 989)")
+    p.set_defaults(func=cmd_plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, UserError) as e:
+        print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

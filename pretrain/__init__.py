@@ -1,0 +1,1 @@
+"""Mistral-style pretraining: model, parallelism, training loop, checkpointing, export."""

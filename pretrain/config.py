@@ -1,0 +1,378 @@
+"""Typed run configuration: YAML presets, dotted overrides, and validation before anything starts.
+
+Every failure is a `ConfigError` whose message is one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    dim: int = Field(4096, gt=0)
+    n_layers: int = Field(32, gt=0)
+    n_heads: int = Field(32, gt=0)
+    n_kv_heads: int = Field(8, gt=0)
+    head_dim: int = Field(128, gt=0)
+    hidden_dim: int = Field(14336, gt=0)
+    vocab_size: int = Field(32000, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    # Attention reaches the `sliding_window` most recent positions, itself included (transformers' count);
+    # null means full causal attention.
+    sliding_window: int | None = Field(4096, gt=0)
+    max_seq_len: int = Field(8192, gt=0)
+    attention_backend: Literal["auto", "flash", "flex", "sdpa"] = "auto"
+    document_masking: bool = False
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}: "
+                "grouped-query attention needs whole groups; pick n_kv_heads dividing n_heads"
+            )
+        if self.sliding_window is not None and self.sliding_window > self.max_seq_len:
+            raise ValueError(
+                f"model.sliding_window={self.sliding_window} is larger than model.max_seq_len={self.max_seq_len}: "
+                "set sliding_window <= max_seq_len, or null for full attention"
+            )
+        return self
+
+
+class ParallelConfig(_Section):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    # null: derived from the world size as world / (tp * pp).
+    dp: int | None = Field(None, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    micro_batch: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+
+    @model_validator(mode="after")
+    def _combinations(self) -> ParallelConfig:
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ValueError(
+                f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: DeepSpeed's pipeline engine "
+                "runs only ZeRO 0 or 1; set parallel.zero_stage=1 or parallel.pp=1"
+            )
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1: set it false or raise tp")
+        return self
+
+
+class DataSource(_Section):
+    path: str
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(_Section):
+    # Directories written by `pretrain data prepare` (each holds a manifest.json), mixed by weight.
+    train: list[DataSource] = Field(default_factory=list)
+    eval: str | None = None
+    tokenizer: str | None = None
+    seq_len: int = Field(2048, gt=0)
+    num_workers: int = Field(1, ge=0)
+    seed: int = 1234
+    skip_corrupt_shards: bool = False
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    # WSD only: the fraction of the steps spent in the final decay.
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _lrs(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}: set min_lr <= lr")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, gt=0)
+    # In sequences; gradient accumulation = global_batch / (micro_batch * dp).
+    global_batch: int = Field(8, gt=0)
+    seed: int = 1234
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    compile: bool = False
+    eval_every: int = Field(0, ge=0)
+    eval_steps: int = Field(10, gt=0)
+    run_dir: str = "runs/default"
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(500, ge=0)
+    keep_last: int = Field(2, ge=1)
+    keep_every: int = Field(0, ge=0)
+    async_save: bool = True
+
+
+class LoggingConfig(_Section):
+    every_steps: int = Field(10, gt=0)
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+
+class SlurmConfig(_Section):
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    # CPU nodes: processes per node when there are no GPUs.
+    tasks_per_node: int = Field(1, ge=1)
+    cpus_per_task: int = Field(1, ge=1)
+    partition: str | None = None
+    time: str = "01:00:00"
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str = "pretrain"
+    max_requeues: int = Field(3, ge=0)
+    signal_seconds: int = Field(120, ge=1)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _cross_sections(self) -> Config:
+        m, p = self.model, self.parallel
+        for name, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
+            if heads % p.tp:
+                raise ValueError(
+                    f"{name}={heads} is not divisible by parallel.tp={p.tp}: each tensor-parallel rank holds "
+                    f"whole heads; choose tp from {_divisors(math.gcd(m.n_heads, m.n_kv_heads))}"
+                )
+        if m.vocab_size % p.tp:
+            raise ValueError(
+                f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}: "
+                "pad the vocabulary or choose another tp"
+            )
+        if m.n_layers % p.pp:
+            raise ValueError(
+                f"model.n_layers={m.n_layers} is not divisible by parallel.pp={p.pp}: "
+                f"choose pp from {_divisors(m.n_layers)}"
+            )
+        if self.data.seq_len > m.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
+                "shorten data.seq_len or raise model.max_seq_len"
+            )
+        if p.dp is not None:
+            check_batch(self, p.dp)
+        return self
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.parallel.tp * self.parallel.pp
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_batch(cfg: Config, dp: int) -> None:
+    unit = cfg.parallel.micro_batch * dp
+    if cfg.train.global_batch % unit:
+        raise ValueError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by parallel.micro_batch * dp = "
+            f"{cfg.parallel.micro_batch} * {dp} = {unit}: set global_batch to a multiple of {unit}"
+        )
+
+
+def resolve_world(cfg: Config, world_size: int) -> Config:
+    """The config with `parallel.dp` derived from the world size; raises ConfigError if they do not fit."""
+    mp = cfg.model_parallel_size
+    if world_size % mp:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
+            f"{cfg.parallel.tp} * {cfg.parallel.pp} = {mp}: launch a multiple of {mp} processes or change tp/pp"
+        )
+    dp = world_size // mp
+    if cfg.parallel.dp is not None and cfg.parallel.dp != dp:
+        raise ConfigError(
+            f"parallel.dp={cfg.parallel.dp} does not match world size {world_size} / (tp*pp={mp}) = {dp}: "
+            f"set parallel.dp={dp} or null, or launch {cfg.parallel.dp * mp} processes"
+        )
+    try:
+        check_batch(cfg, dp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    data = cfg.model_dump()
+    data["parallel"]["dp"] = dp
+    return Config.model_validate(data)
+
+
+def grad_accum_steps(cfg: Config) -> int:
+    assert cfg.parallel.dp is not None, "resolve_world first"
+    return cfg.train.global_batch // (cfg.parallel.micro_batch * cfg.parallel.dp)
+
+
+def default_world_size(cfg: Config) -> int:
+    """The world a config describes on its own: explicit dp, else its Slurm allocation, else one replica."""
+    if cfg.parallel.dp is not None:
+        return cfg.model_parallel_size * cfg.parallel.dp
+    per_node = cfg.slurm.gpus_per_node or cfg.slurm.tasks_per_node
+    if cfg.slurm.nodes * per_node > 1:
+        return cfg.slurm.nodes * per_node
+    return cfg.model_parallel_size
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML preset, apply `a.b=value` overrides, and validate. Raises ConfigError."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        apply_override(data, item)
+    return validate(data)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset, with `inherit: other.yaml` (relative to it) merged underneath, so layouts restate no model."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass a YAML file such as configs/tiny.yaml")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} inherits itself: remove the cycle in its inherit: keys")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, parallel:, ...)")
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    return _merge(_read_yaml(path.parent / str(parent), seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_sections else value
+    return merged
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE: write it like optim.lr=3e-4")
+    parts = key.strip().split(".")
+    _check_path(parts)
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node[parts[-1]] = value
+
+
+def _check_path(parts: list[str]) -> None:
+    """Unknown keys in overrides get the same nearest-name hint as unknown keys in YAML."""
+    model: type[BaseModel] | None = Config
+    for i, part in enumerate(parts):
+        if model is None:
+            break
+        fields = model.model_fields
+        if part not in fields:
+            raise ConfigError(_unknown_key_message(".".join(parts[: i + 1]), part, list(fields)))
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _unknown_key_message(dotted: str, name: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{near[0]}?" if near else ""
+    return f"unknown config key {dotted}: {hint or 'valid keys here are ' + ', '.join(valid)}".rstrip()
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, data)) from None
+
+
+def _describe(error: ValidationError, data: dict[str, Any]) -> str:
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    dotted = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        section: type[BaseModel] = Config
+        for part in loc[:-1]:
+            annotation = section.model_fields[part].annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                section = annotation
+        return _unknown_key_message(dotted, loc[-1], list(section.model_fields))
+    if first["type"] == "value_error":
+        return str(first["ctx"]["error"]) if "ctx" in first else first["msg"]
+    if first["type"] == "model_type" and not loc:
+        return "config must be a mapping of sections: model, parallel, data, optim, train, checkpoint, logging, slurm"
+    value = first.get("input")
+    return f"config key {dotted or '<root>'}={value!r}: {first['msg'].lower()}; fix the value in the YAML or override"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def check_paths(cfg: Config, *, need_data: bool = True) -> None:
+    """Training needs its data and tokenizer on disk; say which path is missing and how to make it."""
+    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).exists():
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} does not exist: train one with `pretrain tokenizer train` "
+            "or point it at a tokenizer directory"
+        )
+    if not need_data:
+        return
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: list prepared data directories, e.g. data.train=[{path: data/shards}]")
+    for i, source in enumerate(cfg.data.train):
+        if not (Path(source.path) / "manifest.json").is_file() and "://" not in source.path:
+            raise ConfigError(
+                f"data.train[{i}].path={source.path} has no manifest.json: prepare it with "
+                "`pretrain data prepare --out " + source.path + "`"
+            )
+    if cfg.data.eval is not None and "://" not in cfg.data.eval and not (Path(cfg.data.eval) / "manifest.json").is_file():
+        raise ConfigError(f"data.eval={cfg.data.eval} has no manifest.json: prepare it or set data.eval=null")
+
+
+def save_resolved(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

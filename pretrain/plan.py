@@ -1,0 +1,160 @@
+"""Closed-form sizing of a run: parameters, training FLOPs per token, memory per GPU, implied throughput.
+
+Conventions (stated in `pretrain plan` output too):
+- FLOPs per token = 6 * (matmul parameters) + 12 * n_layers * n_heads * head_dim * (mean attended keys per query).
+  Matmul parameters are every linear layer including the LM head; the input embedding (a lookup) and the norm
+  weights are excluded. Attended keys are counted exactly for causal attention: query i (0-based) sees
+  min(i + 1, W) keys, so full causal averages (S + 1) / 2, not the S some reports use.
+- Memory follows the ZeRO paper's accounting with mixed precision: 2 bytes of bf16 weights and 2 of gradients
+  per parameter, 12 of optimizer state (float32 master, Adam m and v); float32 training holds 4 + 4 + 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config import Config, ModelConfig
+
+# Dense bf16 tensor-core peak of the H100 SXM datasheet (the H200 has the same compute).
+H100_BF16_PEAK_TFLOPS = 989.0
+
+
+def count_parameters(m: ModelConfig) -> dict[str, int]:
+    q = m.dim * m.n_heads * m.head_dim
+    kv = 2 * m.dim * m.n_kv_heads * m.head_dim
+    o = m.n_heads * m.head_dim * m.dim
+    mlp = 3 * m.dim * m.hidden_dim
+    layer_norms = 2 * m.dim
+    per_layer = q + kv + o + mlp + layer_norms
+    counts = {
+        "embedding": m.vocab_size * m.dim,
+        "per_layer": per_layer,
+        "layers": per_layer * m.n_layers,
+        "layer_norms": layer_norms * m.n_layers,
+        "final_norm": m.dim,
+        "lm_head": m.vocab_size * m.dim,
+    }
+    counts["total"] = counts["embedding"] + counts["layers"] + counts["final_norm"] + counts["lm_head"]
+    counts["matmul"] = counts["total"] - counts["embedding"] - counts["layer_norms"] - counts["final_norm"]
+    return counts
+
+
+def mean_attended_keys(seq_len: int, window: int | None) -> float:
+    """Mean over queries of the keys a causal (optionally windowed) query attends to, itself included."""
+    w = seq_len if window is None else min(window, seq_len)
+    # Queries 0..w-1 see 1..w keys; the remaining seq_len - w see w each.
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def flops_per_token(m: ModelConfig, seq_len: int) -> dict[str, float]:
+    dense = 6.0 * count_parameters(m)["matmul"]
+    # QK^T and PV: 2 matmuls * 2 FLOPs per multiply-add * 3 (forward + backward) = 12 per head dim per key.
+    attention = 12.0 * m.n_layers * m.n_heads * m.head_dim * mean_attended_keys(seq_len, m.sliding_window)
+    return {"dense": dense, "attention": attention, "total": dense + attention}
+
+
+def parameters_per_rank(m: ModelConfig, tp: int, pp: int) -> int:
+    """The largest shard any rank holds: the first or last pipeline stage, which add embedding or head."""
+    c = count_parameters(m)
+    sharded_layer = (c["per_layer"] - 2 * m.dim) // tp + 2 * m.dim
+    stage_layers = (m.n_layers // pp) * sharded_layer
+    vocab_shard = c["embedding"] // tp
+    if pp == 1:
+        return stage_layers + 2 * vocab_shard + m.dim
+    return stage_layers + vocab_shard + m.dim  # the last stage: head plus final norm (first stage: embedding)
+
+
+def activation_bytes_per_layer(cfg: Config, bytes_per_value: int) -> float:
+    """Activations a decoder layer keeps for backward per micro-batch, with a flash-style attention kernel
+    (no S x S scores kept). Counts the tensors our layer saves: norm inputs and outputs, q/k/v, attention
+    output, gate/up outputs and their product; tensor-parallel shards divide the inner ones."""
+    m, p = cfg.model, cfg.parallel
+    tokens = cfg.data.seq_len * p.micro_batch
+    qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+    replicated = 4 * m.dim  # two norm inputs, two norm outputs (full width unless sequence parallel)
+    sharded = qkv + m.n_heads * m.head_dim + 3 * m.hidden_dim
+    if p.sequence_parallel:
+        replicated /= p.tp
+    full = tokens * (replicated + sharded / p.tp) * bytes_per_value
+    if p.activation_checkpointing == "full":
+        return tokens * m.dim * bytes_per_value / (p.tp if p.sequence_parallel else 1)
+    if p.activation_checkpointing == "selective":
+        # The attention core (q, k, v and its output) is recomputed; the MLP keeps its tensors.
+        return full - tokens * (qkv + m.n_heads * m.head_dim) / p.tp * bytes_per_value
+    return full
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+
+def memory_per_gpu(cfg: Config, dp: int, mixed_precision: bool = True) -> MemoryPlan:
+    m, p = cfg.model, cfg.parallel
+    n = parameters_per_rank(m, p.tp, p.pp)
+    weight_b, grad_b, optim_b = (2, 2, 12) if mixed_precision else (4, 4, 8)
+    zero = p.zero_stage
+    weights = n * weight_b / (dp if zero >= 3 else 1)
+    grads = n * grad_b / (dp if zero >= 2 else 1)
+    optim = n * optim_b / (dp if zero >= 1 else 1)
+    act_b = 2 if mixed_precision else 4
+    layers_per_stage = m.n_layers // p.pp
+    # 1F1B keeps up to pp micro-batches in flight on the first stage.
+    in_flight = min(p.pp, max(1, cfg.train.global_batch // (p.micro_batch * dp))) if p.pp > 1 else 1
+    activations = activation_bytes_per_layer(cfg, act_b) * layers_per_stage * in_flight
+    # float32 logits and their gradient for one micro-batch, vocab sharded over tp.
+    logits = 2 * cfg.data.seq_len * p.micro_batch * m.vocab_size / p.tp * 4
+    return MemoryPlan(weights, grads, optim, activations, logits)
+
+
+def implied_tokens_per_second_per_gpu(cfg: Config, mfu: float, peak_tflops: float) -> float:
+    return mfu * peak_tflops * 1e12 / flops_per_token(cfg.model, cfg.data.seq_len)["total"]
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def describe(cfg: Config, mfu: float, peak_tflops: float) -> list[tuple[str, str]]:
+    """The rows `pretrain plan` prints, for a config whose world size is resolved (parallel.dp set)."""
+    m, p = cfg.model, cfg.parallel
+    dp = p.dp
+    c = count_parameters(m)
+    f = flops_per_token(m, cfg.data.seq_len)
+    mixed = cfg.train.dtype != "float32"
+    mem = memory_per_gpu(cfg, dp, mixed_precision=mixed)
+    window = "full causal" if m.sliding_window is None else f"window {m.sliding_window}"
+    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    return [
+        ("layout", f"tp={p.tp} pp={p.pp} dp={dp} (world {p.tp * p.pp * dp}), ZeRO-{p.zero_stage}, "
+                   f"micro-batch {p.micro_batch}, grad accumulation {cfg.train.global_batch // (p.micro_batch * dp)}"),
+        ("parameters", f"{_count(c['total'])} ({c['total']:,}): embedding {c['embedding']:,}, "
+                       f"{m.n_layers} layers x {c['per_layer']:,}, final norm {c['final_norm']:,}, "
+                       f"LM head {c['lm_head']:,}"),
+        ("parameters per rank", f"{parameters_per_rank(m, p.tp, p.pp):,} (largest pipeline stage, one tp shard)"),
+        ("FLOPs per token", f"{f['total']:.4g} = 6 x {c['matmul']:,} matmul params "
+                            f"{f['dense']:.4g} + attention {f['attention']:.4g} "
+                            f"({window}, seq {cfg.data.seq_len}, "
+                            f"{mean_attended_keys(cfg.data.seq_len, m.sliding_window):.1f} mean attended keys, "
+                            "exact causal count)"),
+        ("tokens per step", f"{tokens_per_step:,} ({cfg.train.global_batch} x {cfg.data.seq_len})"),
+        ("memory per GPU", f"{_gib(mem.total)} = weights {_gib(mem.weights)} + gradients {_gib(mem.gradients)} "
+                           f"+ optimizer {_gib(mem.optimizer)} + activations {_gib(mem.activations)} "
+                           f"({p.activation_checkpointing} checkpointing) + logits {_gib(mem.logits)}"),
+        ("precision", "bf16 weights/grads, fp32 master + Adam (2+2+12 bytes/param)" if mixed
+         else "float32 (4+4+8 bytes/param)"),
+        ("throughput at MFU", f"{implied_tokens_per_second_per_gpu(cfg, mfu, peak_tflops):,.0f} tokens/s/GPU "
+                              f"at {mfu:.0%} of {peak_tflops:g} TFLOP/s"),
+    ]
