@@ -1,0 +1,151 @@
+"""Config schema: presets load, overrides apply, and every validation rule fails with a one-line message
+that names the key and the fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.config import ConfigError, check_paths, load_config, resolve_world, save_resolved
+
+ROOT = Path(__file__).resolve().parents[1]
+MISTRAL = ROOT / "configs" / "mistral-7b.yaml"
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert cfg.model.n_heads % cfg.parallel.tp == 0
+
+
+def test_mistral_preset_is_the_paper_architecture():
+    m = load_config(MISTRAL).model
+    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim) == (4096, 32, 32, 8, 128)
+    assert (m.hidden_dim, m.vocab_size, m.sliding_window, m.rope_theta, m.norm_eps) == (14336, 32000, 4096, 1e4, 1e-5)
+
+
+def test_tiny_preset_has_gqa_and_a_window_shorter_than_its_sequence():
+    cfg = load_config(TINY)
+    assert cfg.model.n_kv_heads < cfg.model.n_heads
+    assert cfg.model.sliding_window < cfg.data.seq_len
+
+
+def test_layout_presets_inherit_the_model():
+    four = load_config(ROOT / "configs" / "mistral-7b-4gpu.yaml")
+    assert four.model == load_config(MISTRAL).model
+    assert (four.parallel.tp, four.slurm.gpus_per_node) == (2, 4)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(MISTRAL, ["optim.lr=1e-4", "parallel.tp=2", "model.sliding_window=null", "train.compile=false"])
+    assert cfg.optim.lr == 1e-4 and cfg.parallel.tp == 2
+    assert cfg.model.sliding_window is None and cfg.train.compile is False
+
+
+def test_list_override():
+    cfg = load_config(TINY, ["data.train=[{path: a, weight: 2}, {path: b}]"])
+    assert [(s.path, s.weight) for s in cfg.data.train] == [("a", 2.0), ("b", 1.0)]
+
+
+def _error(overrides, path=MISTRAL) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_names_the_nearest_valid_one():
+    assert _error(["model.n_hedas=4"]) == "unknown config key model.n_hedas: did you mean model.n_heads?"
+    assert "did you mean optim?" in _error(["optimm.lr=1"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"parallel": {"tensor_paralel": 2}}))
+    assert "unknown config key parallel.tensor_paralel" in _error([], path)
+
+
+def test_wrong_type():
+    message = _error(["optim.lr=fast"])
+    assert message.startswith("config key optim.lr='fast'") and "number" in message
+
+
+def test_query_heads_not_divisible_by_tp():
+    message = _error(["parallel.tp=3"])
+    assert "model.n_heads=32 is not divisible by parallel.tp=3" in message and "[1, 2, 4, 8]" in message
+
+
+def test_kv_heads_not_divisible_by_tp():
+    assert "model.n_kv_heads=8 is not divisible by parallel.tp=16" in _error(["parallel.tp=16"])
+
+
+def test_layers_not_divisible_by_pp():
+    assert "model.n_layers=32 is not divisible by parallel.pp=3" in _error(["parallel.pp=3"])
+
+
+def test_global_batch_not_divisible_by_micro_batch_times_dp():
+    message = _error(["parallel.dp=3", "parallel.micro_batch=2", "train.global_batch=512"])
+    assert "train.global_batch=512 is not divisible by parallel.micro_batch * dp = 2 * 3 = 6" in message
+
+
+def test_window_larger_than_allowed():
+    assert "model.sliding_window=9000 is larger than model.max_seq_len=8192" in _error(["model.sliding_window=9000"])
+
+
+def test_sequence_longer_than_the_model_allows():
+    assert "data.seq_len=16384 exceeds model.max_seq_len=8192" in _error(["data.seq_len=16384"])
+
+
+def test_zero_2_with_pipeline_is_refused_with_the_reason():
+    message = _error(["parallel.pp=2", "parallel.zero_stage=2"])
+    assert "pipeline engine runs only ZeRO 0 or 1" in message
+
+
+def test_world_size_not_divisible_by_model_parallel_size():
+    cfg = load_config(MISTRAL, ["parallel.tp=2", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tp \* parallel.pp = 2 \* 2 = 4"):
+        resolve_world(cfg, 6)
+
+
+def test_world_size_derives_dp_and_checks_the_batch():
+    cfg = load_config(MISTRAL, ["parallel.tp=2", "train.global_batch=24"])
+    assert resolve_world(cfg, 8).parallel.dp == 4
+    with pytest.raises(ConfigError, match="train.global_batch=24 is not divisible by parallel.micro_batch \\* dp = 1 \\* 5"):
+        resolve_world(cfg, 10)
+
+
+def test_missing_data_and_tokenizer_paths(tmp_path):
+    cfg = load_config(TINY, [f"data.tokenizer={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="data.tokenizer=.*does not exist: train one with `pretrain tokenizer train`"):
+        check_paths(cfg)
+    cfg = load_config(TINY, [f"data.tokenizer={tmp_path}", f"data.train=[{{path: {tmp_path / 'shards'}}}]"])
+    with pytest.raises(ConfigError, match=r"data.train\[0\].path=.*has no manifest.json"):
+        check_paths(cfg)
+
+
+def test_missing_config_file_and_bad_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such.yaml")
+    assert "is not KEY=VALUE" in _error(["optim.lr"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = resolve_world(load_config(TINY, ["optim.lr=1e-3"]), 2)
+    save_resolved(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_cli_reports_bad_tp_in_one_line_with_exit_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "plan", str(MISTRAL), "parallel.tp=3"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pretrain plan: error: model.n_heads=32 is not divisible by parallel.tp=3: each tensor-parallel rank holds "
+        "whole heads; choose tp from [1, 2, 4, 8]"
+    ]
