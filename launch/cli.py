@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launch import train_commands
 from pretrain.config import ConfigError, default_world_size, load_config, resolve_world
 
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command group registers its own subparsers; add a module's `register` here to add commands.
-    for register in (_register_plan,):
+    for register in (_register_plan, train_commands.register):
         register(sub)
     return parser
 
@@ -59,11 +60,10 @@ def _register_plan(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, UserError) as e:
         print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

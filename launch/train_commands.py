@@ -1,0 +1,56 @@
+"""`pretrain train`: resolve and validate the config, prepare the run directory, start the ranks.
+
+Outside Slurm it starts --nproc local processes. Inside a Slurm step (srun, one task per GPU or CPU process) the
+same command runs one rank in this process; rank 0 writes the run directory's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pretrain.config import Config, check_paths, load_config, resolve_world, save_resolved
+
+
+def in_slurm_step() -> bool:
+    return "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    save_resolved(cfg, tmp)
+    tmp.replace(run_dir / "config.yaml")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launch.local import launch
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"train.run_dir={args.run_dir}")
+    cfg = load_config(args.config, overrides)
+    world = int(os.environ["SLURM_NTASKS"]) if in_slurm_step() else args.nproc
+    cfg = resolve_world(cfg, world)
+    check_paths(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    if in_slurm_step():
+        from pretrain.trainer import run
+
+        if os.environ["SLURM_PROCID"] == "0":
+            prepare_run_dir(cfg, run_dir)
+        return run(cfg, run_dir)
+    prepare_run_dir(cfg, run_dir)
+    print(f"pretrain train: {world} process(es), run directory {run_dir}", file=sys.stderr, flush=True)
+    return launch([sys.executable, "-m", "pretrain.trainer", str(run_dir)], world)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a config (local processes, or one rank per Slurm task)")
+    p.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 parallel.tp=2")
+    p.add_argument("--nproc", type=int, default=1, help="local processes to start (ignored inside Slurm)")
+    p.add_argument("--run-dir", help="run directory (default: train.run_dir of the config)")
+    p.set_defaults(func=cmd_train)

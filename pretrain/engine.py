@@ -1,0 +1,137 @@
+"""The model wrapped in DeepSpeed's engine on megatron-core's process groups.
+
+pp == 1: `Mistral` in DeepSpeed's engine (ZeRO 0-3). pp > 1: the same stage modules as a DeepSpeed
+`PipelineModule` (1F1B over micro-batches, ZeRO 0-1), with a topology whose rank order matches megatron-core's
+(tensor-parallel fastest, then data, then pipeline). Parameters carry canonical names (those of the tp=1, pp=1
+`Mistral`) so that checkpoints, initialization and export do not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+# DeepSpeed picks its accelerator when first imported; without CUDA it must be told to use the CPU.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+import deepspeed  # noqa: E402
+from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
+
+from pretrain import parallel  # noqa: E402
+from pretrain.config import Config, grad_accum_steps  # noqa: E402
+from pretrain.model.mistral import (  # noqa: E402
+    DecoderLayer,
+    Embedding,
+    Mistral,
+    OutputHead,
+    init_weights,
+    megatron_layer_config,
+    vocab_parallel_loss,
+)
+from pretrain.optim import build_optimizer, build_scheduler  # noqa: E402
+
+
+class MegatronMPU:
+    """DeepSpeed's `mpu` interface answered by megatron-core's parallel_state, so both see the same groups."""
+
+    def get_model_parallel_rank(self) -> int:
+        return parallel.tp_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return parallel.tp_size()
+
+    def get_model_parallel_group(self):
+        return parallel.tp_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return parallel.dp_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return parallel.dp_size()
+
+    def get_data_parallel_group(self):
+        return parallel.dp_group()
+
+
+def train_dtype(cfg: Config) -> torch.dtype:
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, cfg.train.dtype)
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    dtype = train_dtype(cfg)
+    zero: dict = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage >= 2:
+        # Overlap the gradient reduce-scatter with the backward pass.
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=5e8)
+    if cfg.parallel.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=5e8, stage3_param_persistence_threshold=1e6)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.parallel.micro_batch,
+        "gradient_accumulation_steps": grad_accum_steps(cfg),
+        "train_batch_size": cfg.train.global_batch,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        # Keep the gradient reduction in float32 whatever the compute dtype.
+        "data_types": {"grad_accum_dtype": "fp32"} if dtype == torch.bfloat16 else {},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class Built:
+    engine: deepspeed.DeepSpeedEngine
+    # parameter -> canonical name (as in the tp=1, pp=1 Mistral)
+    canonical_names: dict[torch.nn.Parameter, str]
+    pipelined: bool
+
+
+def _stage_prefix(index: int, n_layers: int) -> str:
+    if index == 0:
+        return "embedding."
+    if index == n_layers + 1:
+        return "head."
+    return f"layers.{index - 1}."
+
+
+def build_model(cfg: Config, eos_id: int | None) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    """The (possibly pipelined) module on this rank and its parameters by canonical name, initialized."""
+    m, p = cfg.model, cfg.parallel
+    if p.pp == 1:
+        model = Mistral(m, eos_id=eos_id, activation_checkpointing=p.activation_checkpointing,
+                        sequence_parallel=p.sequence_parallel, seed=cfg.train.seed)
+        return model, dict(model.named_parameters())
+    if m.document_masking:
+        raise ValueError("model.document_masking is not supported with parallel.pp > 1: set one of them off")
+    layer_config = megatron_layer_config(torch.float32)
+    specs = [LayerSpec(Embedding, m, layer_config)]
+    specs += [LayerSpec(DecoderLayer, m, layer_config, p.activation_checkpointing) for _ in range(m.n_layers)]
+    specs += [LayerSpec(OutputHead, m, layer_config)]
+    topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=p.dp)
+    model = PipelineModule(layers=specs, topology=topology, loss_fn=vocab_parallel_loss,
+                           partition_method="type:DecoderLayer")
+    named = {}
+    for name, param in model.named_parameters():
+        index, rest = name.split(".", 1)
+        named[_stage_prefix(int(index), m.n_layers) + rest] = param
+    init_weights(named, m, cfg.train.seed)
+    return model, named
+
+
+def build_engine(cfg: Config, eos_id: int | None) -> Built:
+    model, named = build_model(cfg, eos_id)
+    if torch.cuda.is_available():
+        model.cuda()
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+        mpu=None if cfg.parallel.pp > 1 else MegatronMPU(),
+    )
+    return Built(engine, {param: name for name, param in named.items()}, cfg.parallel.pp > 1)

@@ -1,0 +1,124 @@
+"""Training metrics: JSON lines (always), TensorBoard and W&B (when configured), a progress display with ETA,
+and the loss plot written at the end of a run. Only the global rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from pretrain.config import Config
+
+
+class MetricsLogger:
+    def __init__(self, cfg: Config, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.started = time.monotonic()
+        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = run_dir
+        self._tensorboard = None
+        self._wandb = None
+        self._progress = None
+        if not enabled:
+            return
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        if cfg.logging.wandb_project:
+            import wandb
+
+            self._wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir),
+                                     config=cfg.model_dump(mode="json"), resume="allow", id=run_dir.name)
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                      TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn())
+            self._task = self._progress.add_task("", total=total_steps, completed=start_step)
+            self._progress.start()
+
+    def eta_seconds(self, step: int) -> float:
+        done = step - self.start_step
+        if done <= 0:
+            return float("nan")
+        return (time.monotonic() - self.started) / done * (self.total_steps - step)
+
+    def log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, "time": time.time(), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+        summary = _summary(values)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, description=summary)
+        else:
+            eta = self.eta_seconds(step)
+            eta_text = "" if eta != eta else f" eta {_duration(eta)}"
+            print(f"[{kind}] step {step}/{self.total_steps} {summary}{eta_text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def _summary(values: dict[str, float]) -> str:
+    keys = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s")
+    return " ".join(f"{k} {values[k]:.4g}" for k in keys if k in values)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    """Train (and eval) loss against step; a resumed run's repeated steps keep their latest value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, float]] = {}
+    for record in read_metrics(metrics_path):
+        if "loss" in record:
+            series.setdefault(record["kind"], {})[record["step"]] = record["loss"]
+    if not series:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, points in sorted(series.items()):
+        steps = sorted(points)
+        ax.plot(steps, [points[s] for s in steps], label=f"{kind} loss", marker="o" if kind == "eval" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
