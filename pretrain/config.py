@@ -124,6 +124,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0)
     eval_steps: int = Field(10, gt=0)
     run_dir: str = "runs/default"
+    # No step within this many seconds (a hung collective): dump every thread's stack and exit 1. 0: off.
+    watchdog_s: int = Field(1800, ge=0)
 
 
 class CheckpointConfig(_Section):
@@ -370,7 +372,8 @@ def check_paths(cfg: Config, *, need_data: bool = True) -> None:
                 f"data.train[{i}].path={source.path} has no manifest.json: prepare it with "
                 "`pretrain data prepare --out " + source.path + "`"
             )
-    if cfg.data.eval is not None and "://" not in cfg.data.eval and not (Path(cfg.data.eval) / "manifest.json").is_file():
+    local_eval = cfg.data.eval is not None and "://" not in cfg.data.eval
+    if local_eval and not (Path(cfg.data.eval) / "manifest.json").is_file():
         raise ConfigError(f"data.eval={cfg.data.eval} has no manifest.json: prepare it or set data.eval=null")
 
 

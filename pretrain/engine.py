@@ -9,6 +9,7 @@ pp == 1: `Mistral` in DeepSpeed's engine (ZeRO 0-3). pp > 1: the same stage modu
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -124,8 +125,12 @@ def build_model(cfg: Config, eos_id: int | None) -> tuple[torch.nn.Module, dict[
     return model, named
 
 
-def build_engine(cfg: Config, eos_id: int | None) -> Built:
+def build_engine(cfg: Config, eos_id: int | None,
+                 before_wrap: Callable[[dict[str, torch.nn.Parameter]], None] | None = None) -> Built:
+    """`before_wrap` sees the parameters by canonical name before DeepSpeed takes them (to load weights)."""
     model, named = build_model(cfg, eos_id)
+    if before_wrap is not None:
+        before_wrap(named)
     if torch.cuda.is_available():
         model.cuda()
     optimizer = build_optimizer(model, cfg.optim)

@@ -8,7 +8,9 @@ boundary), with pp > 1 the pipeline engine runs them as 1F1B. Metrics go to the 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,16 @@ import torch
 import torch.distributed as dist
 
 from pretrain import parallel
+from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.state import (
+    ShardReader,
+    check_compatible,
+    load_model_weights,
+    load_optimizer_state,
+    load_rng_state,
+    read_trainer_state,
+)
+from pretrain.checkpoint.store import CheckpointError, CheckpointStore, verify
 from pretrain.config import Config, load_config
 from pretrain.engine import Built, build_engine
 from pretrain.metrics import MetricsLogger
@@ -38,8 +50,11 @@ def _split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+EXIT_SAVED_ON_SIGNAL = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint saved, run again to resume
+
+
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None):
         from data_pipeline.loader import build_loader
         from data_pipeline.tokenizer import Tokenizer
 
@@ -50,18 +65,68 @@ class Trainer:
         self.world = dist.get_world_size()
         tokenizer = Tokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else None
         seed_everything(cfg.train.seed)
-        self.built: Built = build_engine(cfg, eos_id=tokenizer.eos_id if tokenizer else None)
+        store = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        ckpt = self._choose_checkpoint(store, resume_from)
+        reader = ShardReader(ckpt, cfg.model) if ckpt else None
+        state = read_trainer_state(ckpt) if ckpt else {}
+        if ckpt:
+            check_compatible(state.get("config", {}), cfg, ckpt)
+        self.built: Built = build_engine(cfg, eos_id=tokenizer.eos_id if tokenizer else None,
+                                         before_wrap=(lambda named: load_model_weights(reader, named)) if reader
+                                         else None)
         self.engine = self.built.engine
         loader_args = dict(dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(),
                            micro_batch=cfg.parallel.micro_batch, vocab_size=cfg.model.vocab_size,
                            tokenizer_sha=tokenizer.sha256 if tokenizer else None)
         self.loader = build_loader(cfg.data, **loader_args)
         self.eval_loader_args = loader_args
-        self.step = 0
-        self.tokens_seen = 0
+        self.checkpointer = Checkpointer(store, self.engine, self.built.canonical_names,
+                                         cfg.model_dump(mode="json"),
+                                         async_save=cfg.checkpoint.async_save and torch.cuda.is_available())
+        self.step = int(state.get("step", 0))
+        self.tokens_seen = int(state.get("tokens", 0))
+        if reader:
+            load_optimizer_state(reader, self.engine, self.built.canonical_names, state)
+            load_rng_state(ckpt, same_layout=state["layout"]["world"] == self.world
+                           and state["layout"]["tp"] == cfg.parallel.tp and state["layout"]["pp"] == cfg.parallel.pp)
+            self.loader.load_state_dict(state["loader"])
+            self.log_rank0(f"resumed from {ckpt} at step {self.step}")
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
         self.peak_flops = H100_BF16_PEAK_TFLOPS * 1e12 if torch.cuda.is_available() else None
+        self.stop_signal = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def log_rank0(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[pretrain] {message}", file=sys.stderr, flush=True)
+
+    def _choose_checkpoint(self, store: CheckpointStore, resume_from: Path | None) -> Path | None:
+        """Rank 0 verifies (hashing every file) and tells the others, so all ranks load the same one."""
+        choice: list[object] = [None]
+        if self.rank == 0:
+            try:
+                choice[0] = verify(resume_from).path if resume_from else getattr(store.newest_valid(), "path", None)
+            except CheckpointError as e:
+                choice[0] = e
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], CheckpointError):
+            raise choice[0]
+        return choice[0]
+
+    def _on_signal(self, signum, _frame) -> None:
+        # Only a flag: the save happens at the next step boundary, agreed on by every rank.
+        self.stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([self.stop_signal], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save(self, loss: float) -> None:
+        self.checkpointer.save(self.step, {"step": self.step, "tokens": self.tokens_seen, "loss": loss,
+                                           "loader": self.loader.state_dict()})
 
     # ------------------------------------------------------------------ one step
     def _to_device(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -118,29 +183,49 @@ class Trainer:
         return float(mean) / parallel.dp_size()
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> list[float]:
+    def fit(self) -> int:
+        """Train to train.steps; returns the process exit code (EXIT_SAVED_ON_SIGNAL after a signal)."""
         cfg = self.cfg
         metrics = MetricsLogger(cfg, self.run_dir, cfg.train.steps, self.step, enabled=self.rank == 0)
         batches = iter(self.loader)
-        losses = []
         window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
+        loss = float("nan")
+        code = 0
         while self.step < cfg.train.steps:
+            self._arm_watchdog()
             loss, waited = self.train_step(batches)
             self.step += 1
             self.tokens_seen += self.tokens_per_step
-            losses.append(loss)
             window_tokens += self.tokens_per_step
             window_wait += waited
             if self.step % cfg.logging.every_steps == 0 or self.step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
-                metrics.log(self.step, self._step_metrics(loss, elapsed, window_tokens, window_wait))
+                values = self._step_metrics(loss, elapsed, window_tokens, window_wait)
+                values["checkpoint_stall_s"] = self.checkpointer.last_stall_s
+                metrics.log(self.step, values)
                 window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
             if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps):
                 eval_loss = self.evaluate()
                 if eval_loss is not None:
                     metrics.log(self.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
+            every = cfg.checkpoint.every_steps
+            if self._stop_requested():
+                self.log_rank0(f"signal {self.stop_signal or 'on another rank'}: saving step {self.step} and exiting")
+                self.save(loss)
+                code = EXIT_SAVED_ON_SIGNAL
+                break
+            if (every and self.step % every == 0) or self.step == cfg.train.steps:
+                self.save(loss)
+        faulthandler.cancel_dump_traceback_later()
+        self.checkpointer.wait()
+        dist.barrier()
         metrics.close()
-        return losses
+        return code
+
+    def _arm_watchdog(self) -> None:
+        """If no step completes in train.watchdog_s (a hung collective), dump every thread's stack and exit."""
+        if self.cfg.train.watchdog_s:
+            faulthandler.dump_traceback_later(self.cfg.train.watchdog_s, exit=True)
 
     def _step_metrics(self, loss: float, elapsed: float, tokens: int, waited: float) -> dict[str, float]:
         steps = max(1, tokens // self.tokens_per_step)
@@ -178,21 +263,20 @@ class _Repeat:
         return self.fn()
 
 
-def run(cfg: Config, run_dir: Path) -> int:
+def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
     parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     try:
-        trainer = Trainer(cfg, run_dir)
-        trainer.fit()
+        return Trainer(cfg, run_dir, resume_from).fit()
     finally:
         parallel.destroy()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="one training rank (started by `pretrain train`)")
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--resume-from", type=Path)
     args = parser.parse_args(argv)
-    return run(load_config(args.run_dir / "config.yaml"), args.run_dir)
+    return run(load_config(args.run_dir / "config.yaml"), args.run_dir, args.resume_from)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def test_world_size_not_divisible_by_model_parallel_size():
 def test_world_size_derives_dp_and_checks_the_batch():
     cfg = load_config(MISTRAL, ["parallel.tp=2", "train.global_batch=24"])
     assert resolve_world(cfg, 8).parallel.dp == 4
-    with pytest.raises(ConfigError, match="train.global_batch=24 is not divisible by parallel.micro_batch \\* dp = 1 \\* 5"):
+    message = r"train.global_batch=24 is not divisible by parallel.micro_batch \* dp = 1 \* 5"
+    with pytest.raises(ConfigError, match=message):
         resolve_world(cfg, 10)
 
 

@@ -1,0 +1,275 @@
+"""What a checkpoint holds, in a layout-independent form.
+
+Every parameter is saved under its canonical name (the tp=1, pp=1 model's) as this tensor-parallel rank's
+shard, with its float32 master copy and Adam moments gathered over data-parallel ranks (ZeRO 1-3 partitions are
+assembled by DeepSpeed's `safe_get_full_*`). One file per (tp, pp) coordinate, written by its data-parallel
+rank 0. Loading merges the old tp shards and cuts the new rank's shard, so a checkpoint loads into any
+tp/pp/dp/ZeRO layout with the optimizer state carried over; the same layout resumes bit-exactly.
+
+    model/tp00-pp00.safetensors   param/<name>, exp_avg/<name>, exp_avg_sq/<name>
+    rng/rank00000.pt              python, numpy, torch CPU and CUDA generator states of one rank
+    trainer.json                  step, tokens, scheduler, loader position, counters, config, code version
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pretrain import parallel
+from pretrain.checkpoint.store import CheckpointError
+from pretrain.config import Config, ModelConfig
+from pretrain.model.mistral import shard_parameter, unshard_parameter
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def shard_file_name(tp_rank: int, pp_rank: int) -> str:
+    return f"model/tp{tp_rank:02d}-pp{pp_rank:02d}.safetensors"
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _relink_optimizer_state(engine) -> None:
+    # DeepSpeed links each parameter to its optimizer-state fragments after the first step, but only for the
+    # parameter groups that already had state then; relink so every group's fragments are reachable.
+    zero = engine.optimizer
+    if hasattr(zero, "_hp_optimizer_states_linked"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def _full_master(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The float32 master weight and Adam moments of this tp shard, assembled over data-parallel ranks.
+    A collective over the data-parallel group under ZeRO: every dp rank must call it in the same order."""
+    master = safe_get_full_fp32_param(param)
+    if master is None:  # no ZeRO and no mixed precision: the parameter is its own master copy
+        state = optimizer.state.get(param, {})
+        return {"param": param.detach().float(), **{k: state[k] for k in ADAM_MOMENTS if k in state}}
+    values = {"param": master}
+    for key in ADAM_MOMENTS:
+        try:
+            values[key] = safe_get_full_optimizer_state(param, key)
+        except (ValueError, KeyError):  # before the first optimizer step there are no moments yet
+            pass
+    return values
+
+
+def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], trainer_state: dict,
+                        config: dict) -> dict[str, object]:
+    """Every rank, at a step boundary: this rank's share of the checkpoint copied to host memory, ready for
+    `write_rank_state`. Gathers over data-parallel ranks (collectives), so all ranks call it together."""
+    optimizer = _inner_optimizer(engine)
+    _relink_optimizer_state(engine)
+    tensors: dict[str, torch.Tensor] = {}
+    for param, name in sorted(canonical.items(), key=lambda item: item[1]):
+        for key, value in _full_master(param, optimizer).items():
+            tensors[f"{key}/{name}"] = value.detach().to("cpu", torch.float32, copy=True).contiguous()
+    snapshot: dict[str, object] = {"rng": _rng_state()}
+    if parallel.dp_rank() == 0:
+        snapshot[shard_file_name(parallel.tp_rank(), parallel.pp_rank())] = tensors
+    if dist.get_rank() == 0:
+        snapshot["trainer"] = {
+            **trainer_state,
+            "adam_step": _adam_step(optimizer),
+            "scheduler": engine.lr_scheduler.state_dict(),
+            "layout": {"tp": parallel.tp_size(), "pp": parallel.pp_size(), "dp": parallel.dp_size(),
+                       "world": dist.get_world_size()},
+            "config": config,
+            "code_version": code_version(),
+        }
+    return snapshot
+
+
+def write_rank_state(tmp_dir: Path, rank: int, snapshot: dict[str, object]) -> list[Path]:
+    """Write a snapshot's files (safe to run in a background thread); returns them for `mark_rank_done`."""
+    written = []
+    for key, value in snapshot.items():
+        if key == "rng":
+            path = tmp_dir / "rng" / f"rank{rank:05d}.pt"
+            path.parent.mkdir(exist_ok=True)
+            torch.save(value, path)
+        elif key == "trainer":
+            path = tmp_dir / "trainer.json"
+            path.write_text(json.dumps(value, indent=1, default=_jsonable))
+        else:
+            path = tmp_dir / key
+            path.parent.mkdir(exist_ok=True)
+            save_file(value, str(path))
+        written.append(path)
+    return written
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _adam_step(optimizer: torch.optim.Optimizer) -> float:
+    for state in optimizer.state.values():
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def _rng_state() -> dict:
+    """Generator states as tensors only, so that `torch.load(weights_only=True)` reads them back."""
+    _, python_state, python_gauss = random.getstate()
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    return {
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": torch.tensor([float("nan") if python_gauss is None else python_gauss], dtype=torch.float64),
+        "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+        "numpy_pos": torch.tensor([numpy_pos, numpy_has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([numpy_gauss], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    gauss = state["python_gauss"].item()
+    random.setstate((3, tuple(state["python"].tolist()), None if gauss != gauss else gauss))
+    pos, has_gauss = state["numpy_pos"].tolist()
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss,
+                         state["numpy_gauss"].item()))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+# Model keys that change only how the same function is computed; anything else makes weights incompatible.
+_LAYOUT_ONLY_MODEL_KEYS = {"attention_backend", "max_seq_len", "sliding_window", "document_masking"}
+
+
+def check_compatible(saved_config: dict, cfg: Config, ckpt: Path) -> None:
+    saved = saved_config.get("model", {})
+    current = cfg.model.model_dump(mode="json")
+    for key in sorted(current):
+        if key not in _LAYOUT_ONLY_MODEL_KEYS and saved.get(key) != current[key]:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was saved with model.{key}={saved.get(key)!r}, this config has "
+                f"{current[key]!r}: use the checkpoint's config or start a new run directory"
+            )
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    path = ckpt / "trainer.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}): the checkpoint is damaged") from None
+
+
+class ShardReader:
+    """Reads a parameter (or moment) by canonical name from whichever (tp, pp) files hold it and returns the
+    full tensor, merging the old tensor-parallel shards."""
+
+    def __init__(self, ckpt: Path, model_cfg: ModelConfig):
+        self.cfg = model_cfg
+        self.files: dict[tuple[int, int], object] = {}
+        for path in sorted((ckpt / "model").glob("tp*-pp*.safetensors")):
+            tp, pp = int(path.stem[2:4]), int(path.stem[7:9])
+            self.files[(tp, pp)] = safe_open(str(path), framework="pt")
+        if not self.files:
+            raise CheckpointError(f"{ckpt}/model holds no parameter shards: the checkpoint is damaged")
+        self.tp = 1 + max(tp for tp, _ in self.files)
+        self.index = {}
+        for (tp, _pp), handle in self.files.items():
+            for key in handle.keys():
+                self.index.setdefault(key, {})[tp] = handle
+
+    def has(self, key: str) -> bool:
+        return key in self.index
+
+    def full(self, key: str) -> torch.Tensor:
+        holders = self.index.get(key)
+        if holders is None or len(holders) != self.tp:
+            raise CheckpointError(f"checkpoint lacks {key} (or some of its shards): it was saved by another model")
+        name = key.split("/", 1)[1]
+        return unshard_parameter(name, [holders[t].get_tensor(key) for t in range(self.tp)], self.cfg)
+
+    def shard(self, key: str) -> torch.Tensor:
+        name = key.split("/", 1)[1]
+        return shard_parameter(name, self.full(key), self.cfg, parallel.tp_rank(), parallel.tp_size())
+
+
+@torch.no_grad()
+def load_model_weights(reader: ShardReader, named: dict[str, torch.nn.Parameter]) -> None:
+    """Before DeepSpeed wraps the model: this rank's weights from the master copies (cast to the model dtype)."""
+    for name, param in named.items():
+        value = reader.shard(f"param/{name}")
+        if value.shape != param.shape:
+            raise CheckpointError(
+                f"checkpoint parameter {name} has shape {tuple(value.shape)} for this rank, the model wants "
+                f"{tuple(param.shape)}: the checkpoint was saved with another model config"
+            )
+        param.copy_(value.to(param.dtype))
+
+
+@torch.no_grad()
+def load_optimizer_state(reader: ShardReader, engine, canonical: dict[torch.nn.Parameter, str],
+                         trainer_state: dict) -> None:
+    """After DeepSpeed wraps the model: float32 masters and Adam moments into the (ZeRO-partitioned) optimizer."""
+    optimizer = _inner_optimizer(engine)
+    step = trainer_state.get("adam_step", 0.0)
+    for group in optimizer.param_groups:
+        for flat in group["params"]:
+            if flat not in optimizer.state or "exp_avg" not in optimizer.state[flat]:
+                on_device = group.get("fused") or group.get("capturable")
+                optimizer.state[flat] = {
+                    "step": torch.tensor(step, dtype=torch.float32, device=flat.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                }
+            else:
+                optimizer.state[flat]["step"].fill_(step)
+    _relink_optimizer_state(engine)
+    for param, name in sorted(canonical.items(), key=lambda item: item[1]):
+        master = reader.shard(f"param/{name}").to(param.device)
+        if safe_get_full_fp32_param(param) is None:
+            param.copy_(master.to(param.dtype))
+            for key in ADAM_MOMENTS:
+                if reader.has(f"{key}/{name}"):
+                    optimizer.state[param][key].copy_(reader.shard(f"{key}/{name}").to(param.device))
+            continue
+        safe_set_full_fp32_param(param, master)
+        for key in ADAM_MOMENTS:
+            if reader.has(f"{key}/{name}"):
+                safe_set_full_optimizer_state(param, reader.shard(f"{key}/{name}").to(param.device), key)
+    engine.lr_scheduler.load_state_dict(trainer_state["scheduler"])
+
+
+def load_rng_state(ckpt: Path, same_layout: bool) -> None:
+    """Each rank's generators, when the layout is unchanged (otherwise ranks do not correspond)."""
+    path = ckpt / "rng" / f"rank{dist.get_rank():05d}.pt"
+    if same_layout and path.is_file():
+        _set_rng_state(torch.load(path, weights_only=True))
