@@ -6,12 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch import train_commands
+from launch import status_commands, train_commands
+from launch.errors import UserError
+from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import ConfigError, default_world_size, load_config, resolve_world
-
-
-class UserError(Exception):
-    """Bad input the user can fix; printed as one line, exit status 2."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command group registers its own subparsers; add a module's `register` here to add commands.
-    for register in (_register_plan, train_commands.register):
+    for register in (_register_plan, train_commands.register, status_commands.register):
         register(sub)
     return parser
 
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, UserError) as e:
+    except (ConfigError, CheckpointError, UserError) as e:
         print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2
 

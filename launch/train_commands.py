@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from launch.errors import UserError
+from pretrain.checkpoint.store import CheckpointStore
 from pretrain.config import Config, check_paths, load_config, resolve_world, save_resolved
 
 
@@ -36,15 +38,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_world(cfg, world)
     check_paths(cfg)
     run_dir = Path(cfg.train.run_dir)
+    existing = CheckpointStore(run_dir / "checkpoints", 1, 0).complete_steps()
+    if args.no_resume and existing:
+        raise UserError(
+            f"{run_dir} already holds checkpoints (newest step {existing[-1]}) and --no-resume refuses to overwrite "
+            "them: pass another --run-dir, or drop --no-resume to continue that run"
+        )
+    resume_from = Path(args.resume_from) if args.resume_from else None
+    if resume_from is not None and not resume_from.is_dir():
+        raise UserError(f"--resume-from {resume_from} is not a checkpoint directory: pick one under {run_dir}/checkpoints")
     if in_slurm_step():
         from pretrain.trainer import run
 
         if os.environ["SLURM_PROCID"] == "0":
             prepare_run_dir(cfg, run_dir)
-        return run(cfg, run_dir)
+        return run(cfg, run_dir, resume_from)
     prepare_run_dir(cfg, run_dir)
-    print(f"pretrain train: {world} process(es), run directory {run_dir}", file=sys.stderr, flush=True)
-    return launch([sys.executable, "-m", "pretrain.trainer", str(run_dir)], world)
+    print(f"pretrain train: {world} process(es), run directory {run_dir}"
+          + (f", resuming from step {existing[-1]}" if existing and resume_from is None else ""),
+          file=sys.stderr, flush=True)
+    command = [sys.executable, "-m", "pretrain.trainer", str(run_dir)]
+    if resume_from is not None:
+        command += ["--resume-from", str(resume_from)]
+    return launch(command, world)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,4 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 parallel.tp=2")
     p.add_argument("--nproc", type=int, default=1, help="local processes to start (ignored inside Slurm)")
     p.add_argument("--run-dir", help="run directory (default: train.run_dir of the config)")
+    p.add_argument("--resume-from", help="resume from this checkpoint directory instead of the newest complete one")
+    p.add_argument("--no-resume", action="store_true", help="refuse to start if the run directory has checkpoints")
     p.set_defaults(func=cmd_train)

@@ -1,0 +1,77 @@
+"""`pretrain status RUN_DIR`: where a run stands (steps, tokens, checkpoints and their verification, last metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from launch.errors import UserError
+from pretrain.checkpoint.store import CheckpointError, CheckpointStore, step_dir_name, verify
+from pretrain.config import load_config
+from pretrain.metrics import read_metrics
+
+
+def run_status(run_dir: Path, hash_files: bool = True) -> dict:
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass the directory `pretrain train` made")
+    cfg = load_config(run_dir / "config.yaml")
+    store = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+    checkpoints = []
+    for step in reversed(store.complete_steps()):
+        path = store.root / step_dir_name(step)
+        try:
+            verified = verify(path, hash_files)
+            checkpoints.append({"step": step, "path": str(path), "ok": True, "meta": verified.meta})
+        except CheckpointError as e:
+            checkpoints.append({"step": step, "path": str(path), "ok": False, "error": str(e)})
+    incomplete = sorted(p.name for p in store.root.glob(".tmp-step_*")) if store.root.is_dir() else []
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    return {
+        "run_dir": str(run_dir),
+        "target_steps": cfg.train.steps,
+        "step": train[-1]["step"] if train else 0,
+        "tokens": train[-1].get("tokens", 0) if train else 0,
+        "checkpoints": checkpoints,
+        "incomplete_saves": incomplete,
+        "last_train": train[-1] if train else None,
+        "last_eval": evals[-1] if evals else None,
+        "finished": bool(checkpoints) and checkpoints[0]["ok"] and checkpoints[0]["step"] >= cfg.train.steps,
+    }
+
+
+def print_status(status: dict) -> None:
+    print(f"run {status['run_dir']}: step {status['step']}/{status['target_steps']}, {status['tokens']:,} tokens"
+          + (" (finished)" if status["finished"] else ""))
+    if not status["checkpoints"]:
+        print("  checkpoints: none yet")
+    for ckpt in status["checkpoints"]:
+        verdict = "verified" if ckpt["ok"] else f"BROKEN: {ckpt['error']}"
+        print(f"  checkpoint step {ckpt['step']}: {verdict}  {ckpt['path']}")
+    for name in status["incomplete_saves"]:
+        print(f"  incomplete save (ignored): {name}")
+    for kind in ("last_train", "last_eval"):
+        record = status[kind]
+        if record:
+            shown = {k: v for k, v in record.items() if k not in ("kind", "time")}
+            print(f"  {kind.replace('_', ' ')}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in shown.items()))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = run_status(Path(args.target), hash_files=not args.quick)
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        print_status(status)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="a run's progress, checkpoints (verified) and last metrics")
+    p.add_argument("target", help="run directory")
+    p.add_argument("--quick", action="store_true", help="check checkpoint sizes only, not their sha256")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
