@@ -46,7 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     resume_from = Path(args.resume_from) if args.resume_from else None
     if resume_from is not None and not resume_from.is_dir():
-        raise UserError(f"--resume-from {resume_from} is not a checkpoint directory: pick one under {run_dir}/checkpoints")
+        raise UserError(
+            f"--resume-from {resume_from} is not a checkpoint directory: pick one under {run_dir}/checkpoints"
+        )
     if in_slurm_step():
         from pretrain.trainer import run
 
