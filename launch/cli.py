@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch import status_commands, train_commands
+from launch import slurm, status_commands, train_commands
 from launch.errors import UserError
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import ConfigError, default_world_size, load_config, resolve_world
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command group registers its own subparsers; add a module's `register` here to add commands.
-    for register in (_register_plan, train_commands.register, status_commands.register):
+    for register in (_register_plan, train_commands.register, slurm.register, status_commands.register):
         register(sub)
     return parser
 

@@ -27,6 +27,21 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
+def run_slurm_task(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
+    """One rank per Slurm task; after a save on signal, rank 0 requeues the job (launch.slurm)."""
+    import signal
+
+    from launch.slurm import requeue_if_progressing
+    from pretrain.trainer import EXIT_SAVED_ON_SIGNAL, run
+
+    if os.environ["SLURM_PROCID"] == "0":
+        prepare_run_dir(cfg, run_dir)
+    code = run(cfg, run_dir, resume_from, stop_signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
+    if code == EXIT_SAVED_ON_SIGNAL and os.environ["SLURM_PROCID"] == "0":
+        requeue_if_progressing(run_dir, cfg.slurm.max_requeues)
+    return code
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from launch.local import launch
 
@@ -50,11 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--resume-from {resume_from} is not a checkpoint directory: pick one under {run_dir}/checkpoints"
         )
     if in_slurm_step():
-        from pretrain.trainer import run
-
-        if os.environ["SLURM_PROCID"] == "0":
-            prepare_run_dir(cfg, run_dir)
-        return run(cfg, run_dir, resume_from)
+        return run_slurm_task(cfg, run_dir, resume_from)
     prepare_run_dir(cfg, run_dir)
     print(f"pretrain train: {world} process(es), run directory {run_dir}"
           + (f", resuming from step {existing[-1]}" if existing and resume_from is None else ""),

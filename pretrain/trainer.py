@@ -54,7 +54,8 @@ EXIT_SAVED_ON_SIGNAL = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint s
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
+                 stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         from data_pipeline.loader import build_loader
         from data_pipeline.tokenizer import Tokenizer
 
@@ -95,7 +96,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
         self.peak_flops = H100_BF16_PEAK_TFLOPS * 1e12 if torch.cuda.is_available() else None
         self.stop_signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in stop_signals:
             signal.signal(sig, self._on_signal)
 
     def log_rank0(self, message: str) -> None:
@@ -263,10 +264,11 @@ class _Repeat:
         return self.fn()
 
 
-def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
+def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
+        stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> int:
     parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     try:
-        return Trainer(cfg, run_dir, resume_from).fit()
+        return Trainer(cfg, run_dir, resume_from, stop_signals).fit()
     finally:
         parallel.destroy()
 
