@@ -61,17 +61,28 @@ def print_status(status: dict) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = run_status(Path(args.target), hash_files=not args.quick)
+    from launch import slurm
+
+    job = None
+    run_dir = Path(args.target)
+    if args.target.isdigit() and not run_dir.exists():
+        job = slurm.job_state(args.target)
+        run_dir = slurm.run_dir_of(job)
+    status = run_status(run_dir, hash_files=not args.quick) if run_dir is not None else None
     if args.json:
-        print(json.dumps(status, indent=1))
-    else:
+        print(json.dumps({"job": job, "run": status}, indent=1))
+        return 0
+    if job:
+        print(f"job {job['JobId']} ({job['JobName']}): {job['JobState']} ({job['Reason']}), ran {job['RunTime']} "
+              f"of {job['TimeLimit']}, {job['Restarts']} restart(s), {job['NumTasks']} task(s)")
+    if status:
         print_status(status)
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="a run's progress, checkpoints (verified) and last metrics")
-    p.add_argument("target", help="run directory")
+    p = sub.add_parser("status", help="a run's or Slurm job's progress, checkpoints (verified) and last metrics")
+    p.add_argument("target", help="run directory, or the Slurm job id `pretrain submit` printed")
     p.add_argument("--quick", action="store_true", help="check checkpoint sizes only, not their sha256")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
