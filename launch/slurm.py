@@ -135,7 +135,8 @@ def job_state(job_id: str) -> dict:
         raise UserError(f"{job_id!r} is not a Slurm job id (digits, e.g. 1234): pass a job id or a run directory")
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
-        raise UserError(f"Slurm does not know job {job_id} ({out.stderr.strip()}): it may have ended long ago")
+        reason = (out.stderr.strip().splitlines() or ["no answer"])[-1]
+        raise UserError(f"Slurm does not know job {job_id} ({reason}): it may have ended long ago, or set SLURM_CONF")
     fields = dict(re.findall(r"(\w+)=(\S*)", out.stdout))
     return {key: fields.get(key, "") for key in ("JobId", "JobName", "JobState", "Reason", "RunTime", "TimeLimit",
                                                   "Restarts", "NumTasks", "StdOut", "WorkDir", "Command")}
