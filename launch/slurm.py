@@ -138,6 +138,8 @@ def job_state(job_id: str) -> dict:
         reason = (out.stderr.strip().splitlines() or ["no answer"])[-1]
         raise UserError(f"Slurm does not know job {job_id} ({reason}): it may have ended long ago, or set SLURM_CONF")
     fields = dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+    # JobName ends its line and may hold spaces; the other values do not.
+    fields["JobName"] = re.search(r"JobName=(.*)", out.stdout).group(1)
     return {key: fields.get(key, "") for key in ("JobId", "JobName", "JobState", "Reason", "RunTime", "TimeLimit",
                                                   "Restarts", "NumTasks", "StdOut", "WorkDir", "Command")}
 
