@@ -120,3 +120,14 @@ def test_init_statistics(single_process_group):
 def test_sequence_parallel_is_refused(single_process_group):
     with pytest.raises(ValueError, match="sequence_parallel"):
         Mistral(CFG, sequence_parallel=True)
+
+
+def test_bfloat16_parameters_train_close_to_float32(single_process_group, tokens):
+    reference = Mistral(CFG, seed=1)
+    model = Mistral(CFG, seed=1, params_dtype=torch.bfloat16)
+    assert {param.dtype for param in model.parameters()} == {torch.bfloat16}
+    loss = model(tokens, shifted_labels(tokens))
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - reference(tokens, shifted_labels(tokens)).item()) < 1e-2 * loss.item()
+    assert all(param.grad is not None and param.grad.dtype == torch.bfloat16 for param in model.parameters())

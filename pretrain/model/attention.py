@@ -108,7 +108,14 @@ def _sliding_causal(window: int | None):
 @functools.lru_cache(maxsize=16)
 def _cached_block_mask(seq_len: int, window: int | None, device: torch.device) -> BlockMask:
     return create_block_mask(
-        _sliding_causal(window), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device
+        _sliding_causal(window),
+        B=None,
+        H=None,
+        Q_LEN=seq_len,
+        KV_LEN=seq_len,
+        device=device,
+        # Uncompiled, create_block_mask materialises the whole [S, S] mask: 1 GB at 32k.
+        _compile=device.type == "cuda",
     )
 
 
@@ -120,7 +127,13 @@ def _document_block_mask(seq_len: int, window: int | None, doc_ids: torch.Tensor
         return sliding_causal(b, h, q_idx, kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
     return create_block_mask(
-        mask_mod, B=doc_ids.shape[0], H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=doc_ids.device
+        mask_mod,
+        B=doc_ids.shape[0],
+        H=None,
+        Q_LEN=seq_len,
+        KV_LEN=seq_len,
+        device=doc_ids.device,
+        _compile=doc_ids.is_cuda,
     )
 
 

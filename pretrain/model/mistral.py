@@ -57,11 +57,20 @@ def _set_by_init_weights(weight: torch.Tensor) -> None:
     """megatron requires an init_method; with perform_initialization=False it is never called."""
 
 
+def parameter_device(layer_config: ModelParallelConfig) -> torch.device:
+    """Where megatron puts the parameters; our own parameters (the norms) go there too."""
+    if layer_config.use_cpu_initialization:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, layer_config: ModelParallelConfig):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(
+            torch.ones(dim, dtype=layer_config.params_dtype, device=parameter_device(layer_config))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the input dtype, as transformers' MistralRMSNorm does.
@@ -193,9 +202,9 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
         self.recompute_layer = activation_checkpointing == "full"
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, layer_config)
         self.attention = Attention(cfg, layer_config, recompute_core=activation_checkpointing == "selective")
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, layer_config)
         self.mlp = SwiGLU(cfg, layer_config)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,7 +222,7 @@ class OutputHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig):
         super().__init__()
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, layer_config)
         self.lm_head = ColumnParallelLinear(
             cfg.dim,
             cfg.vocab_size,
