@@ -22,11 +22,11 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
     Without torchrun variables this starts a world of one process, so single-process runs and tests use
     the same code path. `backend` defaults to nccl when CUDA is available, gloo otherwise.
     """
-    rank = int(os.environ.setdefault("RANK", "0"))
-    world_size = int(os.environ.setdefault("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.setdefault("LOCAL_RANK", "0"))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = os.environ.get("MASTER_PORT", "29500")
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by tp * pp = {tp} * {pp}")
     if backend is None:
@@ -36,6 +36,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
+            init_method=f"tcp://{address}:{port}",
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
