@@ -131,3 +131,25 @@ def test_bfloat16_parameters_train_close_to_float32(single_process_group, tokens
     assert loss.dtype == torch.float32
     assert abs(loss.item() - reference(tokens, shifted_labels(tokens)).item()) < 1e-2 * loss.item()
     assert all(param.grad is not None and param.grad.dtype == torch.bfloat16 for param in model.parameters())
+
+
+def test_document_masking_makes_packed_documents_independent(single_process_group):
+    """With masking, a packed document's logits equal those of the document run alone.
+
+    Rotary attention depends only on relative positions, so global positions do not change that.
+    """
+    eos_id = 0
+    cfg = CFG.model_copy(update={"document_masking": True})
+    model = Mistral(cfg, eos_id=eos_id, seed=2)
+    unmasked = Mistral(CFG, seed=2)
+    generator = torch.Generator().manual_seed(4)
+    first = torch.randint(1, cfg.vocab_size, (1, 20), generator=generator)
+    second = torch.randint(1, cfg.vocab_size, (1, 28), generator=generator)
+    first[0, -1] = eos_id
+    packed = torch.cat([first, second], dim=1)
+    with torch.no_grad():
+        packed_logits = model(packed)
+        alone = model(second)
+        assert relative_error(packed_logits[:, 20:], alone) < 1e-5
+        assert relative_error(packed_logits[:, :20], model(first)) < 1e-5
+        assert relative_error(unmasked(packed)[:, 20:], alone) > 1e-2

@@ -55,6 +55,7 @@ def tp_worker(tp: int, activation_checkpointing: str) -> dict | None:
     generator = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
     labels = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
+    tokens[0, 12] = tokens[1, [3, 25]] = EOS_ID  # packed documents, so document masking is exercised
     logits_shard = model(tokens)
     loss = model(tokens, labels)
     loss.backward()

@@ -241,10 +241,10 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """Mean float32 cross entropy over positions whose label is not IGNORE_INDEX.
 
     logits: [B, S, vocab / tp], this rank's shard; labels: [B, S], already shifted (label s is the
-    token that follows position s).
+    token that follows position s). float32 logits are overwritten: megatron subtracts the max in place
+    to save a logits-sized buffer, so clone them first if they are needed afterwards.
     """
     valid = labels != IGNORE_INDEX
-    # megatron subtracts the max in place: a float32 input is consumed, which is fine here.
     per_token = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~valid, 0))
     return (per_token * valid).sum() / valid.sum().clamp(min=1)
 
