@@ -66,7 +66,7 @@ def test_sdpa_forward_backward_matches_transformers(
     hf_grads = {name: param.grad for name, param in hf_model.named_parameters()}
 
     model = Mistral(CFG, activation_checkpointing=checkpointing)
-    load_full_state(model, from_hf(hf_model.state_dict(), CFG), CFG)
+    load_full_state(model, from_hf(hf_model.state_dict()), CFG)
     logits = model(tokens)
     loss = model(tokens, shifted_labels(tokens))
     loss.backward()
@@ -75,7 +75,7 @@ def test_sdpa_forward_backward_matches_transformers(
     assert relative_error(logits, hf_out.logits) < 1e-5
     assert loss.dtype == torch.float32
     assert abs(loss.item() - hf_out.loss.item()) / hf_out.loss.item() < 1e-5
-    our_grads = to_hf(gather_full_state(model, CFG, grads=True), CFG)
+    our_grads = to_hf(gather_full_state(model, CFG, grads=True))
     assert our_grads.keys() == hf_grads.keys()
     for name, grad in hf_grads.items():
         assert relative_error(our_grads[name], grad) < 1e-5, name
@@ -86,15 +86,15 @@ def test_flex_forward_matches_transformers(single_process_group, tokens):
     with torch.no_grad():
         hf_logits = hf_model(input_ids=tokens).logits
         model = Mistral(CFG.model_copy(update={"attention_backend": "flex"}))
-        load_full_state(model, from_hf(hf_model.state_dict(), CFG), CFG)
+        load_full_state(model, from_hf(hf_model.state_dict()), CFG)
         logits = model(tokens)
     assert relative_error(logits, hf_logits) < 1e-5
 
 
 def test_adapter_round_trip_is_exact(single_process_group):
     hf_state = make_hf_model("eager").state_dict()
-    assert set(to_hf(from_hf(hf_state, CFG), CFG)) == set(hf_state)
-    for name, tensor in to_hf(from_hf(hf_state, CFG), CFG).items():
+    assert set(to_hf(from_hf(hf_state))) == set(hf_state)
+    for name, tensor in to_hf(from_hf(hf_state)).items():
         assert torch.equal(tensor, hf_state[name]), name
 
 
@@ -153,3 +153,13 @@ def test_document_masking_makes_packed_documents_independent(single_process_grou
         assert relative_error(packed_logits[:, 20:], alone) < 1e-5
         assert relative_error(packed_logits[:, :20], model(first)) < 1e-5
         assert relative_error(unmasked(packed)[:, 20:], alone) > 1e-2
+
+
+def test_export_to_transformers_loads_strictly_and_matches(single_process_group, tokens):
+    from transformers import MistralForCausalLM
+
+    model = Mistral(CFG, seed=3)
+    hf_model = MistralForCausalLM(hf_config(CFG)).float()
+    hf_model.load_state_dict(to_hf(gather_full_state(model, CFG)), strict=True)
+    with torch.no_grad():
+        assert relative_error(model(tokens), hf_model(input_ids=tokens).logits) < 1e-5

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from pretrain import parallel
 from pretrain.config import ModelConfig
-from pretrain.model.hf_adapter import gather_full_state, load_full_state
+from pretrain.model.hf_adapter import gather_full_state, load_full_state, shard_full_state
 from pretrain.model.mistral import Mistral, shard_parameter, unshard_parameter
 from tests.distributed import run_distributed
 
@@ -108,3 +108,12 @@ def test_fused_qkv_shard_holds_whole_heads_of_this_rank():
     assert shard.flatten().long().tolist() == [*expected_q, *expected_k, *expected_v]
     shards = [shard_parameter("layers.0.attention.qkv_proj.weight", full, CFG, rank, 2) for rank in range(2)]
     assert torch.equal(unshard_parameter("layers.0.attention.qkv_proj.weight", shards, CFG), full)
+
+
+def test_shard_full_state_round_trips(single_process_group):
+    full = reference_full_state(CFG)
+    shards = [shard_full_state(full, CFG, rank, 2) for rank in range(2)]
+    assert shards[0]["head.lm_head.weight"].shape == (CFG.vocab_size // 2, CFG.dim)
+    assert shards[1]["layers.0.mlp.down_proj.weight"].shape == (CFG.dim, CFG.hidden_dim // 2)
+    for name, tensor in full.items():
+        assert torch.equal(unshard_parameter(name, [shard[name] for shard in shards], CFG), tensor), name

@@ -31,26 +31,33 @@ _QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.
 _GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 
 
-def _qkv_sizes(cfg: ModelConfig) -> list[int]:
-    return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+def _layer_count(state: dict[str, torch.Tensor], norm_suffix: str) -> int:
+    return sum(1 for name in state if name.endswith(norm_suffix))
 
 
-def to_hf(full_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def to_hf(full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our full state in transformers' MistralForCausalLM names; sizes are read from the tensors."""
     hf = {hf_name: full_state[ours] for ours, hf_name in _GLOBAL_NAMES.items()}
-    for i in range(cfg.n_layers):
+    for i in range(_layer_count(full_state, ".attention_norm.weight")):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         for our_name, hf_name in _LAYER_NAMES.items():
             hf[theirs + hf_name] = full_state[ours + our_name]
-        qkv = full_state[ours + "attention.qkv_proj.weight"].split(_qkv_sizes(cfg), dim=0)
-        hf.update({theirs + name: tensor for name, tensor in zip(_QKV, qkv, strict=True)})
-        gate_up = full_state[ours + "mlp.gate_up_proj.weight"].split(cfg.hidden_dim, dim=0)
-        hf.update({theirs + name: tensor for name, tensor in zip(_GATE_UP, gate_up, strict=True)})
+        # The output projection's input width is the query width; k and v share the rest equally.
+        q_rows = full_state[ours + "attention.out_proj.weight"].shape[1]
+        qkv = full_state[ours + "attention.qkv_proj.weight"]
+        kv_rows = (qkv.shape[0] - q_rows) // 2
+        for hf_name, tensor in zip(_QKV, qkv.split([q_rows, kv_rows, kv_rows], dim=0), strict=True):
+            hf[theirs + hf_name] = tensor
+        gate_up = full_state[ours + "mlp.gate_up_proj.weight"]
+        for hf_name, tensor in zip(_GATE_UP, gate_up.chunk(2, dim=0), strict=True):
+            hf[theirs + hf_name] = tensor
     return {name: tensor.contiguous() for name, tensor in hf.items()}
 
 
-def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' MistralForCausalLM state dict as our full state (q/k/v and gate/up fused)."""
     full = {ours: hf_state[hf_name] for ours, hf_name in _GLOBAL_NAMES.items()}
-    for i in range(cfg.n_layers):
+    for i in range(_layer_count(hf_state, ".input_layernorm.weight")):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         for our_name, hf_name in _LAYER_NAMES.items():
             full[ours + our_name] = hf_state[theirs + hf_name]
