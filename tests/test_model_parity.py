@@ -163,3 +163,22 @@ def test_export_to_transformers_loads_strictly_and_matches(single_process_group,
     hf_model.load_state_dict(to_hf(gather_full_state(model, CFG)), strict=True)
     with torch.no_grad():
         assert relative_error(model(tokens), hf_model(input_ids=tokens).logits) < 1e-5
+
+
+@pytest.mark.parametrize(("checkpointing", "calls_per_layer"), [("none", 1), ("selective", 2), ("full", 2)])
+def test_checkpointing_recomputes_attention_in_backward(
+    single_process_group, tokens, monkeypatch, checkpointing, calls_per_layer
+):
+    from pretrain.model import mistral
+
+    calls = []
+
+    def counting_attention(*args):
+        calls.append(torch.is_grad_enabled())
+        return mistral_attention(*args)
+
+    mistral_attention = mistral.attention
+    monkeypatch.setattr(mistral, "attention", counting_attention)
+    model = Mistral(CFG, activation_checkpointing=checkpointing)
+    model(tokens, shifted_labels(tokens)).backward()
+    assert len(calls) == calls_per_layer * CFG.n_layers
