@@ -1,0 +1,384 @@
+"""The Mistral decoder on megatron-core tensor-parallel layers.
+
+    tokens -> Embedding -> N x DecoderLayer -> OutputHead -> logits (this rank's vocabulary shard)
+
+    DecoderLayer:  h = x + Attention(RMSNorm(x))      rotary positions, grouped-query, sliding window
+                   y = h + SwiGLU(RMSNorm(h))
+
+Tensor parallelism (Megatron style): the fused QKV and gate/up projections are column-parallel and
+the attention output and down projections row-parallel, so each layer costs one all-reduce per block
+in the forward pass. Every rank holds whole query heads and whole kv groups; its slice of the fused
+QKV weight is laid out [its q heads, its k heads, its v heads]. The embedding and the LM head are
+sharded over the vocabulary and the loss is megatron's vocab-parallel cross entropy.
+
+`Embedding`, `DecoderLayer` and `OutputHead` are separate modules so a pipeline engine can place
+them on stages. Weights are initialised from a seed independently of the tensor-parallel size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain import parallel
+from pretrain.config import ModelConfig
+from pretrain.model.attention import attention, document_ids
+
+ActivationCheckpointing = Literal["none", "selective", "full"]
+IGNORE_INDEX = -100
+
+
+def megatron_layer_config(params_dtype: torch.dtype) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=parallel.tp_size(),
+        # On CPU megatron must allocate on the host; on CUDA it allocates on the current device.
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # `init_weights` sets every weight itself so that the result does not depend on tp.
+        perform_initialization=False,
+        params_dtype=params_dtype,
+    )
+
+
+def _set_by_init_weights(weight: torch.Tensor) -> None:
+    """megatron requires an init_method; with perform_initialization=False it is never called."""
+
+
+def parameter_device(layer_config: ModelParallelConfig) -> torch.device:
+    """Where megatron puts the parameters; our own parameters (the norms) go there too."""
+    if layer_config.use_cpu_initialization:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, layer_config: ModelParallelConfig):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(
+            torch.ones(dim, dtype=layer_config.params_dtype, device=parameter_device(layer_config))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, as transformers' MistralRMSNorm does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """float32 [S, head_dim] tables, computed exactly as transformers' default rotary embedding."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    positions = torch.arange(seq_len, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, H, D]; cos, sin: [S, D]."""
+    cos = cos.to(x.dtype)[None, :, None, :]
+    sin = sin.to(x.dtype)[None, :, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig, recompute_core: bool):
+        super().__init__()
+        tp = layer_config.tensor_model_parallel_size
+        self.cfg = cfg
+        self.local_heads = cfg.n_heads // tp
+        self.local_kv_heads = cfg.n_kv_heads // tp
+        self.recompute_core = recompute_core
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.dim,
+            (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
+            config=layer_config,
+            init_method=_set_by_init_weights,
+            bias=False,
+            gather_output=False,
+        )
+        self.out_proj = RowParallelLinear(
+            cfg.n_heads * cfg.head_dim,
+            cfg.dim,
+            config=layer_config,
+            init_method=_set_by_init_weights,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        head_dim = self.cfg.head_dim
+        qkv, _ = self.qkv_proj(x)
+        q, k, v = qkv.split(
+            [self.local_heads * head_dim, self.local_kv_heads * head_dim, self.local_kv_heads * head_dim],
+            dim=-1,
+        )
+        q = q.view(batch, seq_len, self.local_heads, head_dim)
+        k = k.view(batch, seq_len, self.local_kv_heads, head_dim)
+        v = v.view(batch, seq_len, self.local_kv_heads, head_dim)
+        cos, sin = rotary_cos_sin(seq_len, head_dim, self.cfg.rope_theta, x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        core_args = (q, k, v, self.cfg.sliding_window, self.cfg.attention_backend, doc_ids)
+        if self.recompute_core and torch.is_grad_enabled():
+            # Selective recomputation: the attention core's activations are large and cheap to redo.
+            out = checkpoint(attention, *core_args, use_reentrant=False)
+        else:
+            out = attention(*core_args)
+        out, _ = self.out_proj(out.flatten(2))
+        return out
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.dim,
+            2 * cfg.hidden_dim,
+            config=layer_config,
+            init_method=_set_by_init_weights,
+            bias=False,
+            gather_output=False,
+        )
+        self.down_proj = RowParallelLinear(
+            cfg.hidden_dim,
+            cfg.dim,
+            config=layer_config,
+            init_method=_set_by_init_weights,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out, _ = self.down_proj(F.silu(gate) * up)
+        return out
+
+
+class Embedding(nn.Module):
+    """Token ids [B, S] -> hidden states [B, S, dim], the table sharded over the vocabulary."""
+
+    def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig):
+        super().__init__()
+        self.token_embedding = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.dim, init_method=_set_by_init_weights, config=layer_config
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(tokens)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_config: ModelParallelConfig,
+        activation_checkpointing: ActivationCheckpointing = "none",
+    ):
+        super().__init__()
+        self.recompute_layer = activation_checkpointing == "full"
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, layer_config)
+        self.attention = Attention(cfg, layer_config, recompute_core=activation_checkpointing == "selective")
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, layer_config)
+        self.mlp = SwiGLU(cfg, layer_config)
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.recompute_layer and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, doc_ids, use_reentrant=False)
+        return self._forward(x, doc_ids)
+
+    def _forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), doc_ids)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class OutputHead(nn.Module):
+    """Final RMSNorm and the untied LM head; returns this rank's logits shard [B, S, vocab / tp]."""
+
+    def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, layer_config)
+        self.lm_head = ColumnParallelLinear(
+            cfg.dim,
+            cfg.vocab_size,
+            config=layer_config,
+            init_method=_set_by_init_weights,
+            bias=False,
+            gather_output=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.lm_head(self.norm(x))
+        return logits
+
+
+def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean float32 cross entropy over positions whose label is not IGNORE_INDEX.
+
+    logits: [B, S, vocab / tp], this rank's shard; labels: [B, S], already shifted (label s is the
+    token that follows position s). float32 logits are overwritten: megatron subtracts the max in place
+    to save a logits-sized buffer, so clone them first if they are needed afterwards.
+    """
+    valid = labels != IGNORE_INDEX
+    per_token = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~valid, 0))
+    return (per_token * valid).sum() / valid.sum().clamp(min=1)
+
+
+class Mistral(nn.Module):
+    """forward(tokens [B, S], labels [B, S] | None) -> logits shard [B, S, vocab / tp], or the mean loss."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        eos_id: int | None = None,
+        activation_checkpointing: ActivationCheckpointing = "none",
+        sequence_parallel: bool = False,
+        seed: int = 0,
+        params_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if sequence_parallel:
+            raise ValueError("parallel.sequence_parallel is not implemented by this model yet: set it false")
+        if cfg.document_masking and eos_id is None:
+            raise ValueError(
+                "model.document_masking needs the tokenizer's eos_id passed to Mistral(eos_id=...)"
+            )
+        if activation_checkpointing not in ("none", "selective", "full"):
+            raise ValueError(
+                f"activation_checkpointing={activation_checkpointing!r}: use none, selective or full"
+            )
+        check_tensor_parallel_fit(cfg, parallel.tp_size())
+        self.cfg = cfg
+        self.eos_id = eos_id
+        layer_config = megatron_layer_config(params_dtype)
+        self.embedding = Embedding(cfg, layer_config)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, layer_config, activation_checkpointing) for _ in range(cfg.n_layers)
+        )
+        self.head = OutputHead(cfg, layer_config)
+        init_weights(self, cfg, seed)
+
+    def document_ids(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        return document_ids(tokens, self.eos_id) if self.cfg.document_masking else None
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        doc_ids = self.document_ids(tokens)
+        h = self.embedding(tokens)
+        for layer in self.layers:
+            h = layer(h, doc_ids)
+        logits = self.head(h)
+        return logits if labels is None else vocab_parallel_loss(logits, labels)
+
+
+def check_tensor_parallel_fit(cfg: ModelConfig, tp: int) -> None:
+    for name in ("n_heads", "n_kv_heads", "hidden_dim", "vocab_size"):
+        if getattr(cfg, name) % tp:
+            raise ValueError(
+                f"model.{name}={getattr(cfg, name)} is not divisible by tensor-parallel size {tp}"
+            )
+
+
+# ------------------------------------------------------------------------------ tensor-parallel layout
+# A "full" tensor is the parameter as a tp=1 model holds it; a shard is what one rank of tp holds.
+
+_COLUMN_SUFFIXES = ("token_embedding.weight", "lm_head.weight")  # split along the output (vocab) rows
+_ROW_SUFFIXES = ("out_proj.weight", "down_proj.weight")  # split along the input columns
+
+
+def _fused_row_blocks(name: str, cfg: ModelConfig) -> list[int] | None:
+    """Row sizes of the blocks a fused column-parallel weight concatenates; each is split across ranks."""
+    if name.endswith("qkv_proj.weight"):
+        return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+    if name.endswith("gate_up_proj.weight"):
+        return [cfg.hidden_dim, cfg.hidden_dim]
+    return None
+
+
+def shard_parameter(name: str, full: torch.Tensor, cfg: ModelConfig, rank: int, size: int) -> torch.Tensor:
+    """The slice of the full parameter `name` that tensor-parallel rank `rank` of `size` holds."""
+    blocks = _fused_row_blocks(name, cfg)
+    if blocks is not None:
+        return torch.cat([block.chunk(size, dim=0)[rank] for block in full.split(blocks, dim=0)], dim=0)
+    if name.endswith(_COLUMN_SUFFIXES):
+        return full.chunk(size, dim=0)[rank]
+    if name.endswith(_ROW_SUFFIXES):
+        return full.chunk(size, dim=1)[rank]
+    return full
+
+
+def unshard_parameter(name: str, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """The full parameter from the shards of every rank, in rank order (inverse of shard_parameter)."""
+    size = len(shards)
+    blocks = _fused_row_blocks(name, cfg)
+    if blocks is not None:
+        per_rank = [block // size for block in blocks]
+        split = [shard.split(per_rank, dim=0) for shard in shards]
+        return torch.cat([torch.cat([parts[i] for parts in split], dim=0) for i in range(len(blocks))], dim=0)
+    if name.endswith(_COLUMN_SUFFIXES):
+        return torch.cat(shards, dim=0)
+    if name.endswith(_ROW_SUFFIXES):
+        return torch.cat(shards, dim=1)
+    return shards[0]
+
+
+def full_shape(name: str, shard_shape: torch.Size, tp: int) -> torch.Size:
+    rows, *rest = shard_shape
+    if name.endswith(_ROW_SUFFIXES):
+        return torch.Size([rows, rest[0] * tp])
+    if _is_tensor_parallel(name):
+        return torch.Size([rows * tp, *rest])
+    return shard_shape
+
+
+def _is_tensor_parallel(name: str) -> bool:
+    return name.endswith(_COLUMN_SUFFIXES + _ROW_SUFFIXES + ("qkv_proj.weight", "gate_up_proj.weight"))
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2 n_layers), norms 1.
+
+    Each full tensor comes from a CPU generator seeded by (seed, parameter name), and this rank copies
+    its shard in: the same model for every tp size, and no dependence on megatron's RNG state.
+    """
+    rank, size = parallel.tp_rank(), parallel.tp_size()
+    output_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, param in model.named_parameters():
+        if isinstance(_owner(model, name), RMSNorm):
+            param.fill_(1.0)
+            continue
+        std = output_std if name.endswith(_ROW_SUFFIXES) else cfg.init_std
+        # The CPU generator keeps 32 bits of its seed, so seed and name are hashed together into 32 bits.
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        full = torch.empty(full_shape(name, param.shape, size)).normal_(0.0, std, generator=generator)
+        param.copy_(shard_parameter(name, full, cfg, rank, size))
+
+
+def _owner(model: nn.Module, parameter_name: str) -> nn.Module:
+    return model.get_submodule(parameter_name.rpartition(".")[0])

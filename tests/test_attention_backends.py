@@ -1,0 +1,131 @@
+"""The attention backends against an explicit reference, at the window's edge and across documents."""
+
+import pytest
+import torch
+
+from pretrain.model.attention import attention, document_ids, flash_available, resolve_backend
+
+BATCH, SEQ_LEN, Q_HEADS, KV_HEADS, HEAD_DIM, WINDOW = 2, 48, 4, 2, 8, 16
+CPU_BACKENDS = ["sdpa", "flex"]
+
+
+def random_qkv(seed=0, device="cpu", dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(BATCH, SEQ_LEN, Q_HEADS, HEAD_DIM, generator=generator)
+    k = torch.randn(BATCH, SEQ_LEN, KV_HEADS, HEAD_DIM, generator=generator)
+    v = torch.randn(BATCH, SEQ_LEN, KV_HEADS, HEAD_DIM, generator=generator)
+    return (t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def reference_attention(q, k, v, window, doc_ids=None):
+    """Softmax over an explicit mask, kv heads repeated as transformers' repeat_kv does (h -> h // group)."""
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    query = torch.arange(q.shape[1])[:, None]
+    key = torch.arange(q.shape[1])[None, :]
+    allowed = (key <= query) & (key > query - window if window is not None else True)
+    allowed = allowed[None, None]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+def packed_tokens(eos_id=0):
+    # Documents of uneven lengths; row 1 has an eos as its last token and one right at the start.
+    tokens = torch.randint(1, 50, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+    tokens[0, [5, 30]] = eos_id
+    tokens[1, [0, 20, SEQ_LEN - 1]] = eos_id
+    return tokens
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("window", [WINDOW, None])
+def test_forward_matches_reference(backend, window):
+    q, k, v = random_qkv()
+    out = attention(q, k, v, window, backend)
+    assert torch.allclose(out, reference_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_window_edge(backend):
+    """Query i attends key i - W + 1 and not key i - W (transformers' rule kv > q - W)."""
+    q, k, _ = random_qkv()
+    marked = 20
+    v = torch.zeros(BATCH, SEQ_LEN, KV_HEADS, HEAD_DIM)
+    v[:, marked] = 1000.0  # only the marked key carries a value: an output is non-zero iff it sees that key
+    out = attention(q, k, v, WINDOW, backend)
+    sees_marked = out.abs().amax(dim=(0, 2, 3)) > 0
+    first, last = marked, marked + WINDOW - 1  # queries whose window holds the marked key
+    assert sees_marked[last], "query i must attend key i - W + 1"
+    assert not sees_marked[last + 1], "query i must not attend key i - W"
+    assert not sees_marked[first - 1], "attention must be causal"
+    assert sees_marked.nonzero().flatten().tolist() == list(range(first, last + 1))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gqa_grouping_matches_transformers(backend):
+    """Query head h reads kv head h // (Hq / Hkv): mark kv head 1 and see which query heads change."""
+    q, k, _ = random_qkv()
+    v = torch.zeros(BATCH, SEQ_LEN, KV_HEADS, HEAD_DIM)
+    v[:, :, 1] = 1.0
+    out = attention(q, k, v, WINDOW, backend)
+    heads_reading = out.abs().amax(dim=(0, 1, 3)) > 0
+    assert heads_reading.tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("window", [WINDOW, None])
+def test_document_masking(backend, window):
+    q, k, v = random_qkv()
+    doc_ids = document_ids(packed_tokens(), eos_id=0)
+    out = attention(q, k, v, window, backend, doc_ids)
+    assert torch.allclose(out, reference_attention(q, k, v, window, doc_ids), atol=1e-5, rtol=1e-5)
+    # Masking must change something: the first position after an eos no longer sees the previous document.
+    assert not torch.allclose(out[0, 6], attention(q, k, v, window, backend)[0, 6], atol=1e-3)
+
+
+def test_document_ids():
+    tokens = torch.tensor([[7, 0, 5, 6, 0, 0, 9], [0, 1, 2, 3, 4, 5, 0]])
+    assert document_ids(tokens, eos_id=0).tolist() == [[0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
+
+
+def test_sdpa_backward_matches_reference():
+    q, k, v = (t.requires_grad_() for t in random_qkv())
+    doc_ids = document_ids(packed_tokens(), eos_id=0)
+    grads = torch.autograd.grad(attention(q, k, v, WINDOW, "sdpa", doc_ids).square().sum(), (q, k, v))
+    expected = torch.autograd.grad(reference_attention(q, k, v, WINDOW, doc_ids).square().sum(), (q, k, v))
+    for grad, reference in zip(grads, expected, strict=True):
+        assert torch.allclose(grad, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU")
+def test_flex_backward_matches_sdpa_on_cuda():
+    q, k, v = (t.requires_grad_() for t in random_qkv(device="cuda"))
+    doc_ids = document_ids(packed_tokens().cuda(), eos_id=0)
+    grads = torch.autograd.grad(attention(q, k, v, WINDOW, "flex", doc_ids).square().sum(), (q, k, v))
+    expected = torch.autograd.grad(attention(q, k, v, WINDOW, "sdpa", doc_ids).square().sum(), (q, k, v))
+    for grad, reference in zip(grads, expected, strict=True):
+        assert torch.allclose(grad, reference, atol=1e-3, rtol=1e-3)
+
+
+def test_auto_backend_on_cpu_is_sdpa():
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="flash"):
+        resolve_backend("flash", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_available(), reason="needs CUDA and flash-attn")
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_flash_matches_sdpa(with_documents):
+    q, k, v = (t.requires_grad_() for t in random_qkv(device="cuda", dtype=torch.bfloat16))
+    doc_ids = document_ids(packed_tokens().cuda(), eos_id=0) if with_documents else None
+    out = attention(q, k, v, WINDOW, "flash", doc_ids)
+    expected = attention(q, k, v, WINDOW, "sdpa", doc_ids)
+    assert torch.allclose(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), (q, k, v))
+    for grad, reference in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(grad.float(), reference.float(), atol=5e-2, rtol=5e-2)

@@ -1,0 +1,119 @@
+"""Tensor parallelism in real processes: tp=2 must compute what tp=1 computes on the same weights.
+
+Tolerance: 1e-5 relative. tp changes only the order of float32 sums (row-parallel partial products are
+all-reduced, the vocab-parallel softmax reduces max and sum across ranks), which moves results by a few
+ulps (~1e-7 relative) per operation; 1e-5 leaves room for that to accumulate over the layers while any
+layout mistake (a wrong head or vocab slice) gives errors of order 1.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pretrain import parallel
+from pretrain.config import ModelConfig
+from pretrain.model.hf_adapter import gather_full_state, load_full_state, shard_full_state
+from pretrain.model.mistral import Mistral, shard_parameter, unshard_parameter
+from tests.distributed import run_distributed
+
+EOS_ID = 0
+CFG = ModelConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    hidden_dim=96,
+    vocab_size=128,
+    sliding_window=16,
+    max_seq_len=64,
+    attention_backend="sdpa",
+    document_masking=True,
+)
+
+
+def reference_full_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Fixed weights, including non-unit norms, built the same way in every process."""
+    model = Mistral(cfg, eos_id=EOS_ID, seed=11)
+    generator = torch.Generator().manual_seed(2)
+    full = gather_full_state(model, cfg)
+    for name, tensor in full.items():
+        if name.endswith("norm.weight"):
+            full[name] = 1.0 + 0.2 * torch.randn(tensor.shape, generator=generator)
+    return full
+
+
+def tp_worker(tp: int, activation_checkpointing: str) -> dict | None:
+    parallel.init_distributed(tp=tp, pp=1, backend="gloo")
+    init = gather_full_state(Mistral(CFG, eos_id=EOS_ID, seed=3), CFG)
+
+    with torch.no_grad():
+        weights = reference_full_state(CFG)
+    model = Mistral(CFG, eos_id=EOS_ID, activation_checkpointing=activation_checkpointing)
+    load_full_state(model, weights, CFG)
+
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
+    labels = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
+    tokens[0, 12] = tokens[1, [3, 25]] = EOS_ID  # packed documents, so document masking is exercised
+    logits_shard = model(tokens)
+    loss = model(tokens, labels)
+    loss.backward()
+
+    shards = [torch.empty_like(logits_shard) for _ in range(tp)]
+    dist.all_gather(shards, logits_shard.detach().contiguous(), group=parallel.tp_group())
+    result = {
+        "init": init,
+        "logits": torch.cat(shards, dim=-1),
+        "logits_shard_shape": tuple(logits_shard.shape),
+        "loss": loss.item(),
+        "grads": gather_full_state(model, CFG, grads=True),
+    }
+    return result if parallel.tp_rank() == 0 else None
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    return run_distributed(tp_worker, 1, 1, "none")[0]
+
+
+@pytest.mark.parametrize("activation_checkpointing", ["none", "full"])
+def test_tp2_equals_tp1(one_rank, activation_checkpointing):
+    two_ranks = run_distributed(tp_worker, 2, 2, activation_checkpointing)[0]
+
+    assert two_ranks["logits_shard_shape"] == (2, 40, CFG.vocab_size // 2)
+    assert relative_error(two_ranks["logits"], one_rank["logits"]) < 1e-5
+    assert abs(two_ranks["loss"] - one_rank["loss"]) / one_rank["loss"] < 1e-5
+    assert two_ranks["grads"].keys() == one_rank["grads"].keys()
+    for name, grad in one_rank["grads"].items():
+        assert relative_error(two_ranks["grads"][name], grad) < 1e-5, name
+    # The seeded initialisation does not depend on the tensor-parallel size.
+    for name, tensor in one_rank["init"].items():
+        assert torch.equal(two_ranks["init"][name], tensor), name
+
+
+def test_fused_qkv_shard_holds_whole_heads_of_this_rank():
+    head_rows = CFG.head_dim
+    # Row r of the full weight holds the value r, so a shard's rows tell which full rows it took.
+    full = torch.arange((CFG.n_heads + 2 * CFG.n_kv_heads) * head_rows, dtype=torch.float32)[:, None]
+    q_rows, kv_rows = CFG.n_heads * head_rows, CFG.n_kv_heads * head_rows
+    shard = shard_parameter("layers.0.attention.qkv_proj.weight", full, CFG, rank=1, size=2)
+    expected_q = range(q_rows // 2, q_rows)  # query heads 2 and 3
+    expected_k = range(q_rows + kv_rows // 2, q_rows + kv_rows)  # kv group 1
+    expected_v = range(q_rows + kv_rows + kv_rows // 2, q_rows + 2 * kv_rows)
+    assert shard.flatten().long().tolist() == [*expected_q, *expected_k, *expected_v]
+    shards = [shard_parameter("layers.0.attention.qkv_proj.weight", full, CFG, rank, 2) for rank in range(2)]
+    assert torch.equal(unshard_parameter("layers.0.attention.qkv_proj.weight", shards, CFG), full)
+
+
+def test_shard_full_state_round_trips(single_process_group):
+    full = reference_full_state(CFG)
+    shards = [shard_full_state(full, CFG, rank, 2) for rank in range(2)]
+    assert shards[0]["head.lm_head.weight"].shape == (CFG.vocab_size // 2, CFG.dim)
+    assert shards[1]["layers.0.mlp.down_proj.weight"].shape == (CFG.dim, CFG.hidden_dim // 2)
+    for name, tensor in full.items():
+        assert torch.equal(unshard_parameter(name, [shard[name] for shard in shards], CFG), tensor), name
