@@ -1,6 +1,7 @@
 """Process groups: the one place they are created and torn down.
 
-Reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), starts
+Reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or Slurm's
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of SLURM_JOB_NODELIST), starts
 torch.distributed (gloo on CPU, nccl on CUDA) and lets megatron-core build the tensor- and
 pipeline-parallel groups. Ranks are numbered tensor-parallel fastest, then data-parallel, then pipeline,
 which is also DeepSpeed's order.
@@ -10,23 +11,48 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 
-def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_s: float = 600.0) -> None:
-    """Join the process group described by the torchrun environment and build the model-parallel groups.
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (e.g. gpu[03-05,07] -> gpu03), as `scontrol` expands it."""
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+    if hosts.returncode != 0 or not hosts.stdout.split():
+        raise RuntimeError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol: set MASTER_ADDR yourself")
+    return hosts.stdout.split()[0]
 
-    Without torchrun variables this starts a world of one process, so single-process runs and tests use
-    the same code path. `backend` defaults to nccl when CUDA is available, gloo otherwise.
+
+def rendezvous_from_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, else Slurm's; MASTER_ADDR/PORT filled in from
+    the allocation (first host of the node list, a port derived from the job id) when missing."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _first_host(env["SLURM_JOB_NODELIST"])
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
+    rank = int(env.setdefault("RANK", "0"))
+    world_size = int(env.setdefault("WORLD_SIZE", "1"))
+    local_rank = int(env.setdefault("LOCAL_RANK", "0"))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    return rank, world_size, local_rank
+
+
+def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_s: float = 600.0,
+                     rendezvous_timeout_s: float = 300.0) -> None:
+    """Join the process group described by the torchrun or Slurm environment and build the model-parallel groups.
+
+    Without either this starts a world of one process, so single-process runs and tests use the same code
+    path. `backend` defaults to nccl when CUDA is available, gloo otherwise. A master that cannot be reached
+    within `rendezvous_timeout_s` is an error naming it, not a hang.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = os.environ.get("MASTER_PORT", "29500")
+    rank, world_size, local_rank = rendezvous_from_environment()
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by tp * pp = {tp} * {pp}")
     if backend is None:
@@ -34,9 +60,18 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        master = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=rank == 0, timeout=datetime.timedelta(seconds=rendezvous_timeout_s))
+        except (RuntimeError, OSError) as e:
+            raise RuntimeError(
+                f"rank {rank} could not reach the master {master} within {rendezvous_timeout_s:.0f} s ({e}): "
+                "check MASTER_ADDR/MASTER_PORT (or the Slurm node list) and that rank 0 is running"
+            ) from None
         dist.init_process_group(
             backend=backend,
-            init_method=f"tcp://{address}:{port}",
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),

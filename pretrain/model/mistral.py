@@ -282,7 +282,7 @@ class Mistral(nn.Module):
             DecoderLayer(cfg, layer_config, activation_checkpointing) for _ in range(cfg.n_layers)
         )
         self.head = OutputHead(cfg, layer_config)
-        init_weights(self, cfg, seed)
+        init_weights(dict(self.named_parameters()), cfg, seed)
 
     def document_ids(self, tokens: torch.Tensor) -> torch.Tensor | None:
         return document_ids(tokens, self.eos_id) if self.cfg.document_masking else None
@@ -361,16 +361,17 @@ def _is_tensor_parallel(name: str) -> bool:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+def init_weights(named_parameters: dict[str, nn.Parameter], cfg: ModelConfig, seed: int) -> None:
     """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2 n_layers), norms 1.
 
+    Parameters are named as in the tp=1, pp=1 `Mistral` (a pipeline stage passes its own under those names).
     Each full tensor comes from a CPU generator seeded by (seed, parameter name), and this rank copies
-    its shard in: the same model for every tp size, and no dependence on megatron's RNG state.
+    its shard in: the same model for every tp and pp size, and no dependence on megatron's RNG state.
     """
     rank, size = parallel.tp_rank(), parallel.tp_size()
     output_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    for name, param in model.named_parameters():
-        if isinstance(_owner(model, name), RMSNorm):
+    for name, param in named_parameters.items():
+        if name.endswith("norm.weight"):  # the RMSNorm gains
             param.fill_(1.0)
             continue
         std = output_std if name.endswith(_ROW_SUFFIXES) else cfg.init_std
@@ -378,7 +379,3 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
         generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
         full = torch.empty(full_shape(name, param.shape, size)).normal_(0.0, std, generator=generator)
         param.copy_(shard_parameter(name, full, cfg, rank, size))
-
-
-def _owner(model: nn.Module, parameter_name: str) -> nn.Module:
-    return model.get_submodule(parameter_name.rpartition(".")[0])
