@@ -107,7 +107,8 @@ def test_flex_backward_matches_sdpa_on_cuda():
     grads = torch.autograd.grad(attention(q, k, v, WINDOW, "flex", doc_ids).square().sum(), (q, k, v))
     expected = torch.autograd.grad(attention(q, k, v, WINDOW, "sdpa", doc_ids).square().sum(), (q, k, v))
     for grad, reference in zip(grads, expected, strict=True):
-        assert torch.allclose(grad, reference, atol=1e-3, rtol=1e-3)
+        # Compiled flex runs float32 dots as TF32 (about 3e-4 relative); a wrong mask is off by order 1.
+        assert (grad - reference).norm() / reference.norm() < 2e-3
 
 
 def test_auto_backend_on_cpu_is_sdpa():

@@ -141,7 +141,15 @@ def _document_block_mask(seq_len: int, window: int | None, doc_ids: torch.Tensor
 @functools.cache
 def _compiled_flex_attention():
     # Eager FlexAttention materialises the full score matrix; compiled, it is a fused Triton kernel.
+    # Each (shape, requires_grad) pair compiles once; a benchmark sweep or train+eval needs more than dynamo's
+    # default of 8 before it would silently fall back to the eager kernel.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
+
+
+# Every causal row attends at least to itself, and a window's (or document's) blocks form one contiguous run
+# per row: both let the kernel skip checks. Measured on an H100 at 32k, window 4096, fwd+bwd: 18.9 -> 17.8 ms.
+_FLEX_KERNEL_OPTIONS = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
 
 
 def _flex(q, k, v, window, doc_ids):
@@ -151,8 +159,11 @@ def _flex(q, k, v, window, doc_ids):
         block_mask = _cached_block_mask(seq_len, window, q.device)
     else:
         block_mask = _document_block_mask(seq_len, window, doc_ids)
-    kernel = _compiled_flex_attention() if q.is_cuda else flex_attention
-    out = kernel(q, k, v, block_mask=block_mask, enable_gqa=True)
+    if q.is_cuda:
+        out = _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=True,
+                                         kernel_options=_FLEX_KERNEL_OPTIONS)
+    else:
+        out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
     return out.transpose(1, 2)
 
 
