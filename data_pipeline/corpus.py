@@ -1,0 +1,58 @@
+"""A corpus every machine with Python already has: the standard library's own .py sources.
+
+Files are taken in sorted order, test suites, site-packages and IDLE are left out, and each file becomes one
+JSON-lines document. The eval split is the files whose path hashes into a fixed 1-in-`eval_every` bucket, so
+the split is the same on every machine with the same Python version and does not shift as --max-mb changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+_EXCLUDED_DIRS = {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_sources() -> Iterator[tuple[str, str]]:
+    """(path relative to the stdlib, text) of every UTF-8 .py source outside tests, in sorted order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _EXCLUDED_DIRS.intersection(rel.parts[:-1]):
+            continue
+        try:
+            yield rel.as_posix(), path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            # A handful of stdlib files are deliberately in other encodings; they are not worth a special case.
+            continue
+
+
+def write_builtin_corpus(out_dir: str | os.PathLike, max_mb: float | None = None, eval_every: int = 50) -> dict:
+    """Write OUT/train/stdlib.jsonl and OUT/eval/stdlib.jsonl ({"text", "path"} per line); returns counts."""
+    out = Path(out_dir)
+    limit = None if max_mb is None else int(max_mb * 1e6)
+    counts = {"train": {"documents": 0, "bytes": 0}, "eval": {"documents": 0, "bytes": 0}}
+    handles = {}
+    try:
+        for split in counts:
+            (out / split).mkdir(parents=True, exist_ok=True)
+            handles[split] = open(out / split / "stdlib.jsonl.tmp", "w", encoding="utf-8")
+        for rel, text in stdlib_sources():
+            size = len(text.encode("utf-8"))
+            if limit is not None and counts["train"]["bytes"] + counts["eval"]["bytes"] + size > limit:
+                break
+            bucket = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "little") % eval_every
+            split = "eval" if bucket == 0 else "train"
+            handles[split].write(json.dumps({"text": text, "path": rel}, ensure_ascii=False) + "\n")
+            counts[split]["documents"] += 1
+            counts[split]["bytes"] += size
+    finally:
+        for handle in handles.values():
+            handle.close()
+    for split in counts:
+        os.replace(out / split / "stdlib.jsonl.tmp", out / split / "stdlib.jsonl")
+    return counts

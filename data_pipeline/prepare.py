@@ -1,0 +1,357 @@
+"""`pretrain data prepare`: text, JSON lines or Parquet in; packed token sequences in webdataset tar shards out.
+
+Each document becomes `<s> tokens </s>`; documents are concatenated and cut into samples of seq_len + 1
+tokens (inputs and shifted targets), the final partial sample is dropped and counted. With keep_documents
+each document is cut on its own instead, so no sample spans two documents (each document's tail is dropped).
+
+Output: `shard-000000.tar`, ... whose members are `{key}.tokens.bin` (raw little-endian uint16 when the
+vocabulary fits, else uint32; recorded in the manifest) and `manifest.json`, written last. Runs are
+byte-deterministic: inputs are sorted, parallel results are consumed in input order, and tar headers carry no
+time, owner or mode from the machine. Runs are atomic: a stale manifest is removed before anything else is
+written, each shard is written under a temporary name, fsynced and renamed, and the manifest (temp + rename)
+comes last, so an interrupted run leaves a directory that no reader accepts.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Documents per unit of parallel work: big enough to amortize pickling, small enough to keep workers busy.
+_CHUNK_BYTES = 1 << 20
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Sorted, de-duplicated files matching the globs; every pattern must match a supported file."""
+    if not patterns:
+        raise DataError("no input given: pass --input with files or globs such as 'data/*.jsonl'")
+    files: set[str] = set()
+    for pattern in patterns:
+        matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
+        if not matches:
+            raise DataError(f"input glob {pattern!r} matches no file: check the path (quote globs for the shell)")
+        for match in matches:
+            if not match.endswith(SUFFIXES):
+                raise DataError(f"input {match} has an unsupported type: use .txt, .jsonl or .parquet files")
+            files.add(match)
+    return sorted(files)
+
+
+def iter_documents(path: str) -> Iterator[str]:
+    """Documents of one file: a .txt is one document, a .jsonl line's `text`, a Parquet row's `text`."""
+    if path.endswith(".txt"):
+        yield _decode(Path(path).read_bytes(), path)
+    elif path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(_decode(raw, f"{path}:{line_number}"))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_number} is not valid JSON ({e.msg}): fix or remove the line") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise DataError(f'{path}:{line_number} has no string "text" field: each line needs {{"text": ...}}')
+                yield record["text"]
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for unreadable files
+            raise DataError(f"{path} is not a readable Parquet file ({e}): re-export it") from None
+        if "text" not in parquet.schema_arrow.names:
+            raise DataError(f"{path} has no 'text' column (columns: {parquet.schema_arrow.names}): rename the column")
+        for batch in parquet.iter_batches(columns=["text"], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield text
+    else:
+        raise DataError(f"input {path} has an unsupported type: use .txt, .jsonl or .parquet files")
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}): re-encode it, "
+            "e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size < 65536 else np.dtype("<u4")
+
+
+# ---------------------------------------------------------------- parallel tokenization
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _tokenize_chunk(texts: list[str]) -> list[np.ndarray]:
+    """Each document as `<s> ids </s>`."""
+    tok = _worker_tokenizer
+    return [np.array([tok.bos_id, *ids, tok.eos_id], dtype=np.uint32) for ids in tok.encode_batch(texts)]
+
+
+def _chunks(files: Sequence[str], progress: _Progress) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for path in files:
+        for text in iter_documents(path):
+            if not text:
+                continue
+            chunk.append(text)
+            size += len(text)
+            if size >= _CHUNK_BYTES:
+                progress.read(size)
+                yield chunk
+                chunk, size = [], 0
+    if chunk:
+        progress.read(size)
+        yield chunk
+
+
+# ---------------------------------------------------------------- shards
+
+
+class ShardWriter:
+    """Writes samples into size-bounded deterministic tar shards, each under a temp name until complete."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int, dtype: np.dtype, sample_tokens: int) -> None:
+        self.out_dir = out_dir
+        self.sample_tokens = sample_tokens
+        self.shard_bytes = shard_bytes
+        self.dtype = dtype
+        self.shards: list[dict] = []
+        self.samples_written = 0
+        self._file: io.BufferedWriter | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._shard_samples = 0
+        self._shard_size = 0
+
+    def add(self, sample: np.ndarray) -> None:
+        data = sample.astype(self.dtype, copy=False).tobytes()
+        member_size = 512 + -(-len(data) // 512) * 512
+        if self._tar is not None and self._shard_size + member_size > self.shard_bytes:
+            self._finish_shard()
+        if self._tar is None:
+            self._start_shard()
+        info = tarfile.TarInfo(f"{self.samples_written:010d}.tokens.bin")
+        info.size = len(data)
+        info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
+        self._tar.addfile(info, io.BytesIO(data))
+        self.samples_written += 1
+        self._shard_samples += 1
+        self._shard_size += member_size
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._finish_shard()
+
+    def _temp_path(self) -> Path:
+        return self.out_dir / f".shard-{len(self.shards):06d}.tar.tmp"
+
+    def _start_shard(self) -> None:
+        self._file = open(self._temp_path(), "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._shard_samples = 0
+        self._shard_size = 0
+
+    def _finish_shard(self) -> None:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        name = f"shard-{len(self.shards):06d}.tar"
+        temp = self._temp_path()
+        digest = _sha256_file(temp)
+        os.replace(temp, self.out_dir / name)
+        self.shards.append({
+            "name": name,
+            "samples": self._shard_samples,
+            "tokens": self._shard_samples * self.sample_tokens,
+            "bytes": os.path.getsize(self.out_dir / name),
+            "sha256": digest,
+        })
+        self._tar = self._file = None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- progress
+
+
+class _Progress:
+    """Input MB read, tokens/s and ETA on stderr."""
+
+    def __init__(self, total_bytes: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tokens = 0
+        self.start = time.perf_counter()
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("prepare"), BarColumn(),
+                TextColumn("{task.completed:,.0f}/{task.total:,.0f} bytes"),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self._task = self._progress.add_task("prepare", total=max(total_bytes, 1), rate="")
+            self._progress.start()
+
+    def read(self, nbytes: int) -> None:
+        if self.enabled:
+            self._progress.advance(self._task, nbytes)
+
+    def tokenized(self, ntokens: int) -> None:
+        self.tokens += ntokens
+        if self.enabled:
+            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+            self._progress.update(self._task, rate=f"{rate / 1e6:.2f} M tokens/s")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._progress.stop()
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def prepare(
+    inputs: Sequence[str],
+    tokenizer: str | os.PathLike | Tokenizer,
+    seq_len: int,
+    out_dir: str | os.PathLike,
+    *,
+    shard_mb: float = 64,
+    workers: int | None = None,
+    keep_documents: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize, pack and shard `inputs` into `out_dir`; returns the manifest."""
+    if seq_len <= 0:
+        raise DataError(f"seq_len={seq_len} must be positive")
+    files = expand_inputs(inputs)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    sample_tokens = seq_len + 1
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # The old manifest goes first: from here until the new one lands, the directory describes no dataset.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for stale in [*out.glob("shard-*.tar"), *out.glob(".shard-*.tar.tmp")]:
+        stale.unlink()
+    _fsync_dir(out)
+
+    writer = ShardWriter(out, max(int(shard_mb * 1e6), 1), dtype, sample_tokens)
+    counts = {"documents": 0, "tokens": 0, "dropped_tokens": 0}
+    carry = np.zeros(0, dtype=np.uint32)
+    meter = _Progress(sum(os.path.getsize(f) for f in files), progress)
+    workers = workers or os.cpu_count() or 1
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok,)) if workers > 1 else None
+    try:
+        if pool is None:
+            _init_worker(tok)
+            results: Iterable[list[np.ndarray]] = map(_tokenize_chunk, _chunks(files, meter))
+        else:
+            # imap keeps input order whatever order the workers finish in: the shards stay deterministic.
+            results = pool.imap(_tokenize_chunk, _chunks(files, meter))
+        for documents in results:
+            counts["documents"] += len(documents)
+            ntokens = sum(len(d) for d in documents)
+            counts["tokens"] += ntokens
+            meter.tokenized(ntokens)
+            if keep_documents:
+                for doc in documents:
+                    whole = len(doc) // sample_tokens * sample_tokens
+                    counts["dropped_tokens"] += len(doc) - whole
+                    for sample in doc[:whole].reshape(-1, sample_tokens):
+                        writer.add(sample)
+            else:
+                stream = np.concatenate([carry, *documents])
+                whole = len(stream) // sample_tokens * sample_tokens
+                for sample in stream[:whole].reshape(-1, sample_tokens):
+                    writer.add(sample)
+                carry = stream[whole:]
+        counts["dropped_tokens"] += len(carry)
+        writer.close()
+    finally:
+        meter.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if writer.samples_written == 0:
+        raise DataError(
+            f"inputs {list(inputs)} hold {counts['tokens']} tokens, fewer than one sample of seq_len+1="
+            f"{sample_tokens}: give more text or lower --seq-len"
+        )
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "format": "packed token sequences, one `{key}.tokens.bin` member per sample",
+        "seq_len": seq_len,
+        "sample_tokens": sample_tokens,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "tokenizer_sha256": tok.sha256,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "keep_documents": keep_documents,
+        "sources": [{"path": f, "bytes": os.path.getsize(f)} for f in files],
+        "documents": counts["documents"],
+        "tokens": counts["tokens"],
+        "samples": writer.samples_written,
+        "sample_tokens_total": writer.samples_written * sample_tokens,
+        "dropped_tokens": counts["dropped_tokens"],
+        "shards": writer.shards,
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    temp = out / f".{MANIFEST}.tmp"
+    with open(temp, "w") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, out / MANIFEST)
+    _fsync_dir(out)

@@ -1,0 +1,181 @@
+"""SentencePiece BPE tokenizer shaped like Mistral's: byte fallback, split digits, unk=0 `<unk>`, bos=1 `<s>`,
+eos=2 `</s>`, no pad. Training reads a deterministic sample of the input and runs sentencepiece with one
+thread, because its multi-threaded trainer is not guaranteed to give byte-identical models run to run.
+
+`Tokenizer.load` opens any sentencepiece `tokenizer.model` (ours or Mistral's own) without retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from data_pipeline.errors import DataError
+
+MODEL_FILE = "tokenizer.model"
+META_FILE = "tokenizer_meta.json"
+
+
+class Tokenizer:
+    """A loaded sentencepiece model with the ids and identity (sha256 of the model bytes) the pipeline records."""
+
+    def __init__(self, model_bytes: bytes, path: str | None = None) -> None:
+        self.path = path
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self._model_bytes = model_bytes
+        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """From a directory holding tokenizer.model or from the .model file itself."""
+        path = Path(path)
+        model_path = path / MODEL_FILE if path.is_dir() else path
+        if not model_path.is_file():
+            raise DataError(
+                f"tokenizer {path} not found: pass a directory with {MODEL_FILE} or a sentencepiece .model file "
+                "(train one with `pretrain tokenizer train`)"
+            )
+        data = model_path.read_bytes()
+        try:
+            return cls(data, str(model_path))
+        except RuntimeError as e:
+            raise DataError(f"tokenizer {model_path} is not a sentencepiece model ({e}): point at a .model file") from None
+
+    def __getstate__(self) -> dict:
+        return {"model_bytes": self._model_bytes, "path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_bytes"], state["path"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # One thread: callers parallelize over processes, and sentencepiece's own threads would oversubscribe.
+        return self._sp.encode(list(texts), num_threads=1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+
+def sample_documents(documents: Iterable[str], total_bytes: int, sample_bytes: int) -> Iterable[str]:
+    """A deterministic sample of about `sample_bytes` spread over the whole input, not just its head.
+
+    A document is kept when a hash of its text falls under the sampling fraction, so the same input always
+    gives the same sample whatever the order of reading inside a file.
+    """
+    fraction = 1.0 if total_bytes <= sample_bytes else sample_bytes / total_bytes
+    threshold = int(fraction * 2**64)
+    taken = 0
+    for text in documents:
+        if taken >= sample_bytes:
+            return
+        digest = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+        if fraction >= 1.0 or digest < threshold:
+            taken += len(text.encode("utf-8"))
+            yield text
+
+
+def train_tokenizer(
+    inputs: Sequence[str], out_dir: str | os.PathLike, vocab_size: int = 32000, sample_bytes: int = 100_000_000
+) -> Tokenizer:
+    """Train on a deterministic sample of the input files (.txt, .jsonl, .parquet); write tokenizer.model + meta."""
+    from data_pipeline.prepare import expand_inputs, iter_documents
+
+    files = expand_inputs(inputs)
+    total = sum(os.path.getsize(f) for f in files)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        sample_path = Path(tmp) / "sample.txt"
+        sampled = 0
+        with open(sample_path, "w", encoding="utf-8") as f:
+            for text in sample_documents((doc for path in files for doc in iter_documents(path)), total, sample_bytes):
+                # sentencepiece reads one sentence per line; blank lines carry nothing to learn.
+                for line in text.splitlines():
+                    if line.strip():
+                        f.write(line + "\n")
+                sampled += len(text.encode("utf-8"))
+        if sampled == 0:
+            raise DataError(f"inputs {list(inputs)} hold no text to train on: pass files with documents in them")
+        prefix = Path(tmp) / "tokenizer"
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(sample_path),
+                model_prefix=str(prefix),
+                model_type="bpe",
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                split_digits=True,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+                # Code and prose keep their whitespace; Mistral's tokenizer does not normalize either.
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                character_coverage=0.99995,
+                max_sentence_length=1 << 16,
+                input_sentence_size=0,
+                shuffle_input_sentence=False,
+                num_threads=1,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise DataError(f"sentencepiece training failed on {list(inputs)}: {e}; "
+                            "lower --vocab-size or give more text") from None
+        model_bytes = (prefix.with_suffix(".model")).read_bytes()
+    _write_atomic(out / MODEL_FILE, model_bytes)
+    tokenizer = Tokenizer(model_bytes, str(out / MODEL_FILE))
+    meta = {
+        "sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "unk_id": tokenizer.unk_id,
+        "pad_id": tokenizer.pad_id,
+        "model_type": "bpe",
+        "sample_bytes": sampled,
+        "inputs": [{"path": f, "bytes": os.path.getsize(f)} for f in files],
+        "sentencepiece_version": spm.__version__,
+    }
+    _write_atomic(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    return tokenizer
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
