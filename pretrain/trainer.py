@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import math
+import os
 import signal
 import sys
 import time
@@ -76,9 +77,8 @@ class Trainer:
                                          before_wrap=(lambda named: load_model_weights(reader, named)) if reader
                                          else None)
         self.engine = self.built.engine
-        loader_args = dict(dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(),
-                           micro_batch=cfg.parallel.micro_batch, vocab_size=cfg.model.vocab_size,
-                           tokenizer_sha=tokenizer.sha256 if tokenizer else None)
+        loader_args = {"dp_rank": parallel.dp_rank(), "dp_size": parallel.dp_size(),
+                       "micro_batch": cfg.parallel.micro_batch, "vocab_size": cfg.model.vocab_size}
         self.loader = build_loader(cfg.data, **loader_args)
         self.eval_loader_args = loader_args
         self.checkpointer = Checkpointer(store, self.engine, self.built.canonical_names,
@@ -165,8 +165,8 @@ class Trainer:
 
         if not self.cfg.data.eval:
             return None
-        eval_cfg = self.cfg.data.model_copy(update={"train": [{"path": self.cfg.data.eval, "weight": 1.0}]})
-        batches = iter(build_loader(eval_cfg, **self.eval_loader_args))
+        # A fresh loader each time: every evaluation reads the same held-out batches.
+        batches = iter(build_loader(self.cfg.data, split="eval", **self.eval_loader_args))
         self.engine.eval()
         losses = []
         accum = self.engine.gradient_accumulation_steps()
@@ -266,6 +266,10 @@ class _Repeat:
 
 def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
         stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> int:
+    if not torch.cuda.is_available():
+        # Ranks on one machine share its cores; more threads than cores only thrash.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     try:
         return Trainer(cfg, run_dir, resume_from, stop_signals).fit()

@@ -24,3 +24,25 @@ def single_process_group():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The built-in corpus (1.5 MB of the standard library), a 4096-piece tokenizer and 128-token shards:
+    `data.*` overrides for configs/tiny.yaml."""
+    from data_pipeline.corpus import write_builtin_corpus
+    from data_pipeline.prepare import prepare
+    from data_pipeline.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_builtin_corpus(root / "corpus", max_mb=1.5)
+    tokenizer = root / "tokenizer"
+    train_tokenizer([str(root / "corpus" / "train" / "*.jsonl")], tokenizer, vocab_size=4096, sample_bytes=1_500_000)
+    for split in ("train", "eval"):
+        prepare([str(root / "corpus" / split / "*.jsonl")], tokenizer, 128, root / split, progress=False)
+    return [
+        f"data.train=[{{path: {root / 'train'}}}]",
+        f"data.eval={root / 'eval'}",
+        f"data.tokenizer={tokenizer}",
+        "data.seq_len=128",
+    ]
