@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,
 )
 from torch import nn
@@ -367,10 +368,15 @@ def init_weights(named_parameters: dict[str, nn.Parameter], cfg: ModelConfig, se
     Parameters are named as in the tp=1, pp=1 `Mistral` (a pipeline stage passes its own under those names).
     Each full tensor comes from a CPU generator seeded by (seed, parameter name), and this rank copies
     its shard in: the same model for every tp and pp size, and no dependence on megatron's RNG state.
+    Sharded parameters are also marked as megatron's own initialization would mark them: DeepSpeed's
+    gradient norm counts a parameter without the mark on tensor-parallel rank 0 only.
     """
     rank, size = parallel.tp_rank(), parallel.tp_size()
     output_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     for name, param in named_parameters.items():
+        if _is_tensor_parallel(name):
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=1 if name.endswith(_ROW_SUFFIXES) else 0,
+                                                 stride=1)
         if name.endswith("norm.weight"):  # the RMSNorm gains
             param.fill_(1.0)
             continue
