@@ -265,7 +265,11 @@ def load_optimizer_state(reader: ShardReader, engine, canonical: dict[torch.nn.P
         for key in ADAM_MOMENTS:
             if reader.has(f"{key}/{name}"):
                 safe_set_full_optimizer_state(param, reader.shard(f"{key}/{name}").to(param.device), key)
-    engine.lr_scheduler.load_state_dict(trainer_state["scheduler"])
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    # load_state_dict restores the schedule's position but not the rate the optimizer uses for its next step.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
 
 
 def load_rng_state(ckpt: Path, same_layout: bool) -> None:
