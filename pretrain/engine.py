@@ -128,6 +128,9 @@ def build_model(cfg: Config, eos_id: int | None) -> tuple[torch.nn.Module, dict[
 def build_engine(cfg: Config, eos_id: int | None,
                  before_wrap: Callable[[dict[str, torch.nn.Parameter]], None] | None = None) -> Built:
     """`before_wrap` sees the parameters by canonical name before DeepSpeed takes them (to load weights)."""
+    # DeepSpeed's communication layer adopts the process group parallel.init_distributed started; the pipeline
+    # module needs it before deepspeed.initialize would set it up.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     model, named = build_model(cfg, eos_id)
     if before_wrap is not None:
         before_wrap(named)
