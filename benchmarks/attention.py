@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         "FLOPs: forward = 4 * B * Hq * D * attended pairs; forward+backward = 3.5 x forward "
         f"(backward = {BACKWARD_FACTOR} x forward). Attended pairs: S(S+1)/2 full causal, ~S*W windowed."
     )
-    header = f"{'backend':>8} {'seq':>7} {'window':>7} {'fwd ms':>9} {'fwd TF/s':>9} {'fwd+bwd ms':>11} {'fwd+bwd TF/s':>13}"
+    header = (f"{'backend':>8} {'seq':>7} {'window':>7} {'fwd ms':>9} {'fwd TF/s':>9} {'fwd+bwd ms':>11} "
+              f"{'fwd+bwd TF/s':>13}")
     print(header)
     print("-" * len(header))
     for seq_len in seq_lens:

@@ -53,7 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_world(cfg, world)
     check_paths(cfg)
     run_dir = Path(cfg.train.run_dir)
-    existing = CheckpointStore(run_dir / "checkpoints", 1, 0).complete_steps()
+    store = CheckpointStore(run_dir / "checkpoints", 1, 0)
+    store.check_writable()
+    existing = store.complete_steps()
     if args.no_resume and existing:
         raise UserError(
             f"{run_dir} already holds checkpoints (newest step {existing[-1]}) and --no-resume refuses to overwrite "

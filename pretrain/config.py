@@ -126,6 +126,10 @@ class TrainConfig(_Section):
     run_dir: str = "runs/default"
     # No step within this many seconds (a hung collective): dump every thread's stack and exit 1. 0: off.
     watchdog_s: int = Field(1800, ge=0)
+    # A step whose loss or gradients are not finite is skipped; after this many in a row the run reloads its newest
+    # checkpoint and goes on past the data that caused them, at most max_rollbacks times.
+    max_nonfinite_in_row: int = Field(5, ge=1)
+    max_rollbacks: int = Field(3, ge=0)
 
 
 class CheckpointConfig(_Section):

@@ -77,7 +77,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "train_batch_size": cfg.train.global_batch,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        # With bf16, a non-finite gradient norm skips the step (float32 ZeRO always does; optim.py covers stage 0).
+        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
         # Keep the gradient reduction in float32 whatever the compute dtype.
         "data_types": {"grad_accum_dtype": "fp32"} if dtype == torch.bfloat16 else {},
         "steps_per_print": 10**12,
@@ -136,7 +137,7 @@ def build_engine(cfg: Config, eos_id: int | None,
         before_wrap(named)
     if torch.cuda.is_available():
         model.cuda()
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.parallel.zero_stage)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from pretrain.config import OptimConfig
 
@@ -21,9 +22,30 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+class NonFiniteSkippingAdamW(torch.optim.AdamW):
+    """AdamW that leaves the parameters untouched when any rank's gradients hold inf or NaN.
+
+    DeepSpeed's ZeRO optimizers check the global gradient norm and skip such steps themselves; without ZeRO it calls
+    the client optimizer directly and reads its `overflow` afterwards (skipping the scheduler step and counting it),
+    so this gives ZeRO stage 0 the same behaviour.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else [torch.zeros(())]
+        found = torch.stack(norms).isfinite().logical_not().any().float().view(1)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        self.overflow = bool(found.item())
+        return None if self.overflow else super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, zero_stage: int) -> torch.optim.Optimizer:
     on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(
+    adamw = NonFiniteSkippingAdamW if zero_stage == 0 else torch.optim.AdamW
+    return adamw(
         parameter_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),

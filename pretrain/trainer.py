@@ -30,7 +30,7 @@ from pretrain.checkpoint.state import (
     read_trainer_state,
 )
 from pretrain.checkpoint.store import CheckpointError, CheckpointStore, verify
-from pretrain.config import Config, load_config
+from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import Built, build_engine
 from pretrain.metrics import MetricsLogger
 from pretrain.plan import H100_BF16_PEAK_TFLOPS, flops_per_token
@@ -52,16 +52,29 @@ def _split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 EXIT_SAVED_ON_SIGNAL = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint saved, run again to resume
+EXIT_USER_ERROR = 2
+_ROLLBACK = "rollback"
+# Testing hook: 1-based numbers of global batches (counted by the data loader) whose loss is made NaN, as a bad
+# batch would; the real skip and rollback machinery then handles them. pp == 1 only.
+INJECT_NONFINITE_ENV = "PRETRAIN_INJECT_NONFINITE_BATCHES"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. it keeps diverging); the message says what to change."""
 
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
-                 stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+                 stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+                 data_position: dict | None = None, counters: dict | None = None):
+        """`data_position` and `counters`, given on a rollback, replace the checkpoint's: the data goes on past
+        the batches that diverged, and skipped steps and rollbacks stay counted."""
         from data_pipeline.loader import build_loader
         from data_pipeline.tokenizer import Tokenizer
 
         self.cfg = cfg
         self.run_dir = run_dir
+        self.stop_signals = stop_signals
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -86,15 +99,18 @@ class Trainer:
                                          async_save=cfg.checkpoint.async_save and torch.cuda.is_available())
         self.step = int(state.get("step", 0))
         self.tokens_seen = int(state.get("tokens", 0))
+        self.counters = {"skipped_steps": 0, "rollbacks": 0, **state.get("counters", {}), **(counters or {})}
         if reader:
             load_optimizer_state(reader, self.engine, self.built.canonical_names, state)
             load_rng_state(ckpt, same_layout=state["layout"]["world"] == self.world
                            and state["layout"]["tp"] == cfg.parallel.tp and state["layout"]["pp"] == cfg.parallel.pp)
-            self.loader.load_state_dict(state["loader"])
             self.log_rank0(f"resumed from {ckpt} at step {self.step}")
+        if data_position is not None or reader:
+            self.loader.load_state_dict(data_position or state["loader"])
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
         self.peak_flops = H100_BF16_PEAK_TFLOPS * 1e12 if torch.cuda.is_available() else None
+        self.inject_nonfinite = {int(n) for n in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if n.strip()}
         self.stop_signal = 0
         for sig in stop_signals:
             signal.signal(sig, self._on_signal)
@@ -104,10 +120,12 @@ class Trainer:
             print(f"[pretrain] {message}", file=sys.stderr, flush=True)
 
     def _choose_checkpoint(self, store: CheckpointStore, resume_from: Path | None) -> Path | None:
-        """Rank 0 verifies (hashing every file) and tells the others, so all ranks load the same one."""
+        """Rank 0 clears interrupted saves, verifies (hashing every file) and tells the others, so all ranks load
+        the same checkpoint."""
         choice: list[object] = [None]
         if self.rank == 0:
             try:
+                store.remove_incomplete()
                 choice[0] = verify(resume_from).path if resume_from else getattr(store.newest_valid(), "path", None)
             except CheckpointError as e:
                 choice[0] = e
@@ -120,21 +138,25 @@ class Trainer:
         # Only a flag: the save happens at the next step boundary, agreed on by every rank.
         self.stop_signal = signum
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([self.stop_signal], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def _poll(self) -> tuple[bool, bool]:
+        """Once per step, agreed by every rank: (a stop signal arrived somewhere, every background save writer
+        has finished)."""
+        flags = torch.tensor([self.stop_signal, int(self.checkpointer.writing())], dtype=torch.int64,
+                             device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), not bool(flags[1].item())
 
     def save(self, loss: float) -> None:
         self.checkpointer.save(self.step, {"step": self.step, "tokens": self.tokens_seen, "loss": loss,
-                                           "loader": self.loader.state_dict()})
+                                           "loader": self.loader.state_dict(), "counters": self.counters})
 
     # ------------------------------------------------------------------ one step
     def _to_device(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.to(self.device, non_blocking=True) if self.device is not None else tokens
 
-    def train_step(self, batches) -> tuple[float, float]:
-        """One optimizer step over a global batch; returns (mean loss over the global batch, data wait s)."""
+    def train_step(self, batches) -> tuple[float, float, bool]:
+        """One optimizer step over a global batch: (mean loss over the global batch, data wait s, whether the
+        update was applied: DeepSpeed skips it when the gradients are not finite)."""
         waited = 0.0
 
         def next_micro() -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,18 +168,24 @@ class Trainer:
 
         if self.built.pipelined:
             loss = self.engine.train_batch(data_iter=_Repeat(next_micro))
-            return float(loss), waited
+            return float(loss), waited, self.engine.was_step_applied()
         accum = self.engine.gradient_accumulation_steps()
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for micro in range(accum):
             inputs, labels = next_micro()
             loss = self.engine(inputs, labels)
+            if micro == 0 and self.inject_nonfinite and self._data_batch(accum) in self.inject_nonfinite:
+                loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
         total /= accum
         dist.all_reduce(total, group=parallel.dp_group())
-        return float(total) / parallel.dp_size(), waited
+        return float(total) / parallel.dp_size(), waited, self.engine.was_step_applied()
+
+    def _data_batch(self, accum: int) -> int:
+        """The 1-based number of the global batch being consumed, as the data loader counts them."""
+        return (self.loader.state_dict()["step"] - 1) // accum + 1
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -184,44 +212,74 @@ class Trainer:
         return float(mean) / parallel.dp_size()
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> int:
-        """Train to train.steps; returns the process exit code (EXIT_SAVED_ON_SIGNAL after a signal)."""
+    def fit(self) -> int | str:
+        """Train to train.steps. Returns the process exit code (EXIT_SAVED_ON_SIGNAL after a signal), or
+        _ROLLBACK after train.max_nonfinite_in_row skipped steps in a row."""
         cfg = self.cfg
         metrics = MetricsLogger(cfg, self.run_dir, cfg.train.steps, self.step, enabled=self.rank == 0)
         batches = iter(self.loader)
         window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
         loss = float("nan")
-        code = 0
+        outcome: int | str = 0
+        nonfinite_in_row = 0
         while self.step < cfg.train.steps:
             self._arm_watchdog()
-            loss, waited = self.train_step(batches)
+            loss, waited, applied = self.train_step(batches)
             self.step += 1
             self.tokens_seen += self.tokens_per_step
             window_tokens += self.tokens_per_step
             window_wait += waited
+            nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
+            if not applied:
+                self.counters["skipped_steps"] += 1
+                self.log_rank0(f"step {self.step}: loss {loss} or its gradients are not finite: update skipped "
+                               f"({nonfinite_in_row} in a row, {self.counters['skipped_steps']} in all)")
             if self.step % cfg.logging.every_steps == 0 or self.step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
                 values = self._step_metrics(loss, elapsed, window_tokens, window_wait)
-                values["checkpoint_stall_s"] = self.checkpointer.last_stall_s
                 metrics.log(self.step, values)
                 window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
+            if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                outcome = _ROLLBACK
+                break
             if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps):
                 eval_loss = self.evaluate()
                 if eval_loss is not None:
                     metrics.log(self.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
-            every = cfg.checkpoint.every_steps
-            if self._stop_requested():
+            stop, writers_done = self._poll()
+            if writers_done:
+                self.checkpointer.settle()
+            if stop:
                 self.log_rank0(f"signal {self.stop_signal or 'on another rank'}: saving step {self.step} and exiting")
                 self.save(loss)
-                code = EXIT_SAVED_ON_SIGNAL
+                outcome = EXIT_SAVED_ON_SIGNAL
                 break
+            every = cfg.checkpoint.every_steps
             if (every and self.step % every == 0) or self.step == cfg.train.steps:
                 self.save(loss)
         faulthandler.cancel_dump_traceback_later()
-        self.checkpointer.wait()
+        self.checkpointer.settle()
         dist.barrier()
         metrics.close()
-        return code
+        return outcome
+
+    def rolled_back(self) -> Trainer:
+        """A trainer restarted from the newest checkpoint, its data going on past the batches that diverged."""
+        if self.counters["rollbacks"] >= self.cfg.train.max_rollbacks:
+            raise TrainingError(
+                f"{self.cfg.train.max_nonfinite_in_row} steps in a row had a non-finite loss or gradients again after "
+                f"{self.counters['rollbacks']} rollbacks: lower optim.lr, raise optim.warmup_steps or check the "
+                "data, then resume"
+            )
+        position, counters = self.loader.state_dict(), {**self.counters, "rollbacks": self.counters["rollbacks"] + 1}
+        if self.checkpointer.store.newest_valid(hash_files=False) is None:
+            raise TrainingError(
+                f"{self.cfg.train.max_nonfinite_in_row} steps in a row had a non-finite loss or gradients before "
+                "the first checkpoint, so there is nothing to roll back to: lower optim.lr or check the data"
+            )
+        self.log_rank0(f"rolling back to the newest checkpoint (rollback {counters['rollbacks']}); the data goes on "
+                       "after the batches that diverged")
+        return Trainer(self.cfg, self.run_dir, None, self.stop_signals, data_position=position, counters=counters)
 
     def _arm_watchdog(self) -> None:
         """If no step completes in train.watchdog_s (a hung collective), dump every thread's stack and exit."""
@@ -234,13 +292,17 @@ class Trainer:
         values = {
             "loss": loss,
             "lr": self.engine.get_lr()[0],
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "tokens": self.tokens_seen,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_gpu": tokens_per_s / self.world,
             "step_time_s": elapsed / steps,
             "data_wait_s": waited / steps,
+            "checkpoint_stall_s": self.checkpointer.last_stall_s,
+            **self.counters,
         }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:  # DeepSpeed does not keep it without ZeRO
+            values["grad_norm"] = float(grad_norm)
         if self.peak_flops is not None:
             values["mfu"] = tokens_per_s / self.world * self.flops_per_token / self.peak_flops
             values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -272,17 +334,26 @@ def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     try:
-        return Trainer(cfg, run_dir, resume_from, stop_signals).fit()
+        trainer = Trainer(cfg, run_dir, resume_from, stop_signals)
+        while (outcome := trainer.fit()) == _ROLLBACK:
+            trainer = trainer.rolled_back()
+        return outcome
     finally:
         parallel.destroy()
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_pipeline.errors import DataError
+
     parser = argparse.ArgumentParser(description="one training rank (started by `pretrain train`)")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume-from", type=Path)
     args = parser.parse_args(argv)
-    return run(load_config(args.run_dir / "config.yaml"), args.run_dir, args.resume_from)
+    try:
+        return run(load_config(args.run_dir / "config.yaml"), args.run_dir, args.resume_from)
+    except (CheckpointError, ConfigError, DataError, TrainingError) as e:
+        print(f"[pretrain] rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

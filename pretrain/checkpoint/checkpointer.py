@@ -1,21 +1,32 @@
 """Saving and restoring a training run: the trainer's one entry point into checkpointing.
 
-A save snapshots this rank's state into host memory (the only part the training loop waits for: the stall)
-and writes it to `.tmp-step_N/`; rank 0 finalizes (manifest last, rename, `latest`). With `async_save` the
-writing and finalizing run in a background thread while training continues; the next save, or the end of the
-run, waits for it first.
+A save snapshots this rank's state into host memory (the only part the training loop waits for: the stall) and
+writes it into `.tmp-step_N/`. Then the ranks *settle* it together: they agree whether every rank wrote its part,
+rank 0 finalizes (manifest last, rename, `latest`), or, if any rank failed (a full disk, say), the partial directory
+is removed and every rank raises the same CheckpointError, so the previous checkpoint stays the newest. With
+`async_save` the writing runs in a background thread while training continues, and the trainer settles once its
+per-step poll shows every rank's writer finished (or at the next save, a stop, or the end of the run).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint.state import snapshot_rank_state, write_rank_state
-from pretrain.checkpoint.store import CheckpointStore, mark_rank_done
+from pretrain.checkpoint.store import CheckpointError, CheckpointStore, mark_rank_done
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    meta: dict
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
 
 
 class Checkpointer:
@@ -27,51 +38,73 @@ class Checkpointer:
         self.async_save = async_save
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self._pending: _PendingSave | None = None
         self.last_stall_s = 0.0
 
     def save(self, step: int, trainer_state: dict) -> None:
-        self.wait()
+        self.settle()
         start = time.perf_counter()
+        pending = _PendingSave(step, {"tokens": trainer_state.get("tokens"), "loss": trainer_state.get("loss")})
         if self.rank == 0:
-            self.store.prepare(step)
-        # Nobody writes before rank 0 has made a fresh temporary directory.
-        dist.barrier()
+            try:
+                self.store.prepare(step)
+            except (OSError, CheckpointError) as e:
+                pending.error = e
+        # Nobody writes before rank 0 has made a fresh temporary directory, and everybody learns if it could not.
+        if self._any_rank(pending.error is not None):
+            self._fail(pending, "preparing")
         snapshot = snapshot_rank_state(self.engine, self.canonical, trainer_state, self.config)
-        self.last_stall_s = time.perf_counter() - start
-        meta = {"tokens": trainer_state.get("tokens"), "loss": trainer_state.get("loss")}
+        self._pending = pending
         if self.async_save:
-            self._thread = threading.Thread(target=self._write, args=(step, snapshot, meta), daemon=False)
-            self._thread.start()
-        else:
-            self._write(step, snapshot, meta)
-            self._raise_pending()
             self.last_stall_s = time.perf_counter() - start
-            # The checkpoint is complete for every rank before anyone moves on (or exits).
-            dist.barrier()
+            self._pending.thread = threading.Thread(target=self._write, args=(self._pending, snapshot))
+            self._pending.thread.start()
+        else:
+            self._write(self._pending, snapshot)
+            self.settle()
+            self.last_stall_s = time.perf_counter() - start
 
-    def _write(self, step: int, snapshot: dict, meta: dict) -> None:
+    def _write(self, pending: _PendingSave, snapshot: dict) -> None:
         try:
-            tmp = self.store.tmp_dir(step)
+            tmp = self.store.tmp_dir(pending.step)
             mark_rank_done(tmp, self.rank, write_rank_state(tmp, self.rank, snapshot))
-            if self.rank == 0:
-                self.store.finalize(step, self.world, meta)
-        except BaseException as e:  # surfaced in the training thread by wait()
-            self._error = e
+        except BaseException as e:  # reported to every rank by settle()
+            pending.error = e
 
-    def _raise_pending(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+    def writing(self) -> bool:
+        """This rank's background writer is still running (the trainer's per-step poll reduces it over ranks)."""
+        return self._pending is not None and self._pending.thread is not None and self._pending.thread.is_alive()
 
-    def wait(self) -> None:
-        """Block until a background save has finished (its errors are raised here)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self._raise_pending()
+    def settle(self) -> None:
+        """Collective: finish the pending save on every rank; finalize it or remove it and raise CheckpointError."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.thread is not None:
+            pending.thread.join()
+        if self._any_rank(pending.error is not None):
+            self._fail(pending, "writing")
+        if self.rank == 0:
+            try:
+                self.store.finalize(pending.step, self.world, pending.meta)
+            except (OSError, CheckpointError) as e:
+                pending.error = e
+        if self._any_rank(pending.error is not None):
+            self._fail(pending, "finalizing")
 
-    def latest_dir(self) -> Path | None:
-        found = self.store.newest_valid()
-        return found.path if found else None
+    def _any_rank(self, flag: bool) -> bool:
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def _fail(self, pending: _PendingSave, stage: str) -> None:
+        if self.rank == 0:
+            self.store.abandon(pending.step)
+        newest = self.store.complete_steps()
+        cause = f"{pending.error}" if pending.error is not None else "failed on another rank"
+        raise CheckpointError(
+            f"{stage} checkpoint step {pending.step} under {self.store.root} failed ({cause}): free disk space or "
+            f"point train.run_dir at a writable file system, then resume; the newest complete checkpoint is "
+            + (f"step {newest[-1]}, untouched" if newest else "none")
+        )

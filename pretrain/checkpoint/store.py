@@ -1,9 +1,11 @@
 """Atomic, verified checkpoint directories.
 
-A checkpoint is written into `.tmp-step_N/` by every rank, each rank dropping a `.done-rank{r}` marker when its
-files are fsynced. Rank 0 then hashes every file, writes `manifest.json` (sizes and sha256) last, renames the
-directory to `step_N/`, fsyncs the parent and only then points `latest` at it. A directory without a valid
-manifest is never loaded; retention deletes only complete checkpoints older than the newest.
+A checkpoint is written into `.tmp-step_N/` by every rank; each rank fsyncs its files, hashes them and drops a
+`.done-rank{r}` marker listing them (size and sha256), so the hashing is spread over the ranks. Once every rank
+has reported success, rank 0 merges the markers into `manifest.json` (written last), renames the directory to
+`step_N/`, fsyncs the parent and only then points `latest` at it. A directory without a valid manifest is never
+loaded; a failed save is removed whole; retention deletes only complete checkpoints older than the newest, each
+first renamed away so that a half-deleted one never looks complete.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import json
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+_DONE_PREFIX = ".done-rank"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -62,12 +64,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def mark_rank_done(tmp_dir: Path, rank: int, files: list[Path]) -> None:
-    """Called by each rank after writing `files`: fsync them, then leave a marker for rank 0."""
+    """Called by each rank after writing `files`: fsync and hash them, then leave the marker rank 0 merges."""
+    listing = {}
     for path in files:
         fsync_file(path)
-    marker = tmp_dir / f".done-rank{rank:05d}"
-    marker.write_text("")
-    fsync_file(marker)
+        listing[str(path.relative_to(tmp_dir))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    write_json_atomic(tmp_dir / f"{_DONE_PREFIX}{rank:05d}", listing)
 
 
 @dataclass(frozen=True)
@@ -109,43 +111,70 @@ class CheckpointStore:
     def tmp_dir(self, step: int) -> Path:
         return self.root / f".tmp-{step_dir_name(step)}"
 
+    def check_writable(self) -> None:
+        """Create the directory and a file in it, so a read-only or missing file system is reported before training
+        (permission bits alone do not stop root)."""
+        probe = self.root / ".write-probe"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(
+                f"checkpoint directory {self.root} is not writable ({e.strerror}): fix its permissions or mount, "
+                "or choose another --run-dir"
+            ) from None
+
     def prepare(self, step: int) -> Path:
         """Rank 0, before any rank writes: a fresh temporary directory (a leftover from a crash is removed)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.root, os.W_OK):
-            raise CheckpointError(f"checkpoint directory {self.root} is not writable: fix its permissions")
+        self.check_writable()
         tmp = self.tmp_dir(step)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         return tmp
 
-    def finalize(self, step: int, world_size: int, meta: dict, timeout_s: float = 3600.0) -> Path:
-        """Rank 0: wait for every rank's marker, write the manifest last, rename into place, update `latest`."""
+    def finalize(self, step: int, world_size: int, meta: dict) -> Path:
+        """Rank 0, once every rank has written: the manifest last, rename into place, update `latest`."""
         tmp = self.tmp_dir(step)
-        deadline = time.monotonic() + timeout_s
-        while len(list(tmp.glob(".done-rank*"))) < world_size:
-            if time.monotonic() > deadline:
-                raise CheckpointError(f"{tmp}: not every rank finished writing within {timeout_s:.0f} s")
-            time.sleep(0.05)
-        for marker in tmp.glob(".done-rank*"):
-            marker.unlink()
+        markers = sorted(tmp.glob(_DONE_PREFIX + "*"))
+        if len(markers) != world_size:
+            raise CheckpointError(f"{tmp}: {len(markers)} of {world_size} ranks reported their files written")
         files = {}
-        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            fsync_file(file)
-            files[str(file.relative_to(tmp))] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+        for marker in markers:
+            files.update(json.loads(marker.read_text()))
+            marker.unlink()
         for sub in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
             fsync_dir(sub)
         write_json_atomic(tmp / MANIFEST, {"step": step, "files": files, "meta": meta})
         final = self.root / step_dir_name(step)
         if final.exists():
             # Re-saving a step (after a rollback): the new directory is complete, so the old one may go.
-            shutil.rmtree(final)
+            self._delete(final)
         tmp.rename(final)
         fsync_dir(self.root)
         self._point_latest(final)
         self.apply_retention()
         return final
+
+    def abandon(self, step: int) -> None:
+        """Rank 0, after a failed save: remove what was written; earlier checkpoints are untouched."""
+        shutil.rmtree(self.tmp_dir(step), ignore_errors=True)
+
+    def remove_incomplete(self) -> list[str]:
+        """Rank 0, before training starts (no save can be in flight): clear what interrupted saves left."""
+        if not self.root.is_dir():
+            return []
+        leftovers = sorted(p for p in self.root.iterdir() if p.name.startswith((".tmp-", ".deleting-")))
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        return [p.name for p in leftovers]
+
+    def _delete(self, path: Path) -> None:
+        doomed = path.with_name(".deleting-" + path.name)
+        path.rename(doomed)
+        fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def _point_latest(self, final: Path) -> None:
         tmp = self.root / (LATEST + ".tmp")
@@ -181,4 +210,4 @@ class CheckpointStore:
             keep |= {s for s in steps if s % self.keep_every == 0}
         for step in steps:
             if step not in keep:
-                shutil.rmtree(self.root / step_dir_name(step), ignore_errors=True)
+                self._delete(self.root / step_dir_name(step))
