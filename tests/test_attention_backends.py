@@ -22,8 +22,8 @@ def reference_attention(q, k, v, window, doc_ids=None):
     group = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
-    query = torch.arange(q.shape[1])[:, None]
-    key = torch.arange(q.shape[1])[None, :]
+    query = torch.arange(q.shape[1], device=q.device)[:, None]
+    key = torch.arange(q.shape[1], device=q.device)[None, :]
     allowed = (key <= query) & (key > query - window if window is not None else True)
     allowed = allowed[None, None]
     if doc_ids is not None:
@@ -100,15 +100,30 @@ def test_sdpa_backward_matches_reference():
         assert torch.allclose(grad, reference, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU")
-def test_flex_backward_matches_sdpa_on_cuda():
-    q, k, v = (t.requires_grad_() for t in random_qkv(device="cuda"))
-    doc_ids = document_ids(packed_tokens().cuda(), eos_id=0)
-    grads = torch.autograd.grad(attention(q, k, v, WINDOW, "flex", doc_ids).square().sum(), (q, k, v))
-    expected = torch.autograd.grad(attention(q, k, v, WINDOW, "sdpa", doc_ids).square().sum(), (q, k, v))
-    for grad, reference in zip(grads, expected, strict=True):
-        # Compiled flex runs float32 dots as TF32 (about 3e-4 relative); a wrong mask is off by order 1.
-        assert (grad - reference).norm() / reference.norm() < 2e-3
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_documents", [False, True])
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_cuda_kernels_match_the_reference(backend, with_documents, dtype):
+    """The compiled FlexAttention kernel and the chunked flash kernel at a training-like shape (compiled flex needs
+    head dim >= 16; 1000 is not a multiple of the window), forward and backward, against the explicit mask."""
+    seq_len, window, generator = 1000, 256, torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, seq_len, heads, 128, device="cuda", dtype=dtype, generator=generator).requires_grad_()
+               for heads in (8, 2, 2))
+    tokens = torch.randint(1, 50, (2, seq_len), device="cuda", generator=generator)
+    tokens[0, [100, 600]] = 0
+    tokens[1, [0, 300, seq_len - 1]] = 0
+    doc_ids = document_ids(tokens, eos_id=0) if with_documents else None
+    out = attention(q, k, v, window, backend, doc_ids)
+    expected = reference_attention(*(t.float() for t in (q, k, v)), window, doc_ids)
+    # float32: TF32 dots (about 3e-4 relative); bf16: about 3e-3. A wrong mask or a NaN is off by order 1.
+    bound = 2e-3 if dtype == torch.float32 else 2e-2
+    assert ((out.float() - expected).norm() / expected.norm()).item() < bound
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for grad, reference in zip(grads, expected_grads, strict=True):
+        assert ((grad.float() - reference).norm() / reference.norm()).item() < bound
 
 
 def test_auto_backend_on_cpu_is_sdpa():
