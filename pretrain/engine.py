@@ -137,6 +137,12 @@ def build_engine(cfg: Config, eos_id: int | None,
         before_wrap(named)
     if torch.cuda.is_available():
         model.cuda()
+    if cfg.train.compile:
+        # Every decoder layer has the same shapes, so one compiled graph serves them all; the embedding, head and
+        # loss stay eager (the loss's collectives would only split the graph).
+        for module in model.modules():
+            if isinstance(module, DecoderLayer):
+                module.compile()
     optimizer = build_optimizer(model, cfg.optim, cfg.parallel.zero_stage)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine, _, _, _ = deepspeed.initialize(
