@@ -82,6 +82,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         store = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
         ckpt = self._choose_checkpoint(store, resume_from)
+        load_start = time.perf_counter()
         reader = ShardReader(ckpt, cfg.model) if ckpt else None
         state = read_trainer_state(ckpt) if ckpt else {}
         if ckpt:
@@ -104,7 +105,8 @@ class Trainer:
             load_optimizer_state(reader, self.engine, self.built.canonical_names, state)
             load_rng_state(ckpt, same_layout=state["layout"]["world"] == self.world
                            and state["layout"]["tp"] == cfg.parallel.tp and state["layout"]["pp"] == cfg.parallel.pp)
-            self.log_rank0(f"resumed from {ckpt} at step {self.step}")
+            load_s = time.perf_counter() - load_start
+            self.log_rank0(f"resumed from {ckpt} at step {self.step}, loaded in {load_s:.1f} s")
         if data_position is not None or reader:
             self.loader.load_state_dict(data_position or state["loader"])
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
@@ -298,6 +300,7 @@ class Trainer:
             "step_time_s": elapsed / steps,
             "data_wait_s": waited / steps,
             "checkpoint_stall_s": self.checkpointer.last_stall_s,
+            "checkpoint_write_s": self.checkpointer.last_write_s,
             **self.counters,
         }
         grad_norm = self.engine.get_global_grad_norm()

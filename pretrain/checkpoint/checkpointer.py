@@ -10,6 +10,7 @@ per-step poll shows every rank's writer finished (or at the next save, a stop, o
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class _PendingSave:
     meta: dict
     thread: threading.Thread | None = None
     error: BaseException | None = None
+    write_s: float = 0.0
 
 
 class Checkpointer:
@@ -40,7 +42,8 @@ class Checkpointer:
         self.world = dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self._pending: _PendingSave | None = None
-        self.last_stall_s = 0.0
+        self.last_stall_s = 0.0  # how long the training loop waited for the last save
+        self.last_write_s = 0.0  # how long the slowest rank took to write it (in the background when async)
 
     def save(self, step: int, trainer_state: dict) -> None:
         self.settle()
@@ -66,11 +69,13 @@ class Checkpointer:
             self.last_stall_s = time.perf_counter() - start
 
     def _write(self, pending: _PendingSave, snapshot: dict) -> None:
+        start = time.perf_counter()
         try:
             tmp = self.store.tmp_dir(pending.step)
             mark_rank_done(tmp, self.rank, write_rank_state(tmp, self.rank, snapshot))
         except BaseException as e:  # reported to every rank by settle()
             pending.error = e
+        pending.write_s = time.perf_counter() - start
 
     def writing(self) -> bool:
         """This rank's background writer is still running (the trainer's per-step poll reduces it over ranks)."""
@@ -83,20 +88,28 @@ class Checkpointer:
             return
         if pending.thread is not None:
             pending.thread.join()
-        if self._any_rank(pending.error is not None):
+        failed, self.last_write_s = self._max_over_ranks(float(pending.error is not None), pending.write_s)
+        if failed:
             self._fail(pending, "writing")
         if self.rank == 0:
             try:
-                self.store.finalize(pending.step, self.world, pending.meta)
+                final = self.store.finalize(pending.step, self.world, pending.meta)
+                size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+                print(f"[pretrain] checkpoint step {pending.step}: {size / 1e9:.2f} GB written in "
+                      f"{self.last_write_s:.1f} s ({size / 1e9 / max(self.last_write_s, 1e-9):.2f} GB/s)",
+                      file=sys.stderr, flush=True)
             except (OSError, CheckpointError) as e:
                 pending.error = e
         if self._any_rank(pending.error is not None):
             self._fail(pending, "finalizing")
 
+    def _max_over_ranks(self, *values: float) -> list[float]:
+        reduced = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return reduced.tolist()
+
     def _any_rank(self, flag: bool) -> bool:
-        value = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return bool(self._max_over_ranks(float(flag))[0])
 
     def _fail(self, pending: _PendingSave, stage: str) -> None:
         if self.rank == 0:
