@@ -1,0 +1,118 @@
+"""The checkpoint store on its own: atomic finalize, verification, retention, leftovers, unwritable directories."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint.store import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointStore,
+    mark_rank_done,
+    step_dir_name,
+    verify,
+)
+
+
+def save(store: CheckpointStore, step: int, world: int = 2, payload: bytes = b"weights") -> Path:
+    """What the ranks do for one checkpoint: write their files, report them, then rank 0 finalizes."""
+    tmp = store.prepare(step)
+    for rank in range(world):
+        path = tmp / "model" / f"rank{rank}.bin"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(payload + bytes([rank, step % 256]))
+        mark_rank_done(tmp, rank, [path])
+    return store.finalize(step, world, {"loss": 1.0 / step})
+
+
+def test_finalize_writes_manifest_last_and_points_latest(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=3, keep_every=0)
+    final = save(store, 10)
+    assert final.name == step_dir_name(10)
+    manifest = json.loads((final / MANIFEST).read_text())
+    assert sorted(manifest["files"]) == ["model/rank0.bin", "model/rank1.bin"]
+    assert not list(final.glob(".done-rank*"))
+    assert (tmp_path / "latest").read_text().strip() == final.name
+    assert verify(final).meta == {"loss": 0.1}
+
+
+def test_finalize_refuses_when_a_rank_did_not_report(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=3, keep_every=0)
+    tmp = store.prepare(5)
+    (tmp / "a").write_bytes(b"x")
+    mark_rank_done(tmp, 0, [tmp / "a"])
+    with pytest.raises(CheckpointError, match="1 of 2 ranks"):
+        store.finalize(5, 2, {})
+    assert store.complete_steps() == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
+def test_verify_names_the_damage_and_newest_valid_skips_it(tmp_path, damage):
+    store = CheckpointStore(tmp_path, keep_last=5, keep_every=0)
+    save(store, 1)
+    broken = save(store, 2)
+    target = broken / "model" / "rank1.bin"
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[0] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-1])
+    elif damage == "delete":
+        target.unlink()
+    else:
+        (broken / MANIFEST).write_text("{not json")
+    expected = {"flip": "sha256", "truncate": "bytes", "delete": "missing", "manifest": "unreadable"}[damage]
+    with pytest.raises(CheckpointError, match=expected):
+        verify(broken)
+    assert store.newest_valid().step == 1
+
+
+def test_a_directory_without_manifest_is_not_a_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=5, keep_every=0)
+    save(store, 1)
+    partial = tmp_path / step_dir_name(2)
+    shutil.copytree(tmp_path / step_dir_name(1), partial)
+    (partial / MANIFEST).unlink()
+    assert store.complete_steps() == [1]
+    with pytest.raises(CheckpointError, match="incomplete"):
+        verify(partial)
+
+
+def test_retention_keeps_last_k_and_every_m_and_renames_before_deleting(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=2, keep_every=4)
+    for step in range(1, 10):
+        save(store, step)
+    assert store.complete_steps() == [4, 8, 9]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", *(step_dir_name(s) for s in (4, 8, 9))]
+
+
+def test_leftovers_of_interrupted_saves_are_removed_at_start(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=2, keep_every=0)
+    save(store, 1)
+    store.prepare(2)  # a save that died before finalizing
+    (tmp_path / (".deleting-" + step_dir_name(0))).mkdir()  # a retention that died mid-delete
+    assert sorted(store.remove_incomplete()) == [".deleting-step_00000000", ".tmp-step_00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", step_dir_name(1)]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A real read-only file system (a tmpfs mounted ro): permission bits alone do not stop root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_unwritable_directory_is_reported(read_only_dir):
+    store = CheckpointStore(read_only_dir / "checkpoints", keep_last=2, keep_every=0)
+    with pytest.raises(CheckpointError, match="not writable.*Read-only file system"):
+        store.check_writable()

@@ -1,0 +1,222 @@
+"""Faults a long run meets, each with real processes: SIGKILL at random moments (also during saves), non-finite
+steps and rollback, a full disk during a save, an unwritable or corrupt checkpoint, an incompatible config, and a
+hung collective caught by the watchdog."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pretrain.checkpoint.store import CheckpointStore, step_dir_name, verify
+from pretrain.trainer import INJECT_NONFINITE_ENV
+from tests.runs import ROOT, error_line, losses, metrics, run_train, train, train_command
+
+STEPS = 12
+# One optimizer step per batch and a checkpoint every step: saves are a large part of each run's life.
+FAST = [f"train.steps={STEPS}", "parallel.micro_batch=8", "checkpoint.every_steps=1", "checkpoint.keep_last=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    return train(tmp_path_factory.mktemp("whole"), tiny_data, FAST)
+
+
+def newest_valid_step(run_dir: Path) -> int | None:
+    found = CheckpointStore(run_dir / "checkpoints", 2, 0).newest_valid()
+    return found.step if found else None
+
+
+def resumed_step(log: str) -> int | None:
+    for line in log.splitlines():
+        if "resumed from" in line:
+            return int(line.split(" at step ", 1)[1].split(",")[0])
+    return None
+
+
+KILLS = 30
+
+
+def test_sigkill_at_random_moments_resumes_from_the_newest_complete_checkpoint(uninterrupted, tiny_data, tmp_path):
+    """Runs are killed with SIGKILL (half of the kills the moment a save is seen in progress) until KILLS kills
+    have happened; every restart must resume from the newest checkpoint that verifies, and every run must end with
+    the uninterrupted run's losses, to the last bit."""
+    rng = random.Random(20261123)
+    kills = kills_during_save = restarts = runs = 0
+    started = time.monotonic()
+    while kills < KILLS:
+        runs += 1
+        run_dir = tmp_path / f"run{runs}"
+        while True:
+            expected = newest_valid_step(run_dir) if run_dir.exists() else None
+            log_path = tmp_path / f"run{runs}-{restarts}.log"
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen(train_command(run_dir, tiny_data, FAST), cwd=ROOT, stdout=log, stderr=log,
+                                        start_new_session=True)
+                during_save = _kill_at_random_moment(proc, run_dir, rng) if kills < KILLS else False
+                code = proc.wait(timeout=600)
+            text = log_path.read_text()
+            assert resumed_step(text) == expected, f"resumed {resumed_step(text)}, newest valid was {expected}"
+            restarts += 1
+            if code == 0:
+                break
+            assert code == -signal.SIGKILL, text[-3000:]
+            kills += 1
+            kills_during_save += during_save
+        assert losses(run_dir) == uninterrupted
+    with_print = (f"\n[kill test] {kills} SIGKILLs ({kills_during_save} during a save) over {runs} runs, "
+                  f"{restarts} starts, {time.monotonic() - started:.0f} s: every restart resumed from the newest "
+                  "complete checkpoint and every run ended with the uninterrupted losses")
+    print(with_print)
+    assert kills_during_save >= KILLS // 4
+
+
+def _kill_at_random_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Random) -> bool:
+    """SIGKILL the whole process group once training is under way: either the moment a save is seen in progress or
+    after a random delay. Returns whether a save was in progress. Does nothing if the run finishes first."""
+    checkpoints = run_dir / "checkpoints"
+    metrics_file = run_dir / "metrics.jsonl"
+    lines_before = len(metrics_file.read_text().splitlines()) if metrics_file.exists() else 0
+    while proc.poll() is None and (not metrics_file.exists()
+                                   or len(metrics_file.read_text().splitlines()) <= lines_before):
+        time.sleep(0.01)
+    target_save = rng.random() < 0.5
+    deadline = time.monotonic() + rng.uniform(0.0, 3.0)
+    while proc.poll() is None:
+        saving = checkpoints.is_dir() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
+        if (target_save and saving) or (not target_save and time.monotonic() >= deadline):
+            os.killpg(proc.pid, signal.SIGKILL)
+            return saving
+        time.sleep(0.002)
+    return False
+
+
+def test_nonfinite_steps_are_skipped_then_rolled_back_past_the_bad_data(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, INJECT_NONFINITE_ENV: "7,8,9"}
+    overrides = FAST + ["checkpoint.every_steps=5", "train.max_nonfinite_in_row=3"]
+    result = subprocess.run(train_command(run_dir, tiny_data, overrides), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 7: loss nan or its gradients are not finite: update skipped (1 in a row" in result.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / step_dir_name(5)} at step 5," in result.stderr
+    records = [r for r in metrics(run_dir) if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [*range(1, 10), *range(6, STEPS + 1)]
+    final = records[-1]
+    assert (final["skipped_steps"], final["rollbacks"]) == (3, 1)
+    assert all(r["loss"] == r["loss"] for r in records[9:])  # finite after the rollback
+
+
+def test_divergence_that_persists_stops_with_a_clear_error(tiny_data, tmp_path):
+    env = {**os.environ, INJECT_NONFINITE_ENV: ",".join(str(n) for n in range(4, 40))}
+    overrides = FAST + ["checkpoint.every_steps=2", "train.max_nonfinite_in_row=2", "train.max_rollbacks=1"]
+    result = subprocess.run(train_command(tmp_path / "run", tiny_data, overrides), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "after 1 rollbacks: lower optim.lr" in error_line(result)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 90 MB file system: one tiny-model checkpoint (about 58 MB) fits, a second one does not."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=90m", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(uninterrupted, small_disk, tiny_data, tmp_path):
+    run_dir = small_disk / "run"
+    result = run_train(run_dir, tiny_data, FAST + ["checkpoint.every_steps=4"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = error_line(result)
+    assert "checkpoint step 8" in message and "No space left on device" in message
+    assert "newest complete checkpoint is step 4, untouched" in message
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", step_dir_name(4)]
+    assert verify(checkpoints / step_dir_name(4)).step == 4
+    # On a disk with room, the same run resumes from that checkpoint and ends as if nothing had happened.
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    assert train(moved, tiny_data, FAST + ["checkpoint.every_steps=4"]) == uninterrupted
+
+
+def test_unwritable_run_directory_is_refused_before_training(tiny_data, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount_point)], check=True)
+    try:
+        result = run_train(mount_point / "run", tiny_data, FAST)
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+    assert result.returncode == 2
+    assert "is not writable (Read-only file system)" in error_line(result)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    train(run_dir, tiny_data, ["train.steps=4", "parallel.micro_batch=8", "checkpoint.every_steps=2"])
+    return run_dir
+
+
+def test_corrupt_newest_checkpoint_is_skipped_and_refused_by_name(finished_run, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    shard = run_dir / "checkpoints" / step_dir_name(4) / "model" / "tp00-pp00.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    overrides = ["train.steps=4", "parallel.micro_batch=8", "checkpoint.every_steps=2"]
+    result = run_train(run_dir, tiny_data, overrides, args=["--resume-from", str(shard.parents[1])])
+    assert result.returncode == 2
+    assert "does not match its sha256 in the manifest" in error_line(result)
+    result = run_train(run_dir, tiny_data, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert resumed_step(result.stderr) == 2
+
+
+def test_checkpoint_of_another_model_is_refused(finished_run, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    result = run_train(run_dir, tiny_data, ["train.steps=6", "parallel.micro_batch=8", "model.hidden_dim=512"])
+    assert result.returncode == 2
+    assert "was saved with model.hidden_dim=688, this config has 512" in error_line(result)
+
+
+def test_watchdog_ends_a_run_whose_collective_hangs(tiny_data, tmp_path):
+    """Stop rank 1 (SIGSTOP): rank 0 waits in its next collective until the watchdog dumps its stacks and exits."""
+    run_dir = tmp_path / "run"
+    command = train_command(run_dir, tiny_data, ["train.steps=1000", "parallel.micro_batch=4",
+                                                 "checkpoint.every_steps=0", "train.watchdog_s=5"], nproc=2)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics_file = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        rank1 = next(p for p in psutil.Process(proc.pid).children()
+                     if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        code = proc.wait(timeout=120)
+        waited = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read()
+    assert code != 0
+    assert "Timeout (0:00:05)!" in stderr and "most recent call first" in stderr
+    assert waited < 60
