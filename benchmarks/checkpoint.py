@@ -1,0 +1,96 @@
+"""Checkpoint save and load times of a Mistral 7B-shaped model in the real trainer, beside the disk's write speed.
+
+    python benchmarks/checkpoint.py                 # 1 GPU: 7B width, 6 layers (19 GB of weights and Adam state)
+    python benchmarks/checkpoint.py --smoke         # a tiny float32 run on CPU, to check the script works
+
+Measured in one run: the disk's sequential write speed (dd of zeros, fdatasync at the end); an asynchronous save
+(the training stall, i.e. the copy to host memory, and the background write with fsync and hashing); a
+synchronous save; and the load when a run resumes (verification by sha256, reading, resharding into the engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import write_random_shards  # noqa: E402
+
+
+def disk_write_gbps(work: Path, gigabytes: int) -> float:
+    target = work / "dd.bin"
+    result = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=64M", f"count={gigabytes * 16}",
+                             "conv=fdatasync"], capture_output=True, text=True, check=True)
+    target.unlink()
+    # dd's last line: "N bytes (...) copied, S s, R GB/s"
+    match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", result.stderr)
+    return int(match.group(1)) / float(match.group(2)) / 1e9
+
+
+def train(args, run_dir: Path, data: Path, steps: int, async_save: bool) -> str:
+    overrides = [
+        f"model.n_layers={args.layers}", f"data.train=[{{path: {data}}}]", "data.eval=null", "data.tokenizer=null",
+        f"data.seq_len={args.seq_len}", f"model.max_seq_len={args.seq_len}", f"model.sliding_window={args.seq_len}",
+        "parallel.micro_batch=1", "train.global_batch=1", f"train.steps={steps}", "train.eval_every=0",
+        "checkpoint.every_steps=4", "checkpoint.keep_last=1", f"checkpoint.async_save={str(async_save).lower()}",
+        "logging.every_steps=1", "logging.tensorboard=false", "train.compile=false",
+    ]
+    if args.smoke:
+        overrides += ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
+                      "model.hidden_dim=128", "model.vocab_size=256", "train.dtype=float32", "data.num_workers=0"]
+    command = [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "mistral-7b.yaml"), *overrides,
+               "--run-dir", str(run_dir)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"training failed ({result.returncode}):\n" + "\n".join(result.stderr.splitlines()[-20:]))
+    return result.stderr
+
+
+def saves(log: str) -> list[tuple[float, float]]:
+    """(GB, seconds) of every save the log reports."""
+    return [(float(gb), float(s)) for gb, s in re.findall(r"checkpoint step \d+: ([\d.]+) GB written in ([\d.]+) s",
+                                                          log)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--dd-gb", type=int, default=8, help="size of the dd write test")
+    parser.add_argument("--work-dir", type=Path, help="on the disk to measure (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.layers, args.seq_len, args.dd_gb = 2, 64, 1
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+        work = Path(tmp)
+        disk = disk_write_gbps(work, args.dd_gb)
+        data = work / "data"
+        write_random_shards(data, 16, args.seq_len, 256 if args.smoke else 32000)
+        async_log = train(args, work / "async", data, 8, async_save=True)
+        records = [json.loads(line) for line in (work / "async" / "metrics.jsonl").read_text().splitlines()]
+        # A save happens after steps 4 and 8; the stall is logged with the step after it (the last at the end).
+        stall = max(r["checkpoint_stall_s"] for r in records if r["step"] == 5)
+        step_s = sorted(r["step_time_s"] for r in records if r["step"] in (2, 3, 4))[1]
+        resumed = train(args, work / "async", data, 9, async_save=True)
+        load_s = float(re.search(r"loaded in ([\d.]+) s", resumed).group(1))
+        sync_log = train(args, work / "sync", data, 4, async_save=False)
+    gb, async_write_s = saves(async_log)[0]
+    _, sync_write_s = saves(sync_log)[0]
+    print(f"disk: dd sequential write {disk:.2f} GB/s; checkpoint {gb:.2f} GB "
+          f"({args.layers} layers: fp32 weights + Adam moments); training step {step_s:.3f} s")
+    print(f"{'what':<38} {'seconds':>8} {'GB/s':>7} {'vs dd':>6}")
+    for what, seconds in (("async save: training stall", stall), ("async save: background write", async_write_s),
+                          ("sync save: write (all of it stalls)", sync_write_s), ("load on resume", load_s)):
+        print(f"{what:<38} {seconds:>8.2f} {gb / seconds:>7.2f} {gb / seconds / disk:>6.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Training throughput of a Mistral 7B-shaped model in the real trainer: tokens/s/GPU and MFU.
+
+    python benchmarks/train_step.py                          # 1 GPU: 7B width, 8 layers, seq 8192, window 4096
+    python benchmarks/train_step.py --seq-lens 4096 8192 16384 32768 --windows 4096 none
+    python benchmarks/train_step.py --nproc 2 --layers 8 -- parallel.zero_stage=3
+    python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
+
+Each configuration is `pretrain train` on configs/mistral-7b.yaml with fewer layers (the whole 7B does not fit
+one GPU with its optimizer state), random tokens in real shards, bf16, no checkpoints or evaluation, run to
+--steps; the first --warmup steps (compilation, allocator warm-up) are left out of the averages. MFU counts the
+model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window attention) against the datasheet's
+989 TFLOP/s and against the bf16 matmul rate measured on the same GPU in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_pipeline.prepare import MANIFEST_VERSION, ShardWriter, token_dtype, write_manifest  # noqa: E402
+from pretrain.plan import H100_BF16_PEAK_TFLOPS, flops_per_token  # noqa: E402
+
+
+def measured_matmul_tflops(size: int = 8192) -> float:
+    import torch
+    from triton.testing import do_bench
+
+    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return 2 * size**3 / ms / 1e9
+
+
+def write_random_shards(out: Path, samples: int, seq_len: int, vocab_size: int, seed: int = 0) -> None:
+    """Shards in `pretrain data prepare`'s format holding uniformly random tokens (throughput does not depend on
+    which tokens they are)."""
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(vocab_size)
+    writer = ShardWriter(out, 256_000_000, dtype, seq_len + 1)
+    rng = np.random.default_rng(seed)
+    for _ in range(samples):
+        writer.add(rng.integers(0, vocab_size, seq_len + 1, dtype=np.int64))
+    writer.close()
+    write_manifest(out, {
+        "version": MANIFEST_VERSION, "seq_len": seq_len, "sample_tokens": seq_len + 1, "dtype": dtype.name,
+        "vocab_size": vocab_size, "tokenizer_sha256": None, "samples": samples, "shards": writer.shards,
+    })
+
+
+def run_config(args, seq_len: int, window: int | None, work: Path) -> dict:
+    """One `pretrain train` run; returns its averaged metrics after the warm-up steps."""
+    name = f"seq{seq_len}-w{window or 'full'}"
+    data = work / f"data-{seq_len}"
+    global_batch = args.micro_batch * args.accum * (args.nproc // args.tp)
+    if not (data / "manifest.json").exists():
+        write_random_shards(data, global_batch * args.steps, seq_len, args.vocab)
+    overrides = [
+        f"model.n_layers={args.layers}", f"model.vocab_size={args.vocab}", f"model.max_seq_len={seq_len}",
+        f"model.sliding_window={'null' if window is None else min(window, seq_len)}",
+        f"data.train=[{{path: {data}}}]", "data.eval=null", "data.tokenizer=null", f"data.seq_len={seq_len}",
+        f"parallel.tp={args.tp}", f"parallel.micro_batch={args.micro_batch}",
+        f"parallel.activation_checkpointing={args.checkpointing}", f"train.global_batch={global_batch}",
+        f"train.steps={args.steps}", "train.eval_every=0", f"train.compile={str(not args.no_compile).lower()}",
+        "checkpoint.every_steps=0", "logging.every_steps=1", "logging.tensorboard=false", "optim.warmup_steps=1",
+    ]
+    if args.smoke:
+        overrides += ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
+                      "model.hidden_dim=128", "train.dtype=float32", "data.num_workers=0"]
+    run_dir = work / name
+    command = [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "mistral-7b.yaml"),
+               *overrides, *args.overrides, "--nproc", str(args.nproc), "--run-dir", str(run_dir)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.splitlines()[-15:])
+        return {"name": name, "error": f"exit {result.returncode}: {tail}"}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
+    mean = {key: float(np.mean([r[key] for r in timed])) for key in ("tokens_per_s_per_gpu", "step_time_s")}
+    mean["memory_gib"] = max(r["memory_gib"] for r in timed)
+    mean["loss"] = timed[-1]["loss"]
+    from pretrain.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    mean["flops_per_token"] = flops_per_token(cfg.model, seq_len)["total"]
+    return {"name": name, "seq_len": seq_len, "window": window, **mean}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny float32 model on CPU, to check the script")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192])
+    parser.add_argument("--windows", nargs="+", default=["4096"], help="window sizes; 'none' for full causal")
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step per replica")
+    parser.add_argument("--checkpointing", default="selective", choices=["none", "selective", "full"])
+    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--work-dir", type=Path, help="where shards and runs go (default: a temporary directory)")
+    parser.add_argument("overrides", nargs="*", help="extra dotted config overrides after --")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.layers, args.vocab, args.seq_lens, args.windows = 2, 256, [128], ["64"]
+        args.accum, args.steps, args.warmup, args.no_compile = 2, 4, 1, True
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not args.smoke:
+        parser.error("the benchmark needs CUDA GPUs; use --smoke on CPU")
+    matmul = measured_matmul_tflops() if on_gpu else None
+    device = torch.cuda.get_device_name() if on_gpu else "CPU"
+    print(f"device {device} x {args.nproc}; bf16 matmul 8192^3 measured: "
+          + (f"{matmul:.1f} TFLOP/s" if matmul else "n/a")
+          + f"; datasheet peak {H100_BF16_PEAK_TFLOPS:g} TFLOP/s")
+    print(f"model: Mistral 7B width, {args.layers} layers, vocab {args.vocab}; tp={args.tp}, "
+          f"micro-batch {args.micro_batch} x {args.accum} accumulation per replica, {args.checkpointing} "
+          f"activation checkpointing, compile={'off' if args.no_compile else 'on'} {' '.join(args.overrides)}")
+    header = (f"{'seq':>6} {'window':>6} {'tokens/s/GPU':>13} {'step s':>8} {'GFLOP/token':>11} "
+              f"{'MFU(989)':>9} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        for seq_len in args.seq_lens:
+            for window_text in args.windows:
+                window = None if window_text == "none" else int(window_text)
+                row = run_config(args, seq_len, window, work)
+                if "error" in row:
+                    print(f"{seq_len:>6} {window_text:>6}  FAILED {row['error']}")
+                    continue
+                achieved = row["tokens_per_s_per_gpu"] * row["flops_per_token"] / 1e12
+                mfu_sheet = achieved / H100_BF16_PEAK_TFLOPS
+                mfu_measured = f"{achieved / matmul:>10.1%}" if matmul else f"{'n/a':>10}"
+                print(f"{seq_len:>6} {window_text:>6} {row['tokens_per_s_per_gpu']:>13,.0f} "
+                      f"{row['step_time_s']:>8.3f} {row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet:>9.1%} "
+                      f"{mfu_measured} {row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
