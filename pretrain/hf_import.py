@@ -23,7 +23,7 @@ from pretrain.checkpoint.state import (
     write_rank_state,
 )
 from pretrain.checkpoint.store import CheckpointStore, mark_rank_done
-from pretrain.config import Config, ConfigError, apply_override, load_config, save_resolved, validate
+from pretrain.config import Config, ConfigError, DataConfig, apply_override, load_config, save_resolved, validate
 from pretrain.export import atomic_directory, check_tokenizer_fits, tokenizer_model_path
 from pretrain.model.mistral import shard_parameter
 from pretrain.weights import TOKENIZER_MODEL, Weights, model_fields_from_hf, read_hf_config, read_hf_dir
@@ -35,8 +35,11 @@ def import_config(fields: dict, run_dir: Path, base_config: Path | None, overrid
     overrides may change only keys that do not change the weights."""
     data = load_config(base_config).model_dump(mode="json") if base_config else {}
     data.setdefault("model", {}).update(fields)
+    # The base's sequence length, capped at the imported model's context (the built-in default is 2048).
+    data_section = data.setdefault("data", {})
+    data_section["seq_len"] = min(data_section.get("seq_len", DataConfig().seq_len), fields["max_seq_len"])
     if has_tokenizer:
-        data.setdefault("data", {})["tokenizer"] = str(run_dir / "tokenizer")
+        data_section["tokenizer"] = str(run_dir / "tokenizer")
     data.setdefault("train", {})["run_dir"] = str(run_dir)
     for item in overrides:
         apply_override(data, item)
