@@ -103,11 +103,12 @@ class Trainer:
         self.counters = {"skipped_steps": 0, "rollbacks": 0, **state.get("counters", {}), **(counters or {})}
         if reader:
             load_optimizer_state(reader, self.engine, self.built.canonical_names, state)
-            load_rng_state(ckpt, same_layout=state["layout"]["world"] == self.world
-                           and state["layout"]["tp"] == cfg.parallel.tp and state["layout"]["pp"] == cfg.parallel.pp)
+            if "loader" in state:  # a checkpoint made by `pretrain import` holds weights only: rng and data start fresh
+                load_rng_state(ckpt, same_layout=state["layout"]["world"] == self.world and
+                               state["layout"]["tp"] == cfg.parallel.tp and state["layout"]["pp"] == cfg.parallel.pp)
             load_s = time.perf_counter() - load_start
             self.log_rank0(f"resumed from {ckpt} at step {self.step}, loaded in {load_s:.1f} s")
-        if data_position is not None or reader:
+        if data_position is not None or "loader" in state:
             self.loader.load_state_dict(data_position or state["loader"])
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]

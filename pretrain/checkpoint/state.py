@@ -167,14 +167,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 # Model keys that change only how the same function is computed; anything else makes weights incompatible.
-_LAYOUT_ONLY_MODEL_KEYS = {"attention_backend", "max_seq_len", "sliding_window", "document_masking"}
+LAYOUT_ONLY_MODEL_KEYS = {"attention_backend", "max_seq_len", "sliding_window", "document_masking"}
 
 
 def check_compatible(saved_config: dict, cfg: Config, ckpt: Path) -> None:
     saved = saved_config.get("model", {})
     current = cfg.model.model_dump(mode="json")
     for key in sorted(current):
-        if key not in _LAYOUT_ONLY_MODEL_KEYS and saved.get(key) != current[key]:
+        if key not in LAYOUT_ONLY_MODEL_KEYS and saved.get(key) != current[key]:
             raise CheckpointError(
                 f"checkpoint {ckpt} was saved with model.{key}={saved.get(key)!r}, this config has "
                 f"{current[key]!r}: use the checkpoint's config or start a new run directory"
@@ -265,6 +265,8 @@ def load_optimizer_state(reader: ShardReader, engine, canonical: dict[torch.nn.P
         for key in ADAM_MOMENTS:
             if reader.has(f"{key}/{name}"):
                 safe_set_full_optimizer_state(param, reader.shard(f"{key}/{name}").to(param.device), key)
+    if "scheduler" not in trainer_state:  # a checkpoint made by `pretrain import` starts the schedule fresh
+        return
     scheduler = engine.lr_scheduler
     scheduler.load_state_dict(trainer_state["scheduler"])
     # load_state_dict restores the schedule's position but not the rate the optimizer uses for its next step.

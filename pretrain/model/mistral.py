@@ -13,6 +13,9 @@ sharded over the vocabulary and the loss is megatron's vocab-parallel cross entr
 
 `Embedding`, `DecoderLayer` and `OutputHead` are separate modules so a pipeline engine can place
 them on stages. Weights are initialised from a seed independently of the tensor-parallel size.
+
+Inference: `forward(tokens, cache=RollingKVCache)` runs a chunk that continues where the cache stopped (rotary
+positions offset, attention over the cached keys); training never passes a cache and computes as before.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from pretrain import parallel
 from pretrain.config import ModelConfig
 from pretrain.model.attention import attention, document_ids
+from pretrain.model.kv_cache import LayerCache, RollingKVCache
 
 ActivationCheckpointing = Literal["none", "selective", "full"]
 IGNORE_INDEX = -100
@@ -130,7 +134,7 @@ class Attention(nn.Module):
             skip_bias_add=True,
         )
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         head_dim = self.cfg.head_dim
         qkv, _ = self.qkv_proj(x)
@@ -141,8 +145,12 @@ class Attention(nn.Module):
         q = q.view(batch, seq_len, self.local_heads, head_dim)
         k = k.view(batch, seq_len, self.local_kv_heads, head_dim)
         v = v.view(batch, seq_len, self.local_kv_heads, head_dim)
-        cos, sin = rotary_cos_sin(seq_len, head_dim, self.cfg.rope_theta, x.device)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        start = 0 if cache is None else cache.start
+        cos, sin = rotary_cos_sin(start + seq_len, head_dim, self.cfg.rope_theta, x.device)
+        q, k = apply_rotary(q, cos[start:], sin[start:]), apply_rotary(k, cos[start:], sin[start:])
+        if cache is not None:
+            out, _ = self.out_proj(cache.attend(q, k, v).flatten(2))
+            return out
         core_args = (q, k, v, self.cfg.sliding_window, self.cfg.attention_backend, doc_ids)
         if self.recompute_core and torch.is_grad_enabled():
             # Selective recomputation: the attention core's activations are large and cheap to redo.
@@ -208,13 +216,14 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, layer_config)
         self.mlp = SwiGLU(cfg, layer_config)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         if self.recompute_layer and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, doc_ids, use_reentrant=False)
-        return self._forward(x, doc_ids)
+            return checkpoint(self._forward, x, doc_ids, cache, use_reentrant=False)
+        return self._forward(x, doc_ids, cache)
 
-    def _forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), doc_ids)
+    def _forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: LayerCache | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), doc_ids, cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -251,7 +260,9 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 class Mistral(nn.Module):
-    """forward(tokens [B, S], labels [B, S] | None) -> logits shard [B, S, vocab / tp], or the mean loss."""
+    """forward(tokens [B, S], labels [B, S] | None) -> logits shard [B, S, vocab / tp], or the mean loss.
+
+    With `cache`, tokens are the next chunk of a sequence whose earlier positions the cache holds (inference)."""
 
     def __init__(
         self,
@@ -288,11 +299,15 @@ class Mistral(nn.Module):
     def document_ids(self, tokens: torch.Tensor) -> torch.Tensor | None:
         return document_ids(tokens, self.eos_id) if self.cfg.document_masking else None
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        doc_ids = self.document_ids(tokens)
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: RollingKVCache | None = None) -> torch.Tensor:
+        # Decoding continues one document, so the cache path has no document masking.
+        doc_ids = self.document_ids(tokens) if cache is None else None
         h = self.embedding(tokens)
-        for layer in self.layers:
-            h = layer(h, doc_ids)
+        for index, layer in enumerate(self.layers):
+            h = layer(h, doc_ids, None if cache is None else cache.layer(index))
+        if cache is not None:
+            cache.advance(tokens.shape[1])
         logits = self.head(h)
         return logits if labels is None else vocab_parallel_loss(logits, labels)
 
