@@ -71,6 +71,7 @@ def run_config(args, seq_len: int, window: int | None, work: Path) -> dict:
         f"parallel.activation_checkpointing={args.checkpointing}", f"train.global_batch={global_batch}",
         f"train.steps={args.steps}", "train.eval_every=0", f"train.compile={str(not args.no_compile).lower()}",
         "checkpoint.every_steps=0", "logging.every_steps=1", "logging.tensorboard=false", "optim.warmup_steps=1",
+        f"logging.profile_step={args.warmup + 1 if args.profile else 0}",
     ]
     if args.smoke:
         overrides += ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
@@ -91,7 +92,9 @@ def run_config(args, seq_len: int, window: int | None, work: Path) -> dict:
 
     cfg = load_config(run_dir / "config.yaml")
     mean["flops_per_token"] = flops_per_token(cfg.model, seq_len)["total"]
-    return {"name": name, "seq_len": seq_len, "window": window, **mean}
+    profile = run_dir / "profile" / "top.txt"
+    return {"name": name, "seq_len": seq_len, "window": window, **mean,
+            "profile": profile.read_text() if profile.exists() else None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of 3 steps after the warm-up")
     parser.add_argument("--work-dir", type=Path, help="where shards and runs go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides after --")
     args = parser.parse_args(argv)
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'MFU(989)':>9} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
     print(header)
     print("-" * len(header))
+    profiles = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         for seq_len in args.seq_lens:
@@ -148,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{seq_len:>6} {window_text:>6} {row['tokens_per_s_per_gpu']:>13,.0f} "
                       f"{row['step_time_s']:>8.3f} {row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet:>9.1%} "
                       f"{mfu_measured} {row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
+                profiles.append((row["name"], row["profile"]))
+    for name, table in profiles:
+        if table:
+            print(f"\nprofile of {name}: {table}")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ class LoggingConfig(_Section):
     every_steps: int = Field(10, gt=0)
     tensorboard: bool = True
     wandb_project: str | None = None
+    # Profile steps profile_step .. profile_step + 2 (0: off): a trace and the top kernels in RUN_DIR/profile/.
+    profile_step: int = Field(0, ge=0)
 
 
 class SlurmConfig(_Section):

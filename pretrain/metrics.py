@@ -122,3 +122,41 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(out)
+
+
+class StepProfiler:
+    """torch.profiler over three steps from `first_step`, on rank 0: a Chrome trace and a table of the operators
+    and kernels that took the most device time (CPU time without a GPU), in RUN_DIR/profile/."""
+
+    STEPS = 3
+
+    def __init__(self, first_step: int, run_dir: Path, enabled: bool):
+        self.first_step = first_step if enabled else 0
+        self.out = run_dir / "profile"
+        self._profile = None
+
+    def before_step(self, step: int) -> None:
+        """`step` is the number the coming step will have (1-based)."""
+        if self.first_step and step == self.first_step:
+            import torch
+
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profile = torch.profiler.profile(activities=activities)
+            self._profile.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self._profile is None or step < self.first_step + self.STEPS - 1:
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._profile.__exit__(None, None, None)
+        self.out.mkdir(exist_ok=True)
+        self._profile.export_chrome_trace(str(self.out / f"trace-steps-{self.first_step}-{step}.json"))
+        sort = "device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = self._profile.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+        (self.out / "top.txt").write_text(f"steps {self.first_step}-{step}, sorted by {sort}\n{table}\n")
+        self._profile = None

@@ -32,7 +32,7 @@ from pretrain.checkpoint.state import (
 from pretrain.checkpoint.store import CheckpointError, CheckpointStore, verify
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import Built, build_engine
-from pretrain.metrics import MetricsLogger
+from pretrain.metrics import MetricsLogger, StepProfiler
 from pretrain.plan import H100_BF16_PEAK_TFLOPS, flops_per_token
 
 
@@ -225,10 +225,13 @@ class Trainer:
         loss = float("nan")
         outcome: int | str = 0
         nonfinite_in_row = 0
+        profiler = StepProfiler(cfg.logging.profile_step, self.run_dir, enabled=self.rank == 0)
         while self.step < cfg.train.steps:
             self._arm_watchdog()
+            profiler.before_step(self.step + 1)
             loss, waited, applied = self.train_step(batches)
             self.step += 1
+            profiler.after_step(self.step)
             self.tokens_seen += self.tokens_per_step
             window_tokens += self.tokens_per_step
             window_wait += waited
