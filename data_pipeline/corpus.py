@@ -50,6 +50,9 @@ def write_builtin_corpus(out_dir: str | os.PathLike, max_mb: float | None = None
             handles[split].write(json.dumps({"text": text, "path": rel}, ensure_ascii=False) + "\n")
             counts[split]["documents"] += 1
             counts[split]["bytes"] += size
+        for handle in handles.values():
+            handle.flush()
+            os.fsync(handle.fileno())
     finally:
         for handle in handles.values():
             handle.close()

@@ -46,11 +46,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import MANIFEST, MANIFEST_VERSION
+from data_pipeline.prepare import _TAR_BLOCK, MANIFEST, MANIFEST_VERSION, MEMBER_SUFFIX
 
 STATE_VERSION = 1
-_TAR_BLOCK = 512
-_MEMBER_SUFFIX = b".tokens.bin"
 
 
 def shard_url(source: str, name: str) -> str:
@@ -91,7 +89,8 @@ def read_manifest(source: str) -> dict:
     return manifest
 
 
-def check_compatible(manifest: dict, vocab_size: int | None, tokenizer_sha: str | None, source: str = "dataset") -> None:
+def check_compatible(manifest: dict, vocab_size: int | None, tokenizer_sha: str | None,
+                     source: str = "dataset") -> None:
     """Refuse data tokenized for another vocabulary or tokenizer: its ids would silently mean other tokens."""
     if vocab_size is not None and manifest["vocab_size"] != vocab_size:
         raise DataError(
@@ -120,11 +119,12 @@ def decode_shard(data: bytes, where: str, samples: int, sample_tokens: int, dtyp
     sums = headers.sum(axis=1, dtype=np.int64) - headers[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
     digits = headers[:, 148:154].astype(np.int64) - ord("0")
     stored = digits @ (8 ** np.arange(5, -1, -1))
-    name_length = 10 + len(_MEMBER_SUFFIX)
+    suffix = np.frombuffer(MEMBER_SUFFIX.encode(), np.uint8)
+    name_length = 10 + len(suffix)
     valid = (
         (digits >= 0).all() and (digits < 8).all() and (stored == sums).all()
         and (headers[:, 124:136] == headers[0, 124:136]).all()
-        and (headers[:, 10:name_length] == np.frombuffer(_MEMBER_SUFFIX, np.uint8)).all()
+        and (headers[:, 10:name_length] == suffix).all()
         and not headers[:, name_length:100].any()
     )
     if not valid:
@@ -142,6 +142,11 @@ class _Source:
     path: str
     weight: float
     manifest: dict
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the data, not where it lies: a resumed run may read a copy at another path."""
+        return hashlib.sha256(json.dumps(self.manifest["shards"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -189,8 +194,10 @@ class _SourceStream:
         key = (self.epoch, self.window)
         if self._loaded_key != key:
             self._loaded = None  # free the previous window before reading the next
-            arrays = [a for a in (self._load_shard(int(i)) for i in self._epoch_windows()[self.window]) if a is not None]
-            samples = np.concatenate(arrays) if arrays else np.zeros((0, self.options.sample_tokens), self.options.dtype)
+            loaded = (self._load_shard(int(i)) for i in self._epoch_windows()[self.window])
+            arrays = [a for a in loaded if a is not None]
+            empty = np.zeros((0, self.options.sample_tokens), self.options.dtype)
+            samples = np.concatenate(arrays) if arrays else empty
             self._loaded = samples[self._rng(self.epoch, self.window, 1).permutation(len(samples))]
             self._loaded_key = key
         return self._loaded
@@ -208,7 +215,8 @@ class _SourceStream:
             data = _read_url(url)
             if len(data) != shard["bytes"]:
                 raise DataError(f"shard {url} has {len(data)} bytes, its manifest says {shard['bytes']} "
-                                "(truncated or replaced): re-copy or re-prepare it, or set data.skip_corrupt_shards=true")
+                                "(truncated or replaced): re-copy or re-prepare it, "
+                                "or set data.skip_corrupt_shards=true to skip it")
             if self.options.verify_checksums and url not in self._verified:
                 digest = hashlib.sha256(data).hexdigest()
                 if digest != shard["sha256"]:
@@ -216,26 +224,31 @@ class _SourceStream:
                                     f"{shard['sha256'][:12]}...): re-copy or re-prepare it, "
                                     "or set data.skip_corrupt_shards=true to skip it")
                 self._verified.add(url)
-            return decode_shard(data, url, shard["samples"], self.options.sample_tokens, np.dtype(self.options.dtype))
+            dtype = np.dtype(self.options.dtype).newbyteorder("<")  # prepare writes little-endian
+            return decode_shard(data, url, shard["samples"], self.options.sample_tokens, dtype)
         except DataError:
             if not self.options.skip_corrupt_shards:
                 raise
             self.skipped.add(url)
             return None
 
-    def _advance(self, count: int, keep: bool) -> list[np.ndarray]:
+    def _advance(self, count: int, keep: range) -> list[np.ndarray]:
+        """Move `count` samples on; return those whose index among the `count` lies in `keep`."""
         pieces = []
-        while count > 0:
+        done = 0
+        while done < count:
             length = self._window_length()
             available = length - self.offset
             if available <= 0:
                 self._next_window(empty=length == 0)
                 continue
-            taken = min(available, count)
-            if keep:
-                pieces.append(self._window_samples()[self.offset:self.offset + taken])
+            taken = min(available, count - done)
+            low, high = max(keep.start, done), min(keep.stop, done + taken)
+            if low < high:
+                start = self.offset + low - done
+                pieces.append(self._window_samples()[start:start + high - low])
             self.offset += taken
-            count -= taken
+            done += taken
         return pieces
 
     def _next_window(self, empty: bool) -> None:
@@ -248,11 +261,12 @@ class _SourceStream:
             self.window = 0
             self.epoch += 1
 
-    def take(self, count: int) -> np.ndarray:
-        return np.concatenate(self._advance(count, keep=True))
+    def take(self, count: int, keep: range) -> np.ndarray:
+        """Samples `keep` of the next `count`: a rank's slice of a global batch, without copying the rest."""
+        return np.concatenate(self._advance(count, keep))
 
     def skip(self, count: int) -> None:
-        self._advance(count, keep=False)
+        self._advance(count, range(0))
 
 
 def choose_source(seed: int, step: int, cumulative_weights: np.ndarray) -> int:
@@ -262,14 +276,22 @@ def choose_source(seed: int, step: int, cumulative_weights: np.ndarray) -> int:
 
 
 class _StepBatches(IterableDataset):
-    """Yields (batch, loader state after that step, skipped shards) for this worker's share of the steps."""
+    """Yields (batch, loader state after that step, skipped shards, None) for this worker's share of the steps,
+    or (None, None, None, message) of a DataError: DataLoader would re-raise it with a worker traceback in the
+    message, and the user should see one line."""
 
     def __init__(self, sources: list[_Source], options: _Options, state: dict,
                  dp_rank: int, dp_size: int, micro_batch: int) -> None:
         self.sources, self.options, self.state = sources, options, state
         self.dp_rank, self.dp_size, self.micro_batch = dp_rank, dp_size, micro_batch
 
-    def __iter__(self) -> Iterator[tuple[dict, dict, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[dict | None, dict | None, list[str] | None, str | None]]:
+        try:
+            yield from self._steps()
+        except DataError as e:
+            yield None, None, None, str(e)
+
+    def _steps(self) -> Iterator[tuple[dict, dict, list[str], None]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skipped: set[str] = set()
@@ -277,15 +299,15 @@ class _StepBatches(IterableDataset):
                    for i, (s, p) in enumerate(zip(self.sources, self.state["sources"], strict=True))]
         cumulative = np.cumsum([s.weight for s in self.sources])
         global_batch = self.dp_size * self.micro_batch
-        first = self.dp_rank * self.micro_batch
+        rank_slice = range(self.dp_rank * self.micro_batch, (self.dp_rank + 1) * self.micro_batch)
         step = self.state["step"]
         local = 0
         while True:
             stream = streams[choose_source(self.options.seed, step, cumulative) if len(streams) > 1 else 0]
             if local % workers == worker:
-                samples = stream.take(global_batch)[first:first + self.micro_batch]
+                samples = stream.take(global_batch, rank_slice)
                 state = {"version": STATE_VERSION, "step": step + 1, "sources": [s.position() for s in streams]}
-                yield {"tokens": torch.from_numpy(samples.astype(np.int64))}, state, sorted(skipped)
+                yield {"tokens": torch.from_numpy(samples.astype(np.int64))}, state, sorted(skipped), None
             else:
                 stream.skip(global_batch)
             step += 1
@@ -346,27 +368,33 @@ class TokenLoader:
         dataset = _StepBatches(self.sources, self.options, copy.deepcopy(self._state),
                                self.dp_rank, self.dp_size, self.micro_batch)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None)
-        for batch, state, skipped in loader:
+                            prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available())
+        for batch, state, skipped, error in loader:
+            if error is not None:
+                raise DataError(error)
             self._state = state
             self._skipped.update(skipped)
             yield batch
 
     def state_dict(self) -> dict:
-        return {**copy.deepcopy(self._state), "seed": self.options.seed,
-                "source_paths": [s.path for s in self.sources], "window_shards": self.options.window_shards}
+        return {**copy.deepcopy(self._state), "seed": self.options.seed, "window_shards": self.options.window_shards,
+                "source_paths": [s.path for s in self.sources],
+                "source_fingerprints": [s.fingerprint for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}: "
                             "it was saved by another version of the data pipeline")
+        # Positions count samples in each source's shuffled order: they mean the same only for the same data,
+        # seed and window size (the paths may differ: a copy of the data at another place is the same data).
         paths = [s.path for s in self.sources]
-        if state["source_paths"] != paths or state["seed"] != self.options.seed \
-                or state["window_shards"] != self.options.window_shards:
+        if state["source_fingerprints"] != [s.fingerprint for s in self.sources] \
+                or state["seed"] != self.options.seed or state["window_shards"] != self.options.window_shards:
             raise DataError(
-                f"loader state was saved for sources {state['source_paths']} with seed {state['seed']} and "
-                f"window_shards {state['window_shards']}, this loader has {paths}, {self.options.seed}, "
-                f"{self.options.window_shards}: resume with the same data config"
+                f"loader state was saved for the data in {state['source_paths']} with seed {state['seed']} and "
+                f"window_shards {state['window_shards']}, this loader reads other data or settings ({paths}, "
+                f"seed {self.options.seed}, window_shards {self.options.window_shards}): resume with the same "
+                "prepared data and data config, or start a new run"
             )
         self._state = {"version": STATE_VERSION, "step": int(state["step"]),
                        "sources": [dict(p) for p in state["sources"]]}
