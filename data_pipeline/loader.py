@@ -137,6 +137,24 @@ def decode_shard(data: bytes, where: str, samples: int, sample_tokens: int, dtyp
     return raw[:, _TAR_BLOCK:_TAR_BLOCK + sample_bytes].copy().view(dtype).reshape(samples, sample_tokens)
 
 
+def read_shard(source: str, shard: dict, sample_tokens: int, dtype: str, verify_checksum: bool = True) -> np.ndarray:
+    """[samples, sample_tokens] tokens of a shard listed in `source`'s manifest: size, sha256 and tar layout checked."""
+    url = shard_url(source, shard["name"])
+    data = _read_url(url)
+    if len(data) != shard["bytes"]:
+        raise DataError(f"shard {url} has {len(data)} bytes, its manifest says {shard['bytes']} "
+                        "(truncated or replaced): re-copy or re-prepare it, "
+                        "or set data.skip_corrupt_shards=true to skip it")
+    if verify_checksum:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard["sha256"]:
+            raise DataError(f"shard {url} fails its sha256 check ({digest[:12]}... != manifest "
+                            f"{shard['sha256'][:12]}...): re-copy or re-prepare it, "
+                            "or set data.skip_corrupt_shards=true to skip it")
+    # prepare writes little-endian whatever the machine
+    return decode_shard(data, url, shard["samples"], sample_tokens, np.dtype(dtype).newbyteorder("<"))
+
+
 @dataclass(frozen=True)
 class _Source:
     path: str
@@ -212,20 +230,11 @@ class _SourceStream:
         shard = self.shards[i]
         url = shard_url(self.source.path, shard["name"])
         try:
-            data = _read_url(url)
-            if len(data) != shard["bytes"]:
-                raise DataError(f"shard {url} has {len(data)} bytes, its manifest says {shard['bytes']} "
-                                "(truncated or replaced): re-copy or re-prepare it, "
-                                "or set data.skip_corrupt_shards=true to skip it")
-            if self.options.verify_checksums and url not in self._verified:
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != shard["sha256"]:
-                    raise DataError(f"shard {url} fails its sha256 check ({digest[:12]}... != manifest "
-                                    f"{shard['sha256'][:12]}...): re-copy or re-prepare it, "
-                                    "or set data.skip_corrupt_shards=true to skip it")
-                self._verified.add(url)
-            dtype = np.dtype(self.options.dtype).newbyteorder("<")  # prepare writes little-endian
-            return decode_shard(data, url, shard["samples"], self.options.sample_tokens, dtype)
+            # Checked on first open; a window read again in a later epoch was checked then.
+            check = self.options.verify_checksums and url not in self._verified
+            samples = read_shard(self.source.path, shard, self.options.sample_tokens, self.options.dtype, check)
+            self._verified.add(url)
+            return samples
         except DataError:
             if not self.options.skip_corrupt_shards:
                 raise

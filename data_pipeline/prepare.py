@@ -379,6 +379,8 @@ def prepare(
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
         "tokenizer_sha256": tok.sha256,
+        # Where it was, for `pretrain data inspect` to decode samples; the sha256 above is what identifies it.
+        "tokenizer_path": os.path.abspath(tok.path) if tok.path else None,
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
         "keep_documents": keep_documents,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch import slurm, status_commands, train_commands
+from data_pipeline.errors import DataError
+from launch import data_commands, slurm, status_commands, train_commands
 from launch.errors import UserError
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import ConfigError, default_world_size, load_config, resolve_world
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command group registers its own subparsers; add a module's `register` here to add commands.
-    for register in (_register_plan, train_commands.register, slurm.register, status_commands.register):
+    for register in (_register_plan, train_commands.register, slurm.register, status_commands.register,
+                     data_commands.register):
         register(sub)
     return parser
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, CheckpointError, UserError) as e:
+    except (ConfigError, CheckpointError, UserError, DataError) as e:
         print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2
 
