@@ -8,7 +8,7 @@ together (from seed, source, epoch, window). Concatenating the epochs gives each
 stream, and a position in it is (epoch, window, offset) - three integers.
 
 *One global cursor, every rank reads the same stream.* Global step t takes the next dp_size * micro_batch
-samples of the source chosen for step t; rank r keeps slice [r*micro_batch, (r+1)*micro_batch). Because
+samples of the source chosen for step t; rank r takes slice [r*micro_batch, (r+1)*micro_batch). Because
 the cursor counts samples consumed by all ranks, the state is identical on every rank, and restoring it under
 another dp_size still hands each remaining sample of the epoch to exactly one rank.
 
@@ -18,7 +18,8 @@ from an RNG seeded by (seed, t), so the mixture's "rng position" is the step cou
 *Workers produce whole steps.* With W DataLoader workers, worker w builds the batches of steps i with
 i % W == w (counted from the restore point) and only advances its cursors over the others; DataLoader returns
 worker outputs round-robin, i.e. in step order. Each batch travels with the loader state after its step,
-so `state_dict()` is exact whatever W was, and W may change between save and restore.
+so `state_dict()` is exact whatever W was, and W may change between save and restore. The state names each
+source by a fingerprint of its shard list: resuming on other data is refused, the same data moved is accepted.
 
 *Reading.* Shards are opened by URL with webdataset's `gopen` (local paths, `pipe:` commands, http(s) and
 object stores through their command-line clients; a `{name}` in a source path is replaced by the shard name,
@@ -48,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import _TAR_BLOCK, MANIFEST, MANIFEST_VERSION, MEMBER_SUFFIX
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: sources named by fingerprint, not path
 
 
 def shard_url(source: str, name: str) -> str:

@@ -146,3 +146,10 @@ def test_shuffle_depends_on_seed_and_epoch_only(data):
     # Shuffled, not merely rotated: the first epoch is not in file order.
     in_file_order = [key(s) for s in tar_samples(Path(data["a"]))]
     assert epochs[0] != in_file_order
+
+
+def test_reads_shards_through_a_url_template(data):
+    """A `{name}` source is opened with webdataset's gopen: here a `pipe:` command, as for object stores."""
+    local = take(TokenLoader([(data["a"], 1.0)], micro_batch=4), 200)
+    piped = take(TokenLoader([(f"pipe:cat {data['a']}/{{name}}", 1.0)], micro_batch=4), 200)
+    assert all(np.array_equal(a, b) for a, b in zip(local, piped, strict=True))
