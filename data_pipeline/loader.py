@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import _TAR_BLOCK, MANIFEST, MANIFEST_VERSION, MEMBER_SUFFIX
+from data_pipeline.prepare import MANIFEST, MANIFEST_VERSION, MEMBER_SUFFIX, TAR_BLOCK
 
 STATE_VERSION = 2  # 2: sources named by fingerprint, not path
 
@@ -108,13 +108,13 @@ def check_compatible(manifest: dict, vocab_size: int | None, tokenizer_sha: str 
 def decode_shard(data: bytes, where: str, samples: int, sample_tokens: int, dtype: np.dtype) -> np.ndarray:
     """[samples, sample_tokens] tokens of a shard written by `prepare`, its whole tar layout validated at once."""
     sample_bytes = sample_tokens * dtype.itemsize
-    stride = _TAR_BLOCK + -(-sample_bytes // _TAR_BLOCK) * _TAR_BLOCK
-    needed = samples * stride + 2 * _TAR_BLOCK
+    stride = TAR_BLOCK + -(-sample_bytes // TAR_BLOCK) * TAR_BLOCK
+    needed = samples * stride + 2 * TAR_BLOCK
     if len(data) < needed:
         raise DataError(f"shard {where} is truncated ({len(data)} bytes, at least {needed} expected): "
                         "re-copy or re-prepare it, or set data.skip_corrupt_shards=true to skip it")
     raw = np.frombuffer(data, dtype=np.uint8, count=samples * stride).reshape(samples, stride)
-    headers = raw[:, :_TAR_BLOCK]
+    headers = raw[:, :TAR_BLOCK]
     # The ustar checksum: the header's byte sum with its own 8-byte checksum field counted as spaces; tarfile
     # stores it as six octal digits, NUL, space.
     sums = headers.sum(axis=1, dtype=np.int64) - headers[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
@@ -135,7 +135,7 @@ def decode_shard(data: bytes, where: str, samples: int, sample_tokens: int, dtyp
         raise DataError(f"shard {where} holds samples of another length than its manifest says: re-prepare it")
     if any(data[samples * stride: needed]):
         raise DataError(f"shard {where} has extra members or a damaged end: re-copy or re-prepare it")
-    return raw[:, _TAR_BLOCK:_TAR_BLOCK + sample_bytes].copy().view(dtype).reshape(samples, sample_tokens)
+    return raw[:, TAR_BLOCK:TAR_BLOCK + sample_bytes].copy().view(dtype).reshape(samples, sample_tokens)
 
 
 def read_shard(source: str, shard: dict, sample_tokens: int, dtype: str, verify_checksum: bool = True) -> np.ndarray:

@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 MEMBER_SUFFIX = ".tokens.bin"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-_TAR_BLOCK = 512
+TAR_BLOCK = 512
 # Documents per unit of parallel work: big enough to amortize pickling, small enough to keep workers busy.
 _CHUNK_BYTES = 1 << 20
 
@@ -198,7 +198,7 @@ class ShardWriter:
 
     def add(self, sample: np.ndarray) -> None:
         data = sample.astype(self.dtype, copy=False).tobytes()
-        member_size = _TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK
+        member_size = TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK
         if self._tar is not None and self._shard_size + member_size > self.shard_bytes:
             self._finish_shard()
         if self._tar is None:
