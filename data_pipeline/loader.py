@@ -8,7 +8,7 @@ together (from seed, source, epoch, window). Concatenating the epochs gives each
 stream, and a position in it is (epoch, window, offset) - three integers.
 
 *One global cursor, every rank reads the same stream.* Global step t takes the next dp_size * micro_batch
-samples of the source chosen for step t; rank r keeps slice [r*micro_batch, (r+1)*micro_batch). Because
+samples of the source chosen for step t; rank r takes slice [r*micro_batch, (r+1)*micro_batch). Because
 the cursor counts samples consumed by all ranks, the state is identical on every rank, and restoring it under
 another dp_size still hands each remaining sample of the epoch to exactly one rank.
 
@@ -18,7 +18,8 @@ from an RNG seeded by (seed, t), so the mixture's "rng position" is the step cou
 *Workers produce whole steps.* With W DataLoader workers, worker w builds the batches of steps i with
 i % W == w (counted from the restore point) and only advances its cursors over the others; DataLoader returns
 worker outputs round-robin, i.e. in step order. Each batch travels with the loader state after its step,
-so `state_dict()` is exact whatever W was, and W may change between save and restore.
+so `state_dict()` is exact whatever W was, and W may change between save and restore. The state names each
+source by a fingerprint of its shard list: resuming on other data is refused, the same data moved is accepted.
 
 *Reading.* Shards are opened by URL with webdataset's `gopen` (local paths, `pipe:` commands, http(s) and
 object stores through their command-line clients; a `{name}` in a source path is replaced by the shard name,
@@ -46,11 +47,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import MANIFEST, MANIFEST_VERSION
+from data_pipeline.prepare import MANIFEST, MANIFEST_VERSION, MEMBER_SUFFIX, TAR_BLOCK
 
-STATE_VERSION = 1
-_TAR_BLOCK = 512
-_MEMBER_SUFFIX = b".tokens.bin"
+STATE_VERSION = 2  # 2: sources named by fingerprint, not path
 
 
 def shard_url(source: str, name: str) -> str:
@@ -91,7 +90,8 @@ def read_manifest(source: str) -> dict:
     return manifest
 
 
-def check_compatible(manifest: dict, vocab_size: int | None, tokenizer_sha: str | None, source: str = "dataset") -> None:
+def check_compatible(manifest: dict, vocab_size: int | None, tokenizer_sha: str | None,
+                     source: str = "dataset") -> None:
     """Refuse data tokenized for another vocabulary or tokenizer: its ids would silently mean other tokens."""
     if vocab_size is not None and manifest["vocab_size"] != vocab_size:
         raise DataError(
@@ -108,23 +108,24 @@ def check_compatible(manifest: dict, vocab_size: int | None, tokenizer_sha: str 
 def decode_shard(data: bytes, where: str, samples: int, sample_tokens: int, dtype: np.dtype) -> np.ndarray:
     """[samples, sample_tokens] tokens of a shard written by `prepare`, its whole tar layout validated at once."""
     sample_bytes = sample_tokens * dtype.itemsize
-    stride = _TAR_BLOCK + -(-sample_bytes // _TAR_BLOCK) * _TAR_BLOCK
-    needed = samples * stride + 2 * _TAR_BLOCK
+    stride = TAR_BLOCK + -(-sample_bytes // TAR_BLOCK) * TAR_BLOCK
+    needed = samples * stride + 2 * TAR_BLOCK
     if len(data) < needed:
         raise DataError(f"shard {where} is truncated ({len(data)} bytes, at least {needed} expected): "
                         "re-copy or re-prepare it, or set data.skip_corrupt_shards=true to skip it")
     raw = np.frombuffer(data, dtype=np.uint8, count=samples * stride).reshape(samples, stride)
-    headers = raw[:, :_TAR_BLOCK]
+    headers = raw[:, :TAR_BLOCK]
     # The ustar checksum: the header's byte sum with its own 8-byte checksum field counted as spaces; tarfile
     # stores it as six octal digits, NUL, space.
     sums = headers.sum(axis=1, dtype=np.int64) - headers[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
     digits = headers[:, 148:154].astype(np.int64) - ord("0")
     stored = digits @ (8 ** np.arange(5, -1, -1))
-    name_length = 10 + len(_MEMBER_SUFFIX)
+    suffix = np.frombuffer(MEMBER_SUFFIX.encode(), np.uint8)
+    name_length = 10 + len(suffix)
     valid = (
         (digits >= 0).all() and (digits < 8).all() and (stored == sums).all()
         and (headers[:, 124:136] == headers[0, 124:136]).all()
-        and (headers[:, 10:name_length] == np.frombuffer(_MEMBER_SUFFIX, np.uint8)).all()
+        and (headers[:, 10:name_length] == suffix).all()
         and not headers[:, name_length:100].any()
     )
     if not valid:
@@ -134,7 +135,25 @@ def decode_shard(data: bytes, where: str, samples: int, sample_tokens: int, dtyp
         raise DataError(f"shard {where} holds samples of another length than its manifest says: re-prepare it")
     if any(data[samples * stride: needed]):
         raise DataError(f"shard {where} has extra members or a damaged end: re-copy or re-prepare it")
-    return raw[:, _TAR_BLOCK:_TAR_BLOCK + sample_bytes].copy().view(dtype).reshape(samples, sample_tokens)
+    return raw[:, TAR_BLOCK:TAR_BLOCK + sample_bytes].copy().view(dtype).reshape(samples, sample_tokens)
+
+
+def read_shard(source: str, shard: dict, sample_tokens: int, dtype: str, verify_checksum: bool = True) -> np.ndarray:
+    """[samples, sample_tokens] tokens of a shard listed in `source`'s manifest: size, sha256 and tar layout checked."""
+    url = shard_url(source, shard["name"])
+    data = _read_url(url)
+    if len(data) != shard["bytes"]:
+        raise DataError(f"shard {url} has {len(data)} bytes, its manifest says {shard['bytes']} "
+                        "(truncated or replaced): re-copy or re-prepare it, "
+                        "or set data.skip_corrupt_shards=true to skip it")
+    if verify_checksum:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard["sha256"]:
+            raise DataError(f"shard {url} fails its sha256 check ({digest[:12]}... != manifest "
+                            f"{shard['sha256'][:12]}...): re-copy or re-prepare it, "
+                            "or set data.skip_corrupt_shards=true to skip it")
+    # prepare writes little-endian whatever the machine
+    return decode_shard(data, url, shard["samples"], sample_tokens, np.dtype(dtype).newbyteorder("<"))
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,11 @@ class _Source:
     path: str
     weight: float
     manifest: dict
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the data, not where it lies: a resumed run may read a copy at another path."""
+        return hashlib.sha256(json.dumps(self.manifest["shards"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -189,8 +213,10 @@ class _SourceStream:
         key = (self.epoch, self.window)
         if self._loaded_key != key:
             self._loaded = None  # free the previous window before reading the next
-            arrays = [a for a in (self._load_shard(int(i)) for i in self._epoch_windows()[self.window]) if a is not None]
-            samples = np.concatenate(arrays) if arrays else np.zeros((0, self.options.sample_tokens), self.options.dtype)
+            loaded = (self._load_shard(int(i)) for i in self._epoch_windows()[self.window])
+            arrays = [a for a in loaded if a is not None]
+            empty = np.zeros((0, self.options.sample_tokens), self.options.dtype)
+            samples = np.concatenate(arrays) if arrays else empty
             self._loaded = samples[self._rng(self.epoch, self.window, 1).permutation(len(samples))]
             self._loaded_key = key
         return self._loaded
@@ -205,37 +231,34 @@ class _SourceStream:
         shard = self.shards[i]
         url = shard_url(self.source.path, shard["name"])
         try:
-            data = _read_url(url)
-            if len(data) != shard["bytes"]:
-                raise DataError(f"shard {url} has {len(data)} bytes, its manifest says {shard['bytes']} "
-                                "(truncated or replaced): re-copy or re-prepare it, or set data.skip_corrupt_shards=true")
-            if self.options.verify_checksums and url not in self._verified:
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != shard["sha256"]:
-                    raise DataError(f"shard {url} fails its sha256 check ({digest[:12]}... != manifest "
-                                    f"{shard['sha256'][:12]}...): re-copy or re-prepare it, "
-                                    "or set data.skip_corrupt_shards=true to skip it")
-                self._verified.add(url)
-            return decode_shard(data, url, shard["samples"], self.options.sample_tokens, np.dtype(self.options.dtype))
+            # Checked on first open; a window read again in a later epoch was checked then.
+            check = self.options.verify_checksums and url not in self._verified
+            samples = read_shard(self.source.path, shard, self.options.sample_tokens, self.options.dtype, check)
+            self._verified.add(url)
+            return samples
         except DataError:
             if not self.options.skip_corrupt_shards:
                 raise
             self.skipped.add(url)
             return None
 
-    def _advance(self, count: int, keep: bool) -> list[np.ndarray]:
+    def _advance(self, count: int, keep: range) -> list[np.ndarray]:
+        """Move `count` samples on; return those whose index among the `count` lies in `keep`."""
         pieces = []
-        while count > 0:
+        done = 0
+        while done < count:
             length = self._window_length()
             available = length - self.offset
             if available <= 0:
                 self._next_window(empty=length == 0)
                 continue
-            taken = min(available, count)
-            if keep:
-                pieces.append(self._window_samples()[self.offset:self.offset + taken])
+            taken = min(available, count - done)
+            low, high = max(keep.start, done), min(keep.stop, done + taken)
+            if low < high:
+                start = self.offset + low - done
+                pieces.append(self._window_samples()[start:start + high - low])
             self.offset += taken
-            count -= taken
+            done += taken
         return pieces
 
     def _next_window(self, empty: bool) -> None:
@@ -248,11 +271,12 @@ class _SourceStream:
             self.window = 0
             self.epoch += 1
 
-    def take(self, count: int) -> np.ndarray:
-        return np.concatenate(self._advance(count, keep=True))
+    def take(self, count: int, keep: range) -> np.ndarray:
+        """Samples `keep` of the next `count`: a rank's slice of a global batch, without copying the rest."""
+        return np.concatenate(self._advance(count, keep))
 
     def skip(self, count: int) -> None:
-        self._advance(count, keep=False)
+        self._advance(count, range(0))
 
 
 def choose_source(seed: int, step: int, cumulative_weights: np.ndarray) -> int:
@@ -262,14 +286,22 @@ def choose_source(seed: int, step: int, cumulative_weights: np.ndarray) -> int:
 
 
 class _StepBatches(IterableDataset):
-    """Yields (batch, loader state after that step, skipped shards) for this worker's share of the steps."""
+    """Yields (batch, loader state after that step, skipped shards, None) for this worker's share of the steps,
+    or (None, None, None, message) of a DataError: DataLoader would re-raise it with a worker traceback in the
+    message, and the user should see one line."""
 
     def __init__(self, sources: list[_Source], options: _Options, state: dict,
                  dp_rank: int, dp_size: int, micro_batch: int) -> None:
         self.sources, self.options, self.state = sources, options, state
         self.dp_rank, self.dp_size, self.micro_batch = dp_rank, dp_size, micro_batch
 
-    def __iter__(self) -> Iterator[tuple[dict, dict, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[dict | None, dict | None, list[str] | None, str | None]]:
+        try:
+            yield from self._steps()
+        except DataError as e:
+            yield None, None, None, str(e)
+
+    def _steps(self) -> Iterator[tuple[dict, dict, list[str], None]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skipped: set[str] = set()
@@ -277,15 +309,15 @@ class _StepBatches(IterableDataset):
                    for i, (s, p) in enumerate(zip(self.sources, self.state["sources"], strict=True))]
         cumulative = np.cumsum([s.weight for s in self.sources])
         global_batch = self.dp_size * self.micro_batch
-        first = self.dp_rank * self.micro_batch
+        rank_slice = range(self.dp_rank * self.micro_batch, (self.dp_rank + 1) * self.micro_batch)
         step = self.state["step"]
         local = 0
         while True:
             stream = streams[choose_source(self.options.seed, step, cumulative) if len(streams) > 1 else 0]
             if local % workers == worker:
-                samples = stream.take(global_batch)[first:first + self.micro_batch]
+                samples = stream.take(global_batch, rank_slice)
                 state = {"version": STATE_VERSION, "step": step + 1, "sources": [s.position() for s in streams]}
-                yield {"tokens": torch.from_numpy(samples.astype(np.int64))}, state, sorted(skipped)
+                yield {"tokens": torch.from_numpy(samples.astype(np.int64))}, state, sorted(skipped), None
             else:
                 stream.skip(global_batch)
             step += 1
@@ -346,27 +378,33 @@ class TokenLoader:
         dataset = _StepBatches(self.sources, self.options, copy.deepcopy(self._state),
                                self.dp_rank, self.dp_size, self.micro_batch)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None)
-        for batch, state, skipped in loader:
+                            prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available())
+        for batch, state, skipped, error in loader:
+            if error is not None:
+                raise DataError(error)
             self._state = state
             self._skipped.update(skipped)
             yield batch
 
     def state_dict(self) -> dict:
-        return {**copy.deepcopy(self._state), "seed": self.options.seed,
-                "source_paths": [s.path for s in self.sources], "window_shards": self.options.window_shards}
+        return {**copy.deepcopy(self._state), "seed": self.options.seed, "window_shards": self.options.window_shards,
+                "source_paths": [s.path for s in self.sources],
+                "source_fingerprints": [s.fingerprint for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}: "
                             "it was saved by another version of the data pipeline")
+        # Positions count samples in each source's shuffled order: they mean the same only for the same data,
+        # seed and window size (the paths may differ: a copy of the data at another place is the same data).
         paths = [s.path for s in self.sources]
-        if state["source_paths"] != paths or state["seed"] != self.options.seed \
-                or state["window_shards"] != self.options.window_shards:
+        if state["source_fingerprints"] != [s.fingerprint for s in self.sources] \
+                or state["seed"] != self.options.seed or state["window_shards"] != self.options.window_shards:
             raise DataError(
-                f"loader state was saved for sources {state['source_paths']} with seed {state['seed']} and "
-                f"window_shards {state['window_shards']}, this loader has {paths}, {self.options.seed}, "
-                f"{self.options.window_shards}: resume with the same data config"
+                f"loader state was saved for the data in {state['source_paths']} with seed {state['seed']} and "
+                f"window_shards {state['window_shards']}, this loader reads other data or settings ({paths}, "
+                f"seed {self.options.seed}, window_shards {self.options.window_shards}): resume with the same "
+                "prepared data and data config, or start a new run"
             )
         self._state = {"version": STATE_VERSION, "step": int(state["step"]),
                        "sources": [dict(p) for p in state["sources"]]}

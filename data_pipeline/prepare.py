@@ -2,7 +2,8 @@
 
 Each document becomes `<s> tokens </s>`; documents are concatenated and cut into samples of seq_len + 1
 tokens (inputs and shifted targets), the final partial sample is dropped and counted. With keep_documents
-each document is cut on its own instead, so no sample spans two documents (each document's tail is dropped).
+each document is cut on its own instead, so no sample spans two documents; each document's tail, and so every
+document shorter than a sample, is dropped (counted in the manifest's dropped_tokens).
 
 Output: `shard-000000.tar`, ... whose members are `{key}.tokens.bin` (raw little-endian uint16 when the
 vocabulary fits, else uint32; recorded in the manifest) and `manifest.json`, written last. Runs are
@@ -15,24 +16,28 @@ comes last, so an interrupted run leaves a directory that no reader accepts.
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import json
 import multiprocessing
 import os
+import sys
 import tarfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import Tokenizer
+from pretrain.checkpoint.store import fsync_dir, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+MEMBER_SUFFIX = ".tokens.bin"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
+TAR_BLOCK = 512
 # Documents per unit of parallel work: big enough to amortize pickling, small enough to keep workers busy.
 _CHUNK_BYTES = 1 << 20
 
@@ -43,6 +48,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         raise DataError("no input given: pass --input with files or globs such as 'data/*.jsonl'")
     files: set[str] = set()
     for pattern in patterns:
+        if os.path.isdir(pattern):
+            raise DataError(f"input {pattern} is a directory: pass a glob of its files, e.g. '{pattern}/*.jsonl'")
         matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
         if not matches:
             raise DataError(f"input glob {pattern!r} matches no file: check the path (quote globs for the shell)")
@@ -65,19 +72,25 @@ def iter_documents(path: str) -> Iterator[str]:
                 try:
                     record = json.loads(_decode(raw, f"{path}:{line_number}"))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_number} is not valid JSON ({e.msg}): fix or remove the line") from None
+                    raise DataError(f"{path}:{line_number} is not valid JSON ({e.msg}): "
+                                    "fix or remove the line") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise DataError(f'{path}:{line_number} has no string "text" field: each line needs {{"text": ...}}')
                 yield record["text"]
     elif path.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             parquet = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for unreadable files
             raise DataError(f"{path} is not a readable Parquet file ({e}): re-export it") from None
-        if "text" not in parquet.schema_arrow.names:
-            raise DataError(f"{path} has no 'text' column (columns: {parquet.schema_arrow.names}): rename the column")
+        schema = parquet.schema_arrow
+        if "text" not in schema.names:
+            raise DataError(f"{path} has no 'text' column (columns: {schema.names}): rename the column")
+        if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
+            raise DataError(f"{path} column 'text' holds {schema.field('text').type}, not strings: "
+                            "store the documents as UTF-8 strings")
         for batch in parquet.iter_batches(columns=["text"], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 if text is not None:
@@ -116,22 +129,53 @@ def _tokenize_chunk(texts: list[str]) -> list[np.ndarray]:
     return [np.array([tok.bos_id, *ids, tok.eos_id], dtype=np.uint32) for ids in tok.encode_batch(texts)]
 
 
-def _chunks(files: Sequence[str], progress: _Progress) -> Iterator[list[str]]:
+def _chunks(files: Sequence[str]) -> Iterator[tuple[list[str], int]]:
+    """Documents in groups of about _CHUNK_BYTES, each with the input bytes it accounts for (for progress).
+
+    Progress counts a document's UTF-8 bytes, capped at its file's size (Parquet is compressed), and a finished
+    file counts whole, so the total reaches the sum of the file sizes exactly.
+    """
     chunk: list[str] = []
-    size = 0
+    chunk_bytes = progress = 0
     for path in files:
+        size, counted = os.path.getsize(path), 0
         for text in iter_documents(path):
             if not text:
                 continue
+            nbytes = len(text.encode("utf-8"))
             chunk.append(text)
-            size += len(text)
-            if size >= _CHUNK_BYTES:
-                progress.read(size)
-                yield chunk
-                chunk, size = [], 0
+            chunk_bytes += nbytes
+            progress += min(nbytes, size - counted)
+            counted += min(nbytes, size - counted)
+            if chunk_bytes >= _CHUNK_BYTES:
+                yield chunk, progress
+                chunk, chunk_bytes, progress = [], 0, 0
+        progress += size - counted
     if chunk:
-        progress.read(size)
-        yield chunk
+        yield chunk, progress
+
+
+def _tokenized(files: Sequence[str], tok: Tokenizer, workers: int) -> Iterator[tuple[list[np.ndarray], int]]:
+    """(documents as token arrays, input bytes) chunk by chunk, in input order whatever order workers finish in.
+
+    At most two chunks per worker are in flight, so memory stays bounded however large the input is. Workers
+    are forked: no re-import of the caller's main module, and they inherit the loaded tokenizer.
+    """
+    if workers <= 1:
+        _init_worker(tok)
+        for texts, nbytes in _chunks(files):
+            yield _tokenize_chunk(texts), nbytes
+        return
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tok,)) as pool:
+        pending: deque = deque()
+        for texts, nbytes in _chunks(files):
+            pending.append((pool.apply_async(_tokenize_chunk, (texts,)), nbytes))
+            if len(pending) >= 2 * workers:
+                result, done = pending.popleft()
+                yield result.get(), done
+        while pending:
+            result, done = pending.popleft()
+            yield result.get(), done
 
 
 # ---------------------------------------------------------------- shards
@@ -154,12 +198,12 @@ class ShardWriter:
 
     def add(self, sample: np.ndarray) -> None:
         data = sample.astype(self.dtype, copy=False).tobytes()
-        member_size = 512 + -(-len(data) // 512) * 512
+        member_size = TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK
         if self._tar is not None and self._shard_size + member_size > self.shard_bytes:
             self._finish_shard()
         if self._tar is None:
             self._start_shard()
-        info = tarfile.TarInfo(f"{self.samples_written:010d}.tokens.bin")
+        info = tarfile.TarInfo(f"{self.samples_written:010d}{MEMBER_SUFFIX}")
         info.size = len(data)
         info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
         self._tar.addfile(info, io.BytesIO(data))
@@ -170,6 +214,13 @@ class ShardWriter:
     def close(self) -> None:
         if self._tar is not None:
             self._finish_shard()
+
+    def abort(self) -> None:
+        """After a failure: drop the shard being written (finished shards stay, unlisted in any manifest)."""
+        if self._tar is not None:
+            self._file.close()
+            self._temp_path().unlink(missing_ok=True)
+            self._tar = self._file = None
 
     def _temp_path(self) -> Path:
         return self.out_dir / f".shard-{len(self.shards):06d}.tar.tmp"
@@ -187,7 +238,7 @@ class ShardWriter:
         self._file.close()
         name = f"shard-{len(self.shards):06d}.tar"
         temp = self._temp_path()
-        digest = _sha256_file(temp)
+        digest = sha256_file(temp)
         os.replace(temp, self.out_dir / name)
         self.shards.append({
             "name": name,
@@ -199,58 +250,56 @@ class ShardWriter:
         self._tar = self._file = None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------- progress
 
 
 class _Progress:
-    """Input MB read, tokens/s and ETA on stderr."""
+    """Input bytes done, tokens/s and ETA on stderr: a live bar on a terminal, a line every 10 s in a log."""
+
+    LOG_EVERY_S = 10.0
 
     def __init__(self, total_bytes: int, enabled: bool) -> None:
         self.enabled = enabled
-        self.tokens = 0
-        self.start = time.perf_counter()
-        if enabled:
+        self.total = max(total_bytes, 1)
+        self.done = self.tokens = 0
+        self.start = self._last_line = time.perf_counter()
+        self._bar = None
+        if enabled and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            self._progress = Progress(
-                TextColumn("prepare"), BarColumn(),
-                TextColumn("{task.completed:,.0f}/{task.total:,.0f} bytes"),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False,
+            self._bar = Progress(
+                TextColumn("prepare"), BarColumn(), TextColumn("{task.fields[summary]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
             )
-            self._task = self._progress.add_task("prepare", total=max(total_bytes, 1), rate="")
-            self._progress.start()
+            self._task = self._bar.add_task("prepare", total=self.total, summary="")
+            self._bar.start()
 
-    def read(self, nbytes: int) -> None:
-        if self.enabled:
-            self._progress.advance(self._task, nbytes)
+    def summary(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return (f"{self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB, {self.tokens:,} tokens, "
+                f"{self.tokens / elapsed / 1e6:.2f} M tokens/s, {self.done / elapsed / 1e6:.2f} MB/s")
 
-    def tokenized(self, ntokens: int) -> None:
+    def update(self, nbytes: int, ntokens: int) -> None:
+        self.done += nbytes
         self.tokens += ntokens
-        if self.enabled:
-            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-            self._progress.update(self._task, rate=f"{rate / 1e6:.2f} M tokens/s")
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, summary=self.summary())
+            return
+        now = time.perf_counter()
+        if now - self._last_line >= self.LOG_EVERY_S:
+            self._last_line = now
+            eta = (now - self.start) / max(self.done, 1) * (self.total - self.done)
+            print(f"prepare: {self.summary()}, ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
-        if self.enabled:
-            self._progress.stop()
+    def close(self, finished: bool) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        elif self.enabled and finished:
+            elapsed = time.perf_counter() - self.start
+            print(f"prepare: {self.summary()}, done in {elapsed:.1f} s", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- prepare
@@ -269,7 +318,7 @@ def prepare(
 ) -> dict:
     """Tokenize, pack and shard `inputs` into `out_dir`; returns the manifest."""
     if seq_len <= 0:
-        raise DataError(f"seq_len={seq_len} must be positive")
+        raise DataError(f"seq_len={seq_len} must be positive: pass --seq-len, e.g. 2048")
     files = expand_inputs(inputs)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     dtype = token_dtype(tok.vocab_size)
@@ -280,26 +329,18 @@ def prepare(
     (out / MANIFEST).unlink(missing_ok=True)
     for stale in [*out.glob("shard-*.tar"), *out.glob(".shard-*.tar.tmp")]:
         stale.unlink()
-    _fsync_dir(out)
+    fsync_dir(out)
 
     writer = ShardWriter(out, max(int(shard_mb * 1e6), 1), dtype, sample_tokens)
     counts = {"documents": 0, "tokens": 0, "dropped_tokens": 0}
     carry = np.zeros(0, dtype=np.uint32)
     meter = _Progress(sum(os.path.getsize(f) for f in files), progress)
-    workers = workers or os.cpu_count() or 1
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok,)) if workers > 1 else None
+    finished = False
     try:
-        if pool is None:
-            _init_worker(tok)
-            results: Iterable[list[np.ndarray]] = map(_tokenize_chunk, _chunks(files, meter))
-        else:
-            # imap keeps input order whatever order the workers finish in: the shards stay deterministic.
-            results = pool.imap(_tokenize_chunk, _chunks(files, meter))
-        for documents in results:
+        for documents, nbytes in _tokenized(files, tok, workers or os.cpu_count() or 1):
             counts["documents"] += len(documents)
             ntokens = sum(len(d) for d in documents)
             counts["tokens"] += ntokens
-            meter.tokenized(ntokens)
             if keep_documents:
                 for doc in documents:
                     whole = len(doc) // sample_tokens * sample_tokens
@@ -312,26 +353,34 @@ def prepare(
                 for sample in stream[:whole].reshape(-1, sample_tokens):
                     writer.add(sample)
                 carry = stream[whole:]
+            meter.update(nbytes, ntokens)
         counts["dropped_tokens"] += len(carry)
         writer.close()
+        finished = True
     finally:
-        meter.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        meter.close(finished)
+        if not finished:
+            writer.abort()
+    if counts["documents"] == 0:
+        raise DataError(f"inputs {_names(files)} hold no documents (empty files or empty texts): "
+                        "pass files with text in them")
     if writer.samples_written == 0:
         raise DataError(
-            f"inputs {list(inputs)} hold {counts['tokens']} tokens, fewer than one sample of seq_len+1="
-            f"{sample_tokens}: give more text or lower --seq-len"
+            f"inputs {_names(files)} hold {counts['tokens']} tokens in {counts['documents']} documents, fewer than "
+            f"one sample of seq_len+1={sample_tokens}"
+            + (" per document (--keep-documents drops documents shorter than a sample)" if keep_documents else "")
+            + ": give more text or lower --seq-len"
         )
     manifest = {
         "version": MANIFEST_VERSION,
-        "format": "packed token sequences, one `{key}.tokens.bin` member per sample",
+        "format": f"packed token sequences, one `{{key}}{MEMBER_SUFFIX}` member per sample",
         "seq_len": seq_len,
         "sample_tokens": sample_tokens,
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
         "tokenizer_sha256": tok.sha256,
+        # Where it was, for `pretrain data inspect` to decode samples; the sha256 above is what identifies it.
+        "tokenizer_path": os.path.abspath(tok.path) if tok.path else None,
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
         "keep_documents": keep_documents,
@@ -343,15 +392,10 @@ def prepare(
         "dropped_tokens": counts["dropped_tokens"],
         "shards": writer.shards,
     }
-    write_manifest(out, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
-def write_manifest(out: Path, manifest: dict) -> None:
-    temp = out / f".{MANIFEST}.tmp"
-    with open(temp, "w") as f:
-        f.write(json.dumps(manifest, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, out / MANIFEST)
-    _fsync_dir(out)
+def _names(files: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(files) - shown} more" if len(files) > shown else ""
+    return ", ".join(files[:shown]) + more

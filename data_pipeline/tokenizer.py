@@ -1,6 +1,7 @@
 """SentencePiece BPE tokenizer shaped like Mistral's: byte fallback, split digits, unk=0 `<unk>`, bos=1 `<s>`,
 eos=2 `</s>`, no pad. Training reads a deterministic sample of the input and runs sentencepiece with one
-thread, because its multi-threaded trainer is not guaranteed to give byte-identical models run to run.
+thread, because the model it learns depends on the thread count (1 and 2 threads give different models): with
+one, the same input gives a byte-identical tokenizer.model on every machine.
 
 `Tokenizer.load` opens any sentencepiece `tokenizer.model` (ours or Mistral's own) without retraining.
 """
@@ -8,15 +9,15 @@ thread, because its multi-threaded trainer is not guaranteed to give byte-identi
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
 from data_pipeline.errors import DataError
+from pretrain.checkpoint.store import fsync_dir, write_json_atomic
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer_meta.json"
@@ -45,7 +46,8 @@ class Tokenizer:
         try:
             return cls(data, str(model_path))
         except RuntimeError as e:
-            raise DataError(f"tokenizer {model_path} is not a sentencepiece model ({e}): point at a .model file") from None
+            raise DataError(f"tokenizer {model_path} is not a sentencepiece model ({str(e).strip()}): "
+                            "point at a sentencepiece .model file") from None
 
     def __getstate__(self) -> dict:
         return {"model_bytes": self._model_bytes, "path": self.path}
@@ -116,44 +118,42 @@ def train_tokenizer(
     total = sum(os.path.getsize(f) for f in files)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        sample_path = Path(tmp) / "sample.txt"
-        sampled = 0
-        with open(sample_path, "w", encoding="utf-8") as f:
-            for text in sample_documents((doc for path in files for doc in iter_documents(path)), total, sample_bytes):
-                # sentencepiece reads one sentence per line; blank lines carry nothing to learn.
-                for line in text.splitlines():
-                    if line.strip():
-                        f.write(line + "\n")
-                sampled += len(text.encode("utf-8"))
-        if sampled == 0:
-            raise DataError(f"inputs {list(inputs)} hold no text to train on: pass files with documents in them")
-        prefix = Path(tmp) / "tokenizer"
-        try:
-            spm.SentencePieceTrainer.train(
-                input=str(sample_path),
-                model_prefix=str(prefix),
-                model_type="bpe",
-                vocab_size=vocab_size,
-                byte_fallback=True,
-                split_digits=True,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-                # Code and prose keep their whitespace; Mistral's tokenizer does not normalize either.
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True,
-                character_coverage=0.99995,
-                max_sentence_length=1 << 16,
-                input_sentence_size=0,
-                shuffle_input_sentence=False,
-                num_threads=1,
-                minloglevel=2,
-            )
-        except RuntimeError as e:
-            raise DataError(f"sentencepiece training failed on {list(inputs)}: {e}; "
-                            "lower --vocab-size or give more text") from None
-        model_bytes = (prefix.with_suffix(".model")).read_bytes()
+    # sentencepiece reads one sentence per line; blank lines carry nothing to learn. The sample is collected
+    # first so that bad input fails here, with its DataError, rather than inside sentencepiece's C++ loop.
+    lines: list[str] = []
+    sampled = 0
+    for text in sample_documents((doc for path in files for doc in iter_documents(path)), total, sample_bytes):
+        lines.extend(line for line in text.splitlines() if line.strip())
+        sampled += len(text.encode("utf-8"))
+    if not lines:
+        raise DataError(f"inputs {files} hold no text to train on: pass files with documents in them")
+    # In memory, in and out: a file path would be recorded in the model's trainer_spec and change its sha256.
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            split_digits=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            # Code and prose keep their whitespace; Mistral's tokenizer does not normalize either.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            character_coverage=0.99995,
+            max_sentence_length=1 << 16,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise DataError(f"sentencepiece training on {files} failed ({str(e).strip()}): "
+                        "lower --vocab-size or give more text") from None
+    model_bytes = model.getvalue()
     _write_atomic(out / MODEL_FILE, model_bytes)
     tokenizer = Tokenizer(model_bytes, str(out / MODEL_FILE))
     meta = {
@@ -168,7 +168,7 @@ def train_tokenizer(
         "inputs": [{"path": f, "bytes": os.path.getsize(f)} for f in files],
         "sentencepiece_version": spm.__version__,
     }
-    _write_atomic(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    write_json_atomic(out / META_FILE, meta)
     return tokenizer
 
 
@@ -179,3 +179,4 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
