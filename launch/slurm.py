@@ -115,12 +115,12 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
 def requeue_if_progressing(cfg: Config, run_dir: Path, code: int) -> bool:
     """Requeue this job unless the run is finished or its last `max_requeues` requeues stopped at this step."""
     from pretrain.checkpoint.store import CheckpointStore
-    from pretrain.trainer import EXIT_SAVED_ON_SIGNAL
 
     job_id = os.environ["SLURM_JOB_ID"]
     saved = CheckpointStore(run_dir / "checkpoints", 1, 0).complete_steps()
     step = saved[-1] if saved else 0
-    why = "saved on the warning signal" if code == EXIT_SAVED_ON_SIGNAL else f"failed with exit code {code}"
+    # The trainer exits with EX_TEMPFAIL (pretrain.trainer.EXIT_SAVED_ON_SIGNAL, not imported: it pulls in torch).
+    why = "saved on the warning signal" if code == os.EX_TEMPFAIL else f"failed with exit code {code}"
     if step >= cfg.train.steps:
         return False
     history_path = run_dir / "slurm" / "requeues.json"
@@ -142,8 +142,11 @@ def requeue_if_progressing(cfg: Config, run_dir: Path, code: int) -> bool:
     tmp.replace(history_path)
     print(f"[pretrain] job {job_id} {why}: requeuing, it resumes from checkpoint step {step}",
           file=sys.stderr, flush=True)
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-    return True
+    for attempt in range(5):  # a busy slurmctld may drop a request; the job must not end for that
+        if subprocess.run(["scontrol", "requeue", job_id], timeout=60).returncode == 0:
+            return True
+        time.sleep(2 ** attempt)
+    raise RuntimeError(f"scontrol requeue {job_id} failed 5 times: requeue it by hand, or submit the run again")
 
 
 # ---------------------------------------------------------------- pretrain submit (submitit)
