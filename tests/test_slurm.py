@@ -248,6 +248,8 @@ def test_sbatch_template_trains_and_survives_a_warning_signal(reference, tiny_da
     assert losses(run_dir) == reference["losses"]
     assert "signal 10: saving step" in log and log.count("resumed from") == 1
     assert [entry["exit_code"] for entry in requeues(run_dir)] == [75]
+    shown = run_cli("status", job_id).stdout  # the job, and where to look for its run
+    assert f"job {job_id} (pretrain): COMPLETED" in shown and "pass its run directory" in shown
 
 
 def test_cancel_saves_and_does_not_requeue(slurm_cluster, tiny_data, tmp_path):
