@@ -4,7 +4,7 @@ and `pretrain cancel` are survived or obeyed with bit-exact resume; a failure th
 stops requeuing; hostile job names and run paths neither break nor inject into the batch script.
 
 Every job is the tiny model with 2 tasks (gloo on CPU), 24 steps. Jobs run one after the other: each takes both
-cores of this machine. Slurm holds a requeued job for two minutes (its BeginTime); `wait_for_end` releases it
+cores of this machine; the module takes about 4.5 minutes on 2 cores (10 job starts of ~15 s each dominate). Slurm holds a requeued job for two minutes (its BeginTime); `wait_for_end` releases it
 with `scontrol update starttime=now`, as an impatient user would.
 
 Without root or apt-get (and Slurm not installed) the tests skip; with PRETRAIN_REQUIRE_SLURM=1 (set by .ci/run)
