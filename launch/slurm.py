@@ -1,11 +1,21 @@
-"""Slurm: `pretrain submit` (through submitit), requeue after preemption, `pretrain status JOB_ID`, `cancel`.
+"""Slurm: the ranks of a job, requeue after preemption or failure, `pretrain submit`, `status JOB_ID`, `cancel`.
 
-One Slurm task per GPU (per process on CPU nodes). Each task runs `TrainJob`, which exports the torch.distributed
-rendezvous from the allocation (submitit's TorchDistributedEnvironment: master address from the first host of
-the node list) and runs the trainer on the run directory. On the warning signal before the time limit (USR2,
-`--signal` set by submitit) or on SIGTERM from preemption, every rank saves at the next step boundary; rank 0 then
-requeues the job, which resumes from the run directory with no user action. A job that keeps stopping at the same
-step stops requeuing after `slurm.max_requeues` attempts.
+Inside an allocation (a batch script or an salloc shell) `pretrain train` runs `run_in_allocation`: one `srun`
+step with one task per GPU (per process on CPU nodes), each task a trainer rank that takes its rank from
+SLURM_PROCID and the rendezvous from the first host of the node list (pretrain.parallel). The batch step waits
+for the step and decides what follows:
+
+* exit 0: the run is finished.
+* SIGTERM reached the batch step: Slurm is cancelling, preempting or timing out the job (the ranks got SIGTERM
+  too and saved at their next step boundary); Slurm decides whether the job runs again, never us. `scontrol
+  requeue` after `scancel` would bring a cancelled job back.
+* otherwise (the ranks saved on the warning signal and exited 75, or a rank failed): requeue the job, which
+  resumes from the newest checkpoint of the run directory, unless the last `slurm.max_requeues` requeues of
+  this job all happened at the same checkpoint step (a crash that comes back at the same step, not progress).
+
+The warning signal is USR1, sent `slurm.signal_seconds` before the time limit to the ranks (`--signal=USR1@N`);
+sent to the batch step instead (`--signal=B:USR1@N`, `scancel --batch`) it is forwarded to them.
+`pretrain submit` writes the same job through submitit: its batch step runs `TrainJob`, i.e. `run_in_allocation`.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +33,9 @@ from pathlib import Path
 from launch.errors import UserError
 from pretrain.config import Config
 
-# Characters that could end an #SBATCH line or a shell word and start another: refused outright.
+WARNING_SIGNAL = signal.SIGUSR1  # the trainer saves on it at the next step boundary
+
+# Control characters could end an #SBATCH line or a shell word and start another: refused outright.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -46,6 +60,115 @@ def tasks_per_node(cfg: Config) -> int:
     return cfg.slurm.gpus_per_node or cfg.slurm.tasks_per_node
 
 
+# ---------------------------------------------------------------- inside the allocation
+
+
+def allocation_tasks() -> int | None:
+    """The task count of the Slurm allocation this process runs in (batch script or salloc), else None."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    if "SLURM_STEP_ID" in env:
+        raise UserError(
+            "`pretrain train` runs inside a Slurm job step (srun): call it without srun, in the batch script or "
+            "salloc shell (it starts one rank per task with srun itself), or pass --nproc for local processes"
+        )
+    if "SLURM_NTASKS" not in env:
+        raise UserError("the Slurm allocation does not say how many tasks it has: submit with --ntasks-per-node "
+                        "(one per GPU) and --nodes")
+    return int(env["SLURM_NTASKS"])
+
+
+def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
+    """One trainer rank per Slurm task (srun); then requeue the job if it should go on. Returns srun's status."""
+    # Ranks that saved on a signal exit 75 one after the other: a bad exit must not kill the rest at once
+    # (--kill-on-bad-exit=0); after a crash the others would wait in their next collective, so the last ones
+    # still running a minute after the first exit are stopped (--wait).
+    command = ["srun", "--kill-on-bad-exit=0", "--wait=60"]
+    if "SLURM_CPUS_PER_TASK" in os.environ:
+        # srun 22.05 to 23.02 does not inherit the batch's --cpus-per-task: data workers would share one core.
+        command.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
+    command += [sys.executable, "-m", "pretrain.trainer", str(run_dir)]
+    if resume_from is not None:
+        command += ["--resume-from", str(resume_from)]
+    step = subprocess.Popen(command)
+    ending = False
+
+    def on_signal(signum, _frame):
+        nonlocal ending
+        if signum == signal.SIGTERM:
+            ending = True  # Slurm signals every process of the job itself: nothing to forward
+        elif step.poll() is None:
+            step.send_signal(WARNING_SIGNAL)  # srun passes it on to every task
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        code = step.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code != 0 and not ending:
+        requeue_if_progressing(cfg, run_dir, code)
+    return code
+
+
+def requeue_if_progressing(cfg: Config, run_dir: Path, code: int) -> bool:
+    """Requeue this job unless the run is finished or its last `max_requeues` requeues stopped at this step."""
+    from pretrain.checkpoint.store import CheckpointStore
+
+    job_id = os.environ["SLURM_JOB_ID"]
+    saved = CheckpointStore(run_dir / "checkpoints", 1, 0).complete_steps()
+    step = saved[-1] if saved else 0
+    # The trainer exits with EX_TEMPFAIL (pretrain.trainer.EXIT_SAVED_ON_SIGNAL, not imported: it pulls in torch).
+    why = "saved on the warning signal" if code == os.EX_TEMPFAIL else f"failed with exit code {code}"
+    if step >= cfg.train.steps:
+        return False
+    history_path = run_dir / "slurm" / "requeues.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    same_step = 0
+    for entry in reversed(history):
+        if entry["job"] != job_id or entry["step"] != step:
+            break
+        same_step += 1
+    if same_step >= cfg.slurm.max_requeues:
+        print(f"[pretrain] job {job_id} {why} at checkpoint step {step} after {same_step} requeue(s) at that step "
+              f"(slurm.max_requeues={cfg.slurm.max_requeues}): not requeuing; fix the cause and submit again",
+              file=sys.stderr, flush=True)
+        return False
+    history.append({"job": job_id, "step": step, "exit_code": code, "time": time.time()})
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = history_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(history, indent=1))
+    tmp.replace(history_path)
+    print(f"[pretrain] job {job_id} {why}: requeuing, it resumes from checkpoint step {step}",
+          file=sys.stderr, flush=True)
+    for attempt in range(5):  # a busy slurmctld may drop a request; the job must not end for that
+        if subprocess.run(["scontrol", "requeue", job_id], timeout=60).returncode == 0:
+            return True
+        time.sleep(2 ** attempt)
+    raise RuntimeError(f"scontrol requeue {job_id} failed 5 times: requeue it by hand, or submit the run again")
+
+
+# ---------------------------------------------------------------- pretrain submit (submitit)
+
+
+class TrainJob:
+    """What the batch step of a `pretrain submit` job runs (pickled by submitit into RUN_DIR/slurm; a requeued
+    job loads the same pickle and resumes from the run directory)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def __call__(self) -> int:
+        from pretrain.config import load_config
+
+        run_dir = Path(self.run_dir)
+        code = run_in_allocation(load_config(run_dir / "config.yaml"), run_dir)
+        if code:
+            sys.exit(code)
+        return code
+
+
 def executor_for(cfg: Config, run_dir: Path):
     import submitit
 
@@ -53,10 +176,13 @@ def executor_for(cfg: Config, run_dir: Path):
     for key in ("partition", "account", "qos", "constraint", "job_name", "time"):
         check_script_value(f"slurm.{key}", getattr(s, key))
     check_script_value("train.run_dir", run_dir)
-    executor = submitit.SlurmExecutor(folder=run_dir / "slurm", max_num_timeout=s.max_requeues)
-    extra = {"requeue": True}
-    if s.account:
-        extra["account"] = s.account
+    if re.search(r"[%\\]", str(run_dir)):
+        # Slurm expands %j, %x... in log file names, and a backslash turns that off for submitit's %j too.
+        raise UserError(f"train.run_dir={str(run_dir)!r} contains '%' or '\\', which Slurm reads as a log file "
+                        "name pattern: choose a run directory without them")
+    # `exec`: the batch shell becomes TrainJob's Python, so signals for the batch step (scancel --batch,
+    # --signal=B:...) reach it instead of killing a bash that waits for it.
+    executor = submitit.SlurmExecutor(folder=run_dir / "slurm", python=f"exec {shlex.quote(sys.executable)}")
     executor.update_parameters(
         job_name=s.job_name,
         nodes=s.nodes,
@@ -64,11 +190,13 @@ def executor_for(cfg: Config, run_dir: Path):
         cpus_per_task=s.cpus_per_task,
         gpus_per_node=s.gpus_per_node or None,
         partition=s.partition,
+        account=s.account,
         qos=s.qos,
         constraint=s.constraint,
         time=_minutes(s.time),
-        signal_delay_s=s.signal_seconds,
-        additional_parameters=extra,
+        # The batch step runs TrainJob, which starts the ranks with srun and decides about requeueing.
+        use_srun=False,
+        additional_parameters={"requeue": True, "signal": f"{WARNING_SIGNAL.name[3:]}@{s.signal_seconds}"},
     )
     return executor
 
@@ -78,77 +206,36 @@ def sbatch_script(executor) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
-def submit(cfg: Config, run_dir: Path) -> str:
-    executor = executor_for(cfg, run_dir)
-    job = executor.submit(TrainJob(str(run_dir.resolve())))
-    return job.job_id
+# ---------------------------------------------------------------- status and cancel
 
 
-class TrainJob:
-    """What every Slurm task runs (pickled by submitit; a requeued job runs it again and resumes)."""
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-
-    def __call__(self) -> int:
-        import signal
-
-        import submitit
-
-        from launch.train_commands import run_slurm_task
-        from pretrain.config import load_config
-
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        run_dir = Path(self.run_dir)
-        # submitit's own USR2 handler would exit at once; the trainer saves at the step boundary instead.
-        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
-        code = run_slurm_task(load_config(run_dir / "config.yaml"), run_dir)
-        if code:
-            sys.exit(code)
-        return code
-
-
-def requeue_if_progressing(run_dir: Path, max_requeues: int) -> bool:
-    """Requeue this job unless its last `max_requeues` requeues all stopped at the same step."""
-    from launch.status_commands import run_status
-
-    job_id = os.environ["SLURM_JOB_ID"]
-    step = run_status(run_dir, hash_files=False)["step"]
-    history_path = run_dir / "slurm" / "requeues.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
-    recent = [entry["step"] for entry in history[-max_requeues:]]
-    if len(recent) >= max_requeues and all(s == step for s in recent):
-        print(f"[pretrain] job {job_id} stopped at step {step} {max_requeues + 1} times: not requeuing",
-              file=sys.stderr, flush=True)
-        return False
-    history.append({"job": job_id, "step": step, "time": time.time()})
-    history_path.write_text(json.dumps(history, indent=1))
-    # Already requeued by Slurm (preemption, `scontrol requeue`) makes this a harmless no-op.
-    subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
-    print(f"[pretrain] requeued job {job_id} at step {step}", file=sys.stderr, flush=True)
-    return True
+_REST_OF_LINE = re.compile(r"(?:^|\s)(JobName|Command|WorkDir|StdErr|StdIn|StdOut|Comment)=(.*)$")
 
 
 def job_state(job_id: str) -> dict:
-    """State, run time and reason from Slurm for one job (squeue while it lives, then scontrol)."""
+    """State, run time, restarts and log file of one job, from `scontrol show job`."""
     if not re.fullmatch(r"\d+(_\d+)?", job_id):
         raise UserError(f"{job_id!r} is not a Slurm job id (digits, e.g. 1234): pass a job id or a run directory")
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
-        reason = (out.stderr.strip().splitlines() or ["no answer"])[-1]
+        reason = (out.stderr.strip().splitlines() or [f"scontrol exit status {out.returncode}"])[-1]
         raise UserError(f"Slurm does not know job {job_id} ({reason}): it may have ended long ago, or set SLURM_CONF")
-    fields = dict(re.findall(r"(\w+)=(\S*)", out.stdout))
-    # JobName ends its line and may hold spaces; the other values do not.
-    fields["JobName"] = re.search(r"JobName=(.*)", out.stdout).group(1)
+    fields = {}
+    for line in out.stdout.splitlines():
+        # JobName, StdOut, WorkDir... take the rest of their line (spaces, `=` and all); the other values are words.
+        rest = _REST_OF_LINE.search(line)
+        fields.update(re.findall(r"(\w+)=(\S*)", line[:rest.start()] if rest else line))
+        if rest:
+            fields[rest.group(1)] = rest.group(2)
     return {key: fields.get(key, "") for key in ("JobId", "JobName", "JobState", "Reason", "RunTime", "TimeLimit",
-                                                  "Restarts", "NumTasks", "StdOut", "WorkDir", "Command")}
+                                                  "Restarts", "NumTasks", "ExitCode", "StdOut", "WorkDir")}
 
 
 def run_dir_of(state: dict) -> Path | None:
     """The run directory of a job submitted by `pretrain submit`: its logs live in RUN_DIR/slurm/."""
-    stdout = state.get("StdOut", "")
-    if "/slurm/" in stdout:
-        return Path(stdout.rsplit("/slurm/", 1)[0])
+    stdout = Path(state.get("StdOut", ""))
+    if stdout.parent.name == "slurm" and (stdout.parent.parent / "config.yaml").is_file():
+        return stdout.parent.parent
     return None
 
 
@@ -172,21 +259,23 @@ def cmd_submit(args) -> int:
     cfg = load_config(args.config, overrides)
     cfg = resolve_world(cfg, cfg.slurm.nodes * tasks_per_node(cfg))
     run_dir = Path(cfg.train.run_dir).resolve()
+    executor = executor_for(cfg, run_dir)
     if args.dry_run:
-        print(sbatch_script(executor_for(cfg, run_dir)))
+        print(sbatch_script(executor))
         return 0
     check_paths(cfg)
     prepare_run_dir(cfg, run_dir)
-    job_id = submit(cfg, run_dir)
+    job_id = executor.submit(TrainJob(str(run_dir))).job_id
     print(job_id)
     print(f"pretrain submit: job {job_id}, {cfg.slurm.nodes} node(s) x {tasks_per_node(cfg)} task(s), "
-          f"logs in {run_dir / 'slurm'}; watch with `pretrain status {job_id}`", file=sys.stderr)
+          f"logs in {shlex.quote(str(run_dir / 'slurm'))}; watch with `pretrain status {job_id}`", file=sys.stderr)
     return 0
 
 
 def cmd_cancel(args) -> int:
     cancel(args.job_id)
-    print(f"pretrain cancel: job {args.job_id} cancelled", file=sys.stderr)
+    print(f"pretrain cancel: job {args.job_id} cancelled (its ranks save at their next step boundary; "
+          "it is not requeued)", file=sys.stderr)
     return 0
 
 
@@ -206,6 +295,6 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("cancel", help="cancel a Slurm job")
+    p = sub.add_parser("cancel", help="cancel a Slurm job (its ranks save first; it is not requeued)")
     p.add_argument("job_id")
     p.set_defaults(func=cmd_cancel)

@@ -74,9 +74,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     if job:
         print(f"job {job['JobId']} ({job['JobName']}): {job['JobState']} ({job['Reason']}), ran {job['RunTime']} "
-              f"of {job['TimeLimit']}, {job['Restarts']} restart(s), {job['NumTasks']} task(s)")
+              f"of {job['TimeLimit']}, {job['Restarts']} restart(s), {job['NumTasks']} task(s), "
+              f"exit code {job['ExitCode']}")
     if status:
         print_status(status)
+    elif job:
+        print(f"  log {job['StdOut']}; not a `pretrain submit` job: pass its run directory to `pretrain status`")
     return 0
 
 

@@ -10,8 +10,14 @@ conf="$state/slurm.conf"
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   echo "local-cluster: installing slurm-wlm and munge" >&2
   export DEBIAN_FRONTEND=noninteractive
+  # The packages' scripts must not start daemons of their own (they would outlive down.sh): policy-rc.d says no.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq >/dev/null
-  apt-get install -y -qq slurm-wlm munge >/dev/null
+  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
 fi
 
 if [ -f "$conf" ] && SLURM_CONF="$conf" timeout 10 sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
@@ -25,12 +31,13 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge
 chmod 400 /etc/munge/munge.key
-if ! pgrep -x munged >/dev/null; then
+if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
   su -s /bin/sh munge -c /usr/sbin/munged
+  cp /run/munge/munged.pid "$state/munged.pid"  # ours to stop in down.sh; a munged found running is left alone
 fi
 
 cpus=$(nproc)
-mem=$(( $(free -m | awk '/^Mem:/{print $2}') * 9 / 10 ))
+mem=$(awk '/^MemTotal:/{print int($2 / 1024 * 0.9)}' /proc/meminfo)
 cat > "$conf" <<CONF
 ClusterName=pretrain-local
 SlurmctldHost=localhost
@@ -51,14 +58,14 @@ SlurmdPidFile=$state/slurmd.pid
 SlurmctldLogFile=$state/log/slurmctld.log
 SlurmdLogFile=$state/log/slurmd.log
 MpiDefault=none
-KillWait=10
+KillWait=30
 MinJobAge=300
 NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 
 slurmctld -f "$conf"
-slurmd -f "$conf"
+slurmd -f "$conf" -N localhost
 for _ in $(seq 1 60); do
   if SLURM_CONF="$conf" sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)$'; then
     echo "local-cluster: node idle ($cpus CPUs, ${mem} MB)" >&2
