@@ -63,7 +63,6 @@ class ParallelConfig(_Section):
     dp: int | None = Field(None, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 1
     micro_batch: int = Field(1, ge=1)
-    sequence_parallel: bool = False
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
     @model_validator(mode="after")
@@ -73,8 +72,6 @@ class ParallelConfig(_Section):
                 f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: DeepSpeed's pipeline engine "
                 "runs only ZeRO 0 or 1; set parallel.zero_stage=1 or parallel.pp=1"
             )
-        if self.sequence_parallel and self.tp == 1:
-            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1: set it false or raise tp")
         return self
 
 
