@@ -123,6 +123,8 @@ class TrainConfig(_Section):
     run_dir: str = "runs/default"
     # No step within this many seconds (a hung collective): dump every thread's stack and exit 1. 0: off.
     watchdog_s: int = Field(1800, ge=0)
+    # How long a rank waits for rank 0's rendezvous (MASTER_ADDR:MASTER_PORT) before it gives up with an error.
+    rendezvous_timeout_s: int = Field(300, gt=0)
     # A step whose loss or gradients are not finite is skipped; after this many in a row the run reloads its newest
     # checkpoint and goes on past the data that caused them, at most max_rollbacks times.
     max_nonfinite_in_row: int = Field(5, ge=1)

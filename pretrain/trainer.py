@@ -343,7 +343,7 @@ def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
         cores = os.environ.get("SLURM_CPUS_PER_TASK")
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(int(cores) if cores else max(1, (os.cpu_count() or 1) // local_ranks))
-    parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp)
+    parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, rendezvous_timeout_s=cfg.train.rendezvous_timeout_s)
     try:
         trainer = Trainer(cfg, run_dir, resume_from, stop_signals)
         while (outcome := trainer.fit()) == _ROLLBACK:
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(load_config(args.run_dir / "config.yaml"), args.run_dir, args.resume_from)
-    except (CheckpointError, ConfigError, DataError, TrainingError) as e:
+    except (CheckpointError, ConfigError, DataError, TrainingError, parallel.RendezvousError) as e:
         print(f"[pretrain] rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
 

@@ -7,6 +7,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from pretrain.checkpoint.store import CheckpointStore, step_dir_name, verify
 from pretrain.trainer import INJECT_NONFINITE_ENV
+from tests.distributed import free_port
 from tests.runs import ROOT, error_line, losses, metrics, run_train, train, train_command
 
 STEPS = 12
@@ -220,3 +222,31 @@ def test_watchdog_ends_a_run_whose_collective_hangs(tiny_data, tmp_path):
     assert code != 0
     assert "Timeout (0:00:05)!" in stderr and "most recent call first" in stderr
     assert waited < 60
+
+
+@pytest.mark.parametrize(("overrides", "nproc", "expected"), [
+    (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp * parallel.pp = 2 * 1 = 2"),
+    (["parallel.tp=3"], 3, "model.n_heads=8 is not divisible by parallel.tp=3"),
+], ids=["layout-does-not-fit-world", "tp-does-not-divide-heads"])
+def test_layout_errors_are_one_line_before_any_process_starts(overrides, nproc, expected, tiny_data, tmp_path):
+    result = run_train(tmp_path / "run", tiny_data, FAST + overrides, nproc=nproc, timeout=120)
+    assert result.returncode == 2
+    assert expected in error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_master_is_a_named_error_not_a_hang(tiny_data, tmp_path):
+    """Rank 1 of 2 whose rank 0 never starts: after train.rendezvous_timeout_s it names the address and exits 2."""
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, tiny_data, FAST + ["train.steps=1"]).returncode == 0  # writes config.yaml
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("rendezvous_timeout_s: 300", "rendezvous_timeout_s: 5"))
+    port = str(free_port())
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pretrain.trainer", str(run_dir)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"rank 1 could not reach the master 127.0.0.1:{port} within 5 s" in error_line(result)
+    assert time.monotonic() - started < 60
