@@ -17,13 +17,15 @@ def single_process_group():
         RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
     )
     parallel.init_distributed(tp=1, pp=1, backend="gloo")
-    yield
-    parallel.destroy()
+    # Only the rendezvous reads them: put them back at once, so that processes the other tests start (Slurm jobs
+    # among them) do not inherit rank 0 of this world.
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    yield
+    parallel.destroy()
 
 
 @pytest.fixture(scope="session")
