@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import pytest
 
@@ -48,3 +49,24 @@ def tiny_data(tmp_path_factory):
         f"data.tokenizer={tokenizer}",
         "data.seq_len=128",
     ]
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """`mount_tmpfs(size, read_only=False)` mounts a real tmpfs and returns its path; unmounted after the test.
+    A real full or read-only file system, not a simulated one (permission bits alone do not stop root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(size: str, read_only: bool = False):
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)

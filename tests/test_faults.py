@@ -123,20 +123,9 @@ def test_divergence_that_persists_stops_with_a_clear_error(tiny_data, tmp_path):
     assert "after 1 rollbacks: lower optim.lr" in error_line(result)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 90 MB file system: one tiny-model checkpoint (about 58 MB) fits, a second one does not."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=90m", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
-
-
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(uninterrupted, small_disk, tiny_data, tmp_path):
-    run_dir = small_disk / "run"
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(uninterrupted, mount_tmpfs, tiny_data, tmp_path):
+    # 90 MB: one tiny-model checkpoint (about 58 MB) fits, a second one does not.
+    run_dir = mount_tmpfs("90m") / "run"
     result = run_train(run_dir, tiny_data, FAST + ["checkpoint.every_steps=4"])
     assert result.returncode == 2, result.stderr[-3000:]
     message = error_line(result)
@@ -151,16 +140,8 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(uninterrupted, sm
     assert train(moved, tiny_data, FAST + ["checkpoint.every_steps=4"]) == uninterrupted
 
 
-def test_unwritable_run_directory_is_refused_before_training(tiny_data, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount_point)], check=True)
-    try:
-        result = run_train(mount_point / "run", tiny_data, FAST)
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
+def test_unwritable_run_directory_is_refused_before_training(mount_tmpfs, tiny_data):
+    result = run_train(mount_tmpfs("1m", read_only=True) / "run", tiny_data, FAST)
     assert result.returncode == 2
     assert "is not writable (Read-only file system)" in error_line(result)
 
