@@ -48,11 +48,8 @@ def measure_ms(fn, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - start) * 1e3 / repeats
 
 
-def available_backends(device: torch.device) -> list[str]:
-    backends = ["sdpa", "flex"]
-    if device.type == "cuda" and flash_available():
-        backends.append("flash")
-    return backends
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    return ["sdpa", "flex"] + (["flash"] if flash_available(device, dtype) else [])
 
 
 def bench_one(backend, batch, seq_len, q_heads, kv_heads, head_dim, window, dtype, device, repeats):
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("the full benchmark needs a CUDA GPU; use --smoke on CPU")
         q_heads, kv_heads, head_dim, dtype = 32, 8, 128, torch.bfloat16  # Mistral 7B
         seq_lens, window, repeats = args.seq_lens, args.window, 0
-    backends = args.backends or available_backends(device)
+    backends = args.backends or available_backends(device, dtype)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(

@@ -27,7 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.prepare import MANIFEST_VERSION, ShardWriter, token_dtype, write_manifest  # noqa: E402
+from data_pipeline.prepare import MANIFEST, MANIFEST_VERSION, ShardWriter, token_dtype  # noqa: E402
+from pretrain.checkpoint.store import write_json_atomic  # noqa: E402
 from pretrain.plan import H100_BF16_PEAK_TFLOPS, flops_per_token  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def write_random_shards(out: Path, samples: int, seq_len: int, vocab_size: int, 
     for _ in range(samples):
         writer.add(rng.integers(0, vocab_size, seq_len + 1, dtype=np.int64))
     writer.close()
-    write_manifest(out, {
+    write_json_atomic(out / MANIFEST, {
         "version": MANIFEST_VERSION, "seq_len": seq_len, "sample_tokens": seq_len + 1, "dtype": dtype.name,
         "vocab_size": vocab_size, "tokenizer_sha256": None, "samples": samples, "shards": writer.shards,
     })
@@ -60,14 +61,15 @@ def run_config(args, seq_len: int, window: int | None, work: Path) -> dict:
     """One `pretrain train` run; returns its averaged metrics after the warm-up steps."""
     name = f"seq{seq_len}-w{window or 'full'}"
     data = work / f"data-{seq_len}"
-    global_batch = args.micro_batch * args.accum * (args.nproc // args.tp)
+    micro_batch = args.tokens_per_micro_batch // seq_len if args.tokens_per_micro_batch else args.micro_batch
+    global_batch = micro_batch * args.accum * (args.nproc // args.tp)
     if not (data / "manifest.json").exists():
         write_random_shards(data, global_batch * args.steps, seq_len, args.vocab)
     overrides = [
         f"model.n_layers={args.layers}", f"model.vocab_size={args.vocab}", f"model.max_seq_len={seq_len}",
         f"model.sliding_window={'null' if window is None else min(window, seq_len)}",
         f"data.train=[{{path: {data}}}]", "data.eval=null", "data.tokenizer=null", f"data.seq_len={seq_len}",
-        f"parallel.tp={args.tp}", f"parallel.micro_batch={args.micro_batch}",
+        f"parallel.tp={args.tp}", f"parallel.micro_batch={micro_batch}",
         f"parallel.activation_checkpointing={args.checkpointing}", f"train.global_batch={global_batch}",
         f"train.steps={args.steps}", "train.eval_every=0", f"train.compile={str(not args.no_compile).lower()}",
         "checkpoint.every_steps=0", "logging.every_steps=1", "logging.tensorboard=false", "optim.warmup_steps=1",
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192])
     parser.add_argument("--windows", nargs="+", default=["4096"], help="window sizes; 'none' for full causal")
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--tokens-per-micro-batch", type=int, default=0,
+                        help="micro-batch = this / seq_len for each sequence length (same tokens per step for all)")
     parser.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step per replica")
     parser.add_argument("--checkpointing", default="selective", choices=["none", "selective", "full"])
     parser.add_argument("--nproc", type=int, default=1)
@@ -130,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device} x {args.nproc}; bf16 matmul 8192^3 measured: "
           + (f"{matmul:.1f} TFLOP/s" if matmul else "n/a")
           + f"; datasheet peak {H100_BF16_PEAK_TFLOPS:g} TFLOP/s")
-    print(f"model: Mistral 7B width, {args.layers} layers, vocab {args.vocab}; tp={args.tp}, "
-          f"micro-batch {args.micro_batch} x {args.accum} accumulation per replica, {args.checkpointing} "
-          f"activation checkpointing, compile={'off' if args.no_compile else 'on'} {' '.join(args.overrides)}")
+    micro = f"{args.tokens_per_micro_batch} tokens" if args.tokens_per_micro_batch else f"{args.micro_batch}"
+    print(f"model: Mistral 7B width, {args.layers} layers, vocab {args.vocab}; tp={args.tp}, micro-batch {micro} x "
+          f"{args.accum} accumulation per replica, {args.checkpointing} activation checkpointing, "
+          f"compile={'off' if args.no_compile else 'on'} {' '.join(args.overrides)}")
     header = (f"{'seq':>6} {'window':>6} {'tokens/s/GPU':>13} {'step s':>8} {'GFLOP/token':>11} "
               f"{'MFU(989)':>9} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
     print(header)

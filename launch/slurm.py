@@ -91,7 +91,9 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
     command += [sys.executable, "-m", "pretrain.trainer", str(run_dir)]
     if resume_from is not None:
         command += ["--resume-from", str(resume_from)]
-    step = subprocess.Popen(command)
+    # Every task takes its rank from Slurm: a RANK inherited from the submitting shell would give them all the same.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    step = subprocess.Popen(command, env=env)
     ending = False
 
     def on_signal(signum, _frame):

@@ -63,7 +63,6 @@ class ParallelConfig(_Section):
     dp: int | None = Field(None, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 1
     micro_batch: int = Field(1, ge=1)
-    sequence_parallel: bool = False
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
     @model_validator(mode="after")
@@ -73,8 +72,6 @@ class ParallelConfig(_Section):
                 f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: DeepSpeed's pipeline engine "
                 "runs only ZeRO 0 or 1; set parallel.zero_stage=1 or parallel.pp=1"
             )
-        if self.sequence_parallel and self.tp == 1:
-            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1: set it false or raise tp")
         return self
 
 
@@ -126,6 +123,8 @@ class TrainConfig(_Section):
     run_dir: str = "runs/default"
     # No step within this many seconds (a hung collective): dump every thread's stack and exit 1. 0: off.
     watchdog_s: int = Field(1800, ge=0)
+    # How long a rank waits for rank 0's rendezvous (MASTER_ADDR:MASTER_PORT) before it gives up with an error.
+    rendezvous_timeout_s: int = Field(300, gt=0)
     # A step whose loss or gradients are not finite is skipped; after this many in a row the run reloads its newest
     # checkpoint and goes on past the data that caused them, at most max_rollbacks times.
     max_nonfinite_in_row: int = Field(5, ge=1)

@@ -67,7 +67,7 @@ class MetricsLogger:
             eta_text = "" if eta != eta else f" eta {_duration(eta)}"
             print(f"[{kind}] step {step}/{self.total_steps} {summary}{eta_text}", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, plot: bool = True) -> None:
         if not self.enabled:
             return
         if self._progress is not None:
@@ -76,7 +76,8 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
-        plot_losses(self.path, self.run_dir / "loss.png")
+        if plot:
+            plot_losses(self.path, self.run_dir / "loss.png")
 
 
 def _summary(values: dict[str, float]) -> str:

@@ -18,11 +18,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 
+class RendezvousError(RuntimeError):
+    """The process group could not form; the message names the address tried and what to check."""
+
+
 def _first_host(nodelist: str) -> str:
     """The first host of a Slurm node list (e.g. gpu[03-05,07] -> gpu03), as `scontrol` expands it."""
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
     if hosts.returncode != 0 or not hosts.stdout.split():
-        raise RuntimeError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol: set MASTER_ADDR yourself")
+        raise RendezvousError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol: set MASTER_ADDR yourself")
     return hosts.stdout.split()[0]
 
 
@@ -65,7 +69,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                                   is_master=rank == 0, timeout=datetime.timedelta(seconds=rendezvous_timeout_s))
         except (RuntimeError, OSError) as e:
-            raise RuntimeError(
+            raise RendezvousError(
                 f"rank {rank} could not reach the master {master} within {rendezvous_timeout_s:.0f} s ({e}): "
                 "check MASTER_ADDR/MASTER_PORT (or the Slurm node list) and that rank 0 is running"
             ) from None

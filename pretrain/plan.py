@@ -71,13 +71,11 @@ def activation_bytes_per_layer(cfg: Config, bytes_per_value: int) -> float:
     m, p = cfg.model, cfg.parallel
     tokens = cfg.data.seq_len * p.micro_batch
     qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
-    replicated = 4 * m.dim  # two norm inputs, two norm outputs (full width unless sequence parallel)
+    replicated = 4 * m.dim  # two norm inputs, two norm outputs (full width on every tp rank)
     sharded = qkv + m.n_heads * m.head_dim + 3 * m.hidden_dim
-    if p.sequence_parallel:
-        replicated /= p.tp
     full = tokens * (replicated + sharded / p.tp) * bytes_per_value
     if p.activation_checkpointing == "full":
-        return tokens * m.dim * bytes_per_value / (p.tp if p.sequence_parallel else 1)
+        return tokens * m.dim * bytes_per_value
     if p.activation_checkpointing == "selective":
         # The attention core (q, k, v and its output) is recomputed; the MLP keeps its tensors.
         return full - tokens * (qkv + m.n_heads * m.head_dim) / p.tp * bytes_per_value

@@ -51,7 +51,9 @@ def _split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-EXIT_SAVED_ON_SIGNAL = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint saved, run again to resume
+EXIT_SAVED_ON_SIGNAL = os.EX_TEMPFAIL  # 75: preempted or out of time, checkpoint saved, run again to resume
+# SIGTERM on preemption, SIGUSR1 (or submitit's SIGUSR2) before the time limit: save at the next step boundary.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_USER_ERROR = 2
 _ROLLBACK = "rollback"
 # Testing hook: 1-based numbers of global batches (counted by the data loader) whose loss is made NaN, as a bad
@@ -65,7 +67,7 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
-                 stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+                 stop_signals: tuple[int, ...] = STOP_SIGNALS,
                  data_position: dict | None = None, counters: dict | None = None):
         """`data_position` and `counters`, given on a rollback, replace the checkpoint's: the data goes on past
         the batches that diverged, and skipped steps and rollbacks stay counted."""
@@ -266,7 +268,8 @@ class Trainer:
         faulthandler.cancel_dump_traceback_later()
         self.checkpointer.settle()
         dist.barrier()
-        metrics.close()
+        # After a stop signal the scheduler's grace period is short: the plot waits for the run's real end.
+        metrics.close(plot=outcome != EXIT_SAVED_ON_SIGNAL)
         return outcome
 
     def rolled_back(self) -> Trainer:
@@ -334,12 +337,13 @@ class _Repeat:
 
 
 def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
-        stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> int:
+        stop_signals: tuple[int, ...] = STOP_SIGNALS) -> int:
     if not torch.cuda.is_available():
-        # Ranks on one machine share its cores; more threads than cores only thrash.
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
-    parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp)
+        # Ranks on one machine share its cores (Slurm says how many this task has); more threads only thrash.
+        cores = os.environ.get("SLURM_CPUS_PER_TASK")
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(int(cores) if cores else max(1, (os.cpu_count() or 1) // local_ranks))
+    parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, rendezvous_timeout_s=cfg.train.rendezvous_timeout_s)
     try:
         trainer = Trainer(cfg, run_dir, resume_from, stop_signals)
         while (outcome := trainer.fit()) == _ROLLBACK:
@@ -358,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(load_config(args.run_dir / "config.yaml"), args.run_dir, args.resume_from)
-    except (CheckpointError, ConfigError, DataError, TrainingError) as e:
+    except (CheckpointError, ConfigError, DataError, TrainingError, parallel.RendezvousError) as e:
         print(f"[pretrain] rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
 

@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import pytest
 
@@ -17,13 +18,15 @@ def single_process_group():
         RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
     )
     parallel.init_distributed(tp=1, pp=1, backend="gloo")
-    yield
-    parallel.destroy()
+    # Only the rendezvous reads them: put them back at once, so that processes the other tests start (Slurm jobs
+    # among them) do not inherit rank 0 of this world.
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    yield
+    parallel.destroy()
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +49,24 @@ def tiny_data(tmp_path_factory):
         f"data.tokenizer={tokenizer}",
         "data.seq_len=128",
     ]
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """`mount_tmpfs(size, read_only=False)` mounts a real tmpfs and returns its path; unmounted after the test.
+    A real full or read-only file system, not a simulated one (permission bits alone do not stop root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(size: str, read_only: bool = False):
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)

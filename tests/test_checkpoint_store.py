@@ -1,9 +1,7 @@
 """The checkpoint store on its own: atomic finalize, verification, retention, leftovers, unwritable directories."""
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -100,19 +98,7 @@ def test_leftovers_of_interrupted_saves_are_removed_at_start(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", step_dir_name(1)]
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A real read-only file system (a tmpfs mounted ro): permission bits alone do not stop root."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
-
-
-def test_unwritable_directory_is_reported(read_only_dir):
-    store = CheckpointStore(read_only_dir / "checkpoints", keep_last=2, keep_every=0)
+def test_unwritable_directory_is_reported(mount_tmpfs):
+    store = CheckpointStore(mount_tmpfs("1m", read_only=True) / "checkpoints", keep_last=2, keep_every=0)
     with pytest.raises(CheckpointError, match="not writable.*Read-only file system"):
         store.check_writable()

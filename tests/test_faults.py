@@ -7,6 +7,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from pretrain.checkpoint.store import CheckpointStore, step_dir_name, verify
 from pretrain.trainer import INJECT_NONFINITE_ENV
+from tests.distributed import free_port
 from tests.runs import ROOT, error_line, losses, metrics, run_train, train, train_command
 
 STEPS = 12
@@ -121,20 +123,9 @@ def test_divergence_that_persists_stops_with_a_clear_error(tiny_data, tmp_path):
     assert "after 1 rollbacks: lower optim.lr" in error_line(result)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 90 MB file system: one tiny-model checkpoint (about 58 MB) fits, a second one does not."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=90m", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
-
-
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(uninterrupted, small_disk, tiny_data, tmp_path):
-    run_dir = small_disk / "run"
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(uninterrupted, mount_tmpfs, tiny_data, tmp_path):
+    # 90 MB: one tiny-model checkpoint (about 58 MB) fits, a second one does not.
+    run_dir = mount_tmpfs("90m") / "run"
     result = run_train(run_dir, tiny_data, FAST + ["checkpoint.every_steps=4"])
     assert result.returncode == 2, result.stderr[-3000:]
     message = error_line(result)
@@ -149,16 +140,8 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(uninterrupted, sm
     assert train(moved, tiny_data, FAST + ["checkpoint.every_steps=4"]) == uninterrupted
 
 
-def test_unwritable_run_directory_is_refused_before_training(tiny_data, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount_point)], check=True)
-    try:
-        result = run_train(mount_point / "run", tiny_data, FAST)
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
+def test_unwritable_run_directory_is_refused_before_training(mount_tmpfs, tiny_data):
+    result = run_train(mount_tmpfs("1m", read_only=True) / "run", tiny_data, FAST)
     assert result.returncode == 2
     assert "is not writable (Read-only file system)" in error_line(result)
 
@@ -220,3 +203,31 @@ def test_watchdog_ends_a_run_whose_collective_hangs(tiny_data, tmp_path):
     assert code != 0
     assert "Timeout (0:00:05)!" in stderr and "most recent call first" in stderr
     assert waited < 60
+
+
+@pytest.mark.parametrize(("overrides", "nproc", "expected"), [
+    (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp * parallel.pp = 2 * 1 = 2"),
+    (["parallel.tp=3"], 3, "model.n_heads=8 is not divisible by parallel.tp=3"),
+], ids=["layout-does-not-fit-world", "tp-does-not-divide-heads"])
+def test_layout_errors_are_one_line_before_any_process_starts(overrides, nproc, expected, tiny_data, tmp_path):
+    result = run_train(tmp_path / "run", tiny_data, FAST + overrides, nproc=nproc, timeout=120)
+    assert result.returncode == 2
+    assert expected in error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_master_is_a_named_error_not_a_hang(tiny_data, tmp_path):
+    """Rank 1 of 2 whose rank 0 never starts: after train.rendezvous_timeout_s it names the address and exits 2."""
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, tiny_data, FAST + ["train.steps=1"]).returncode == 0  # writes config.yaml
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("rendezvous_timeout_s: 300", "rendezvous_timeout_s: 5"))
+    port = str(free_port())
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pretrain.trainer", str(run_dir)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"rank 1 could not reach the master 127.0.0.1:{port} within 5 s" in error_line(result)
+    assert time.monotonic() - started < 60

@@ -117,11 +117,6 @@ def test_init_statistics(single_process_group):
     )
 
 
-def test_sequence_parallel_is_refused(single_process_group):
-    with pytest.raises(ValueError, match="sequence_parallel"):
-        Mistral(CFG, sequence_parallel=True)
-
-
 def test_bfloat16_parameters_train_close_to_float32(single_process_group, tokens):
     reference = Mistral(CFG, seed=1)
     model = Mistral(CFG, seed=1, params_dtype=torch.bfloat16)

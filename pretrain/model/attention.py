@@ -4,9 +4,14 @@ Window rule (transformers' `sliding_window`): query i sees key j when i - window
 `window` most recent positions including itself. With document ids, a query sees only keys of its own
 document. Query head h reads kv head h // (Hq / Hkv), the grouping of transformers' `repeat_kv`.
 
-Backends: `flash` (flash-attn, CUDA only), `flex` (FlexAttention; compiled on CUDA; forward only on CPU,
-torch has no CPU backward for it) and `sdpa` (scaled_dot_product_attention with an explicit mask; the one
-that trains on CPU). `auto` picks flash, then flex on CUDA, and sdpa on CPU.
+Backends:
+- `flash`: FlashAttention-2 with its own window and variable-length (document) support; the flash-attn package's
+  kernels where it is installed, else the FlashAttention-2 kernels PyTorch ships. CUDA, float16/bfloat16.
+- `flex`: FlexAttention with a sliding-window block mask, compiled on CUDA (forward only on CPU: torch has no CPU
+  backward for it).
+- `sdpa`: scaled_dot_product_attention, with an explicit mask when there is a window or documents: the reference,
+  and the one that trains on CPU.
+`auto` picks sdpa on CPU and, on CUDA, what measured fastest (see `resolve_backend`).
 """
 
 from __future__ import annotations
@@ -22,22 +27,34 @@ BACKENDS = ("auto", "flash", "flex", "sdpa")
 
 
 @functools.cache
-def flash_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for `backend` on `device`; raises if an explicit choice cannot run there."""
+def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """FlashAttention-2 runs on CUDA in half precision: the flash-attn package's kernels where it is installed,
+    else the ones PyTorch ships."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and (flash_attn_installed() or torch.backends.cuda.is_flash_attention_available()))
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, masked: bool = True) -> str:
+    """The concrete backend for `backend` on `device` and `dtype`; raises if an explicit choice cannot run there.
+
+    `auto` on CUDA, as measured on an H100 (benchmarks/RESULTS.md): plain causal attention (`masked` false: no
+    window inside the sequence, no documents) goes to scaled_dot_product_attention's fused kernels, the fastest
+    there; a window or documents go to the flash-attn package where it is installed, else to compiled FlexAttention,
+    which beat the FlashAttention-2 kernels PyTorch ships."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-    on_cuda = device.type == "cuda"
     if backend == "auto":
-        if on_cuda:
-            return "flash" if flash_available() else "flex"
-        return "sdpa"
-    if backend == "flash" and not (on_cuda and flash_available()):
+        if device.type != "cuda" or not masked:
+            return "sdpa"
+        return "flash" if flash_attn_installed() and flash_available(device, dtype) else "flex"
+    if backend == "flash" and not flash_available(device, dtype):
         raise ValueError(
-            "attention backend 'flash' needs CUDA and the flash-attn package; use 'flex' or 'sdpa'"
+            f"attention backend 'flash' needs CUDA and float16 or bfloat16 (here {device.type}, {dtype}); "
+            "use 'flex' or 'sdpa'"
         )
     return backend
 
@@ -57,7 +74,8 @@ def attention(
     doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention. q: [B, S, Hq, D]; k, v: [B, S, Hkv, D]; doc_ids: [B, S] or None. Returns [B, S, Hq, D]."""
-    backend = resolve_backend(backend, q.device)
+    masked = doc_ids is not None or (window is not None and window < q.shape[1])
+    backend = resolve_backend(backend, q.device, q.dtype, masked)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
     if backend == "flash":
@@ -75,9 +93,6 @@ def _sdpa(q, k, v, window, doc_ids):
     seq_len = q.shape[2]
     if doc_ids is None and (window is None or window >= seq_len):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    elif doc_ids is None and (not q.is_cuda or q.dtype in (torch.float16, torch.bfloat16)):  # flash's dtypes
-        group = q.shape[1] // k.shape[1]
-        out = sliding_window_flash(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), window)
     else:
         mask = _window_mask(seq_len, window, q.device)
         if doc_ids is not None:
@@ -85,106 +100,6 @@ def _sdpa(q, k, v, window, doc_ids):
             mask = mask & same_doc
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return out.transpose(1, 2)
-
-
-def sliding_window_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal attention over the `window` most recent keys, from PyTorch's causal flash kernel.
-
-    q, k, v: [B, H, S, D] with as many kv heads as query heads. The sequence is cut into chunks of `window`
-    (zero-padded at the end, which no real query can see). A query at offset a of chunk c sees the keys of its own
-    chunk up to a (causal) and the keys of chunk c-1 after offset a; reversed in time, that second set is causal too.
-    So each part is one batched causal flash call over all chunks, and the parts merge by their log-sum-exps.
-    """
-    seq_len = q.shape[2]
-    padded = -(-seq_len // window) * window
-    if padded != seq_len:
-        q, k, v = (F.pad(t, (0, 0, 0, padded - seq_len)) for t in (q, k, v))
-    return _SlidingWindowFlash.apply(q, k, v, window)[:, :, :seq_len]
-
-
-def _flash_forward(q, k, v):
-    """Causal flash attention: (output, log-sum-exp [B, H, S] in float32, what the backward needs besides)."""
-    if q.is_cuda:
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True)
-        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-    return out, lse, ()
-
-
-def _flash_backward(grad_out, q, k, v, out, lse, extras):
-    if q.is_cuda:
-        cum_q, cum_k, max_q, max_k, seed, offset = extras
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, lse, 0.0, True)
-
-
-class _SlidingWindowFlash(torch.autograd.Function):
-    """See `sliding_window_flash`. The backward runs the kernel's own backward on each part with the merged output
-    and log-sum-exp: its probabilities exp(s - lse) and its rowsum(dO * O) then refer to the union of both key sets,
-    which makes each part's gradients exact (the argument ring attention rests on)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, window):
-        batch, heads, seq_len, dim = q.shape
-        chunks = seq_len // window
-        # [B, H, S, D] -> [B * chunks, H, W, D]: every chunk becomes one sequence of the batch.
-        qc, kc, vc = (t.unflatten(2, (chunks, window)).transpose(1, 2).flatten(0, 1).contiguous()
-                      for t in (q, k, v))
-        out, lse, diag_extras = _flash_forward(qc, kc, vc)
-        out, lse = out.float(), lse.float().contiguous()
-        lag_inputs = lag_extras = None
-        if chunks > 1:
-            lag_inputs = _lag_inputs(qc, kc, vc, batch, chunks)
-            lag_out, lag_lse, lag_extras = _flash_forward(*lag_inputs)
-            # Back to forward time: rows 0 .. W-2 of chunks 1 .. n-1 (the last row of a chunk has no such keys).
-            lag_out = _later_chunks(lag_out.flip(2), batch, chunks)
-            lag_lse = _later_chunks(lag_lse.flip(2), batch, chunks)
-            own_out, own_lse = _later_rows(out, batch, chunks), _later_rows(lse, batch, chunks)
-            merged = torch.logaddexp(own_lse, lag_lse)
-            own_out.copy_(own_out * (own_lse - merged).exp()[..., None] + lag_out * (lag_lse - merged).exp()[..., None])
-            own_lse.copy_(merged)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(qc, kc, vc, out, lse)
-        ctx.shape, ctx.extras, ctx.lag_extras = (batch, heads, seq_len, dim, chunks), diag_extras, lag_extras
-        return out.unflatten(0, (batch, chunks)).transpose(1, 2).flatten(2, 3)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qc, kc, vc, out, lse = ctx.saved_tensors
-        batch, heads, seq_len, dim, chunks = ctx.shape
-        window = seq_len // chunks
-        grad_c = grad_out.unflatten(2, (chunks, window)).transpose(1, 2).flatten(0, 1).contiguous()
-        dq, dk, dv = _flash_backward(grad_c, qc, kc, vc, out, lse, ctx.extras)
-        if chunks > 1:
-            lag_inputs = _lag_inputs(qc, kc, vc, batch, chunks)
-            lag_grad, lag_out, lag_lse = (_later_rows(t, batch, chunks).flip(3).flatten(0, 1).contiguous()
-                                          for t in (grad_c, out, lse))
-            lag_dq, lag_dk, lag_dv = _flash_backward(lag_grad, *lag_inputs, lag_out, lag_lse, ctx.lag_extras)
-            _later_rows(dq, batch, chunks).add_(_later_chunks(lag_dq.flip(2), batch, chunks))
-            for grad, lag in ((dk, lag_dk), (dv, lag_dv)):
-                grad.unflatten(0, (batch, chunks))[:, :-1, :, 1:].add_(lag.flip(2).unflatten(0, (batch, chunks - 1)))
-        grads = (g.unflatten(0, (batch, chunks)).transpose(1, 2).flatten(2, 3) for g in (dq, dk, dv))
-        return (*grads, None)
-
-
-def _lag_inputs(qc, kc, vc, batch, chunks):
-    """Time-reversed inputs of the lagged part: queries 0 .. W-2 of chunks 1 .. n-1 and keys 1 .. W-1 of chunks
-    0 .. n-2. Query a sees key b when b > a; reversed, query row W-2-a sees key row W-1-b, which is causal."""
-    q = qc.unflatten(0, (batch, chunks))[:, 1:, :, :-1]
-    k, v = (t.unflatten(0, (batch, chunks))[:, :-1, :, 1:] for t in (kc, vc))
-    return tuple(t.flip(3).flatten(0, 1).contiguous() for t in (q, k, v))
-
-
-def _later_rows(t, batch, chunks):
-    """View of rows 0 .. W-2 of chunks 1 .. n-1 of a [B * chunks, H, W, ...] tensor."""
-    return t.unflatten(0, (batch, chunks))[:, 1:, :, :-1]
-
-
-def _later_chunks(t, batch, chunks):
-    """[B * (chunks - 1), H, W - 1, ...] -> [B, chunks - 1, H, W - 1, ...], matching `_later_rows`."""
-    return t.unflatten(0, (batch, chunks - 1))
 
 
 @functools.lru_cache(maxsize=16)
@@ -269,30 +184,50 @@ def _flex(q, k, v, window, doc_ids):
 
 
 def _flash(q, k, v, window, doc_ids):
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-
     # flash-attn's window_size=(left, right) lets query i see keys i-left .. i+right, i.e. left+1 keys
     # behind and including itself when right=0. transformers' window W sees the W keys with j > i - W,
     # which are i-W+1 .. i: the same set for left = W - 1. (left = W would reach one key too far.)
-    window_size = (-1, -1) if window is None else (window - 1, 0)
+    left = -1 if window is None else window - 1
+    batch, seq_len = q.shape[:2]
+    # Always the variable-length entry point: packed documents are its sequences, and without documents each row
+    # is one. max_seqlen is the row length (an upper bound for documents), which spares a device-to-host sync.
     if doc_ids is None:
-        return flash_attn_func(q, k, v, causal=True, window_size=window_size)
-    batch, seq_len = doc_ids.shape
-    starts_doc = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    starts = torch.nonzero(starts_doc.flatten()).flatten()
-    total = torch.tensor([batch * seq_len], device=starts.device)
+        starts = torch.arange(0, batch * seq_len, seq_len, device=q.device)
+    else:
+        starts_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        starts = torch.nonzero(starts_doc.flatten()).flatten()
+    total = torch.tensor([batch * seq_len], device=q.device)
     cu_seqlens = torch.cat([starts, total]).to(torch.int32)
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    out = flash_attn_varlen_func(
-        q.flatten(0, 1),
-        k.flatten(0, 1),
-        v.flatten(0, 1),
-        cu_seqlens_q=cu_seqlens,
-        cu_seqlens_k=cu_seqlens,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_k=max_seqlen,
-        causal=True,
-        window_size=window_size,
-    )
+    q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+    if flash_attn_installed():
+        from flash_attn import flash_attn_varlen_func
+
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                     max_seqlen_q=seq_len, max_seqlen_k=seq_len, causal=True, window_size=(left, 0))
+    else:
+        out = _BundledFlash.apply(q, k, v, cu_seqlens, seq_len, left)
     return out.unflatten(0, (batch, seq_len))
+
+
+class _BundledFlash(torch.autograd.Function):
+    """The FlashAttention-2 kernels PyTorch ships for scaled_dot_product_attention, called directly for their
+    sliding window (window_size_left) and variable-length sequences, which scaled_dot_product_attention does not
+    expose. q: [total, Hq, D]; k, v: [total, Hkv, D] (grouped-query heads natively)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, left):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False,
+            window_size_left=left, window_size_right=0)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
+        ctx.max_seqlen, ctx.left = max_seqlen, left
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, 0.0,
+            True, rng_state, unused, window_size_left=ctx.left, window_size_right=0)
+        return dq, dk, dv, None, None, None

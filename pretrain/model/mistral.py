@@ -270,13 +270,10 @@ class Mistral(nn.Module):
         *,
         eos_id: int | None = None,
         activation_checkpointing: ActivationCheckpointing = "none",
-        sequence_parallel: bool = False,
         seed: int = 0,
         params_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if sequence_parallel:
-            raise ValueError("parallel.sequence_parallel is not implemented by this model yet: set it false")
         if cfg.document_masking and eos_id is None:
             raise ValueError(
                 "model.document_masking needs the tokenizer's eos_id passed to Mistral(eos_id=...)"
