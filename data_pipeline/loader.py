@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -324,6 +325,13 @@ class _StepBatches(IterableDataset):
             local += 1
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Slurm signals every process of a job (scancel, preemption): a worker that died of it would take its rank down
+    before the rank could save. Workers leave stopping to their rank, which shuts them down as it exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TokenLoader:
     """Batches {"tokens": LongTensor[micro_batch, seq_len + 1]} for one data-parallel rank, forever.
 
@@ -378,7 +386,8 @@ class TokenLoader:
         dataset = _StepBatches(self.sources, self.options, copy.deepcopy(self._state),
                                self.dp_rank, self.dp_size, self.micro_batch)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available())
+                            prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=_ignore_stop_signals)
         for batch, state, skipped, error in loader:
             if error is not None:
                 raise DataError(error)

@@ -32,7 +32,8 @@ def run_status(run_dir: Path, hash_files: bool = True) -> dict:
     return {
         "run_dir": str(run_dir),
         "target_steps": cfg.train.steps,
-        "step": train[-1]["step"] if train else 0,
+        # A run stopped by a signal saves the step it was in, whose metrics may not be logged yet.
+        "step": max([train[-1]["step"] if train else 0] + [c["step"] for c in checkpoints if c["ok"]]),
         "tokens": train[-1].get("tokens", 0) if train else 0,
         "checkpoints": checkpoints,
         "incomplete_saves": incomplete,
