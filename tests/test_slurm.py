@@ -5,8 +5,9 @@ stops requeuing; hostile job names and run paths neither break nor inject into t
 
 Every job is the tiny model with 2 tasks (gloo on CPU), 24 steps. Jobs run one after the other: each takes both
 cores of this machine; the module takes about 4.5 minutes on 2 cores (10 job starts of ~15 s each dominate). Slurm
-holds a requeued job for two minutes (its BeginTime); `wait_for_end` releases it with `scontrol update
-starttime=now`, as an impatient user would.
+holds a requeued job for two minutes (its BeginTime); `wait_for_end` releases it to start 5 s later with
+`scontrol update starttime=now+5`, as an impatient user would (not at once: a start in the second of the requeue
+finds the node still revoking the previous run's credential, and Slurm fails the job).
 
 Without root or apt-get (and Slurm not installed) the tests skip; with PRETRAIN_REQUIRE_SLURM=1 (set by .ci/run)
 or CI=true they fail instead.
@@ -100,9 +101,15 @@ def slurm(*command: str) -> subprocess.CompletedProcess:
     raise AssertionError(f"{shlex.join(command)} failed 10 times: {result.stderr}")
 
 
-def release(job_id: str) -> None:
-    """Let a requeued job start now instead of after its BeginTime (may race with its start: then a no-op)."""
-    subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], capture_output=True)
+_released: set[tuple[str, str]] = set()
+
+
+def release(job_id: str, restarts: str) -> None:
+    """Let a requeued job start in 5 s instead of after its BeginTime, once per requeue (each update would push the
+    start back again); may race with its start: then a no-op."""
+    if (job_id, restarts) not in _released:
+        _released.add((job_id, restarts))
+        subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now+5"], capture_output=True)
 
 
 def queued(job_id: str) -> bool:
@@ -116,7 +123,7 @@ def wait_for_end(job_id: str, timeout: float = 480) -> dict:
     while time.monotonic() < deadline:
         state = job(job_id)
         if state["JobState"] == "PENDING" and state["Reason"] == "BeginTime":
-            release(job_id)
+            release(job_id, state["Restarts"])
         if state["JobState"] in TERMINAL and not queued(job_id):
             return state
         time.sleep(0.25)
@@ -131,7 +138,7 @@ def wait_for_step(run_dir: Path, job_id: str, step: int, restarts: int = 0, time
         if state["JobState"] in TERMINAL:
             raise AssertionError(f"job {job_id} ended early: {state}\n{job_log(run_dir, job_id)[-4000:]}")
         if state["JobState"] == "PENDING" and state["Reason"] == "BeginTime":
-            release(job_id)
+            release(job_id, state["Restarts"])
         if int(state["Restarts"]) == restarts and state["JobState"] == "RUNNING" and step in losses(run_dir):
             return
         time.sleep(0.1)

@@ -12,7 +12,10 @@ import torch
 from tests.runs import train
 
 STEPS = 20
-COMMON = [f"train.steps={STEPS}", "parallel.micro_batch=2", "checkpoint.every_steps=0", "train.dtype=bfloat16"]
+# SDPA: the layouts are under test here, not the attention kernels (tests/test_attention*.py), and it needs no
+# compilation in each of the four runs.
+COMMON = [f"train.steps={STEPS}", "parallel.micro_batch=2", "checkpoint.every_steps=0", "train.dtype=bfloat16",
+          "model.attention_backend=sdpa"]
 LAYOUTS = {"dp2-zero1": ["parallel.zero_stage=1"], "dp2-zero3": ["parallel.zero_stage=3"], "tp2": ["parallel.tp=2"]}
 
 pytestmark = [
