@@ -124,7 +124,7 @@ def imported_random(random_hf, tiny_data) -> Path:
 def test_import_then_export_is_bit_identical(random_hf, imported_random):
     assert len(list(random_hf.glob("model-*.safetensors"))) > 1  # the import read a sharded directory
     assert sorted(p.name for p in (imported_random / "checkpoints" / "step_00000000" / "model").iterdir()) == [
-        "tp00-pp00.safetensors", "tp01-pp00.safetensors"]
+        "tp00-pp00-dp0000.safetensors", "tp01-pp00-dp0000.safetensors"]
     out = imported_random.parent / "reexported"
     code, _, err = cli("export", imported_random, "--out", out, "--max-shard-size", "300KB")
     assert code == 0, err
@@ -343,7 +343,7 @@ def test_tp2_pp2_checkpoint_exports_what_its_run_computed_and_imports_for_more_t
     code, _, err = cli("import", exported, *tiny_data, "--out", imported, "--config", ROOT / "configs" / "tiny.yaml")
     assert code == 0, err
     assert [p.name for p in (imported / "checkpoints" / "step_00000000" / "model").iterdir()] == [
-        "tp00-pp00.safetensors"]
+        "tp00-pp00-dp0000.safetensors"]
     again = tmp_path / "again"
     assert cli("export", imported, "--out", again)[0] == 0
     first, second = tensors(exported), tensors(again)
@@ -393,7 +393,7 @@ def test_eval_gives_the_trainers_and_our_models_loss(trained_run, tiny_data, sin
 def test_bad_input_is_refused_with_one_line(trained_run, random_hf, tmp_path):
     broken_run = tmp_path / "broken_run"
     shutil.copytree(trained_run, broken_run)
-    shard = broken_run / "checkpoints" / "step_00000003" / "model" / "tp00-pp00.safetensors"
+    shard = broken_run / "checkpoints" / "step_00000003" / "model" / "tp00-pp00-dp0000.safetensors"
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -157,7 +157,7 @@ def finished_run(tiny_data, tmp_path_factory):
 def test_corrupt_newest_checkpoint_is_skipped_and_refused_by_name(finished_run, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
-    shard = run_dir / "checkpoints" / step_dir_name(4) / "model" / "tp00-pp00.safetensors"
+    shard = run_dir / "checkpoints" / step_dir_name(4) / "model" / "tp00-pp00-dp0000.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))

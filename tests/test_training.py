@@ -72,6 +72,26 @@ def test_two_process_run_learns_and_writes_metrics_and_plot(runs):
     assert (run_dir / "config.yaml").is_file()
 
 
+def checkpoint_shards(run_dir) -> dict[str, tuple[set[str], int]]:
+    """The step-10 checkpoint's parameter files: the keys each holds and its size in bytes."""
+    from safetensors import safe_open
+
+    model_dir = run_dir / "checkpoints" / "step_00000010" / "model"
+    return {path.name: (set(safe_open(str(path), framework="pt").keys()), path.stat().st_size)
+            for path in sorted(model_dir.iterdir())}
+
+
+@pytest.mark.parametrize("layout", ["dp2-zero1", "dp2-zero3"])
+def test_data_parallel_ranks_share_a_checkpoint(layout, runs):
+    """Each parameter is written once, by one data-parallel rank, and the two ranks write about equal shares."""
+    got = checkpoint_shards(runs(layout)[0])
+    assert list(got) == ["tp00-pp00-dp0000.safetensors", "tp00-pp00-dp0001.safetensors"]
+    (first, first_size), (second, second_size) = got.values()
+    assert not first & second
+    assert first | second == checkpoint_shards(runs("single")[0])["tp00-pp00-dp0000.safetensors"][0]
+    assert max(first_size, second_size) < 1.5 * min(first_size, second_size), (first_size, second_size)
+
+
 RESHARDS = [("dp2-zero1", "single"), ("single", "dp2-zero1"), ("tp2", "single"), ("pp2", "single"),
             ("dp2-zero3", "tp2")]
 

@@ -2,19 +2,22 @@
 
 Every parameter is saved under its canonical name (the tp=1, pp=1 model's) as this tensor-parallel rank's
 shard, with its float32 master copy and Adam moments gathered over data-parallel ranks (ZeRO 1-3 partitions are
-assembled by DeepSpeed's `safe_get_full_*`). One file per (tp, pp) coordinate, written by its data-parallel
-rank 0. Loading merges the old tp shards and cuts the new rank's shard, so a checkpoint loads into any
-tp/pp/dp/ZeRO layout with the optimizer state carried over; the same layout resumes bit-exactly.
+assembled by DeepSpeed's `safe_get_full_*`). The parameters of one (tp, pp) coordinate are spread over its
+data-parallel ranks, each parameter in one rank's file, balanced by size: every rank copies to host memory and
+writes only its share, so a save's host memory and write time shrink with the data-parallel size instead of
+landing on one rank. Loading merges the old tp shards and cuts the new rank's shard, so a checkpoint loads into
+any tp/pp/dp/ZeRO layout with the optimizer state carried over; the same layout resumes bit-exactly.
 
-    model/tp00-pp00.safetensors   param/<name>, exp_avg/<name>, exp_avg_sq/<name>
-    rng/rank00000.pt              python, numpy, torch CPU and CUDA generator states of one rank
-    trainer.json                  step, tokens, scheduler, loader position, counters, config, code version
+    model/tp00-pp00-dp0000.safetensors   param/<name>, exp_avg/<name>, exp_avg_sq/<name>
+    rng/rank00000.pt                     python, numpy, torch CPU and CUDA generator states of one rank
+    trainer.json                         step, tokens, scheduler, loader position, counters, config, code version
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -46,8 +49,11 @@ def code_version() -> str:
         return "unknown"
 
 
-def shard_file_name(tp_rank: int, pp_rank: int) -> str:
-    return f"model/tp{tp_rank:02d}-pp{pp_rank:02d}.safetensors"
+_SHARD_FILE = re.compile(r"tp(\d+)-pp(\d+)-dp(\d+)\.safetensors")
+
+
+def shard_file_name(tp_rank: int, pp_rank: int, dp_rank: int = 0) -> str:
+    return f"model/tp{tp_rank:02d}-pp{pp_rank:02d}-dp{dp_rank:04d}.safetensors"
 
 
 def _inner_optimizer(engine) -> torch.optim.Optimizer:
@@ -86,12 +92,19 @@ def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], traine
     optimizer = _inner_optimizer(engine)
     _relink_optimizer_state(engine)
     tensors: dict[str, torch.Tensor] = {}
+    dp_rank = parallel.dp_rank()
+    bytes_per_dp_rank = [0] * parallel.dp_size()
     for param, name in sorted(canonical.items(), key=lambda item: item[1]):
-        for key, value in _full_master(param, optimizer).items():
-            tensors[f"{key}/{name}"] = value.detach().to("cpu", torch.float32, copy=True).contiguous()
+        values = _full_master(param, optimizer)
+        # Every dp rank holds the same full values, so each computes the same owner: the least loaded so far.
+        owner = bytes_per_dp_rank.index(min(bytes_per_dp_rank))
+        bytes_per_dp_rank[owner] += sum(value.numel() for value in values.values())
+        if owner == dp_rank:
+            for key, value in values.items():
+                tensors[f"{key}/{name}"] = value.detach().to("cpu", torch.float32, copy=True).contiguous()
     snapshot: dict[str, object] = {"rng": _rng_state()}
-    if parallel.dp_rank() == 0:
-        snapshot[shard_file_name(parallel.tp_rank(), parallel.pp_rank())] = tensors
+    if tensors:
+        snapshot[shard_file_name(parallel.tp_rank(), parallel.pp_rank(), dp_rank)] = tensors
     if dist.get_rank() == 0:
         snapshot["trainer"] = {
             **trainer_state,
@@ -195,17 +208,21 @@ class ShardReader:
 
     def __init__(self, ckpt: Path, model_cfg: ModelConfig):
         self.cfg = model_cfg
-        self.files: dict[tuple[int, int], object] = {}
-        for path in sorted((ckpt / "model").glob("tp*-pp*.safetensors")):
-            tp, pp = int(path.stem[2:4]), int(path.stem[7:9])
-            self.files[(tp, pp)] = safe_open(str(path), framework="pt")
-        if not self.files:
-            raise CheckpointError(f"{ckpt}/model holds no parameter shards: the checkpoint is damaged")
-        self.tp = 1 + max(tp for tp, _ in self.files)
-        self.index = {}
-        for (tp, _pp), handle in self.files.items():
+        self.index: dict[str, dict[int, object]] = {}  # key -> tp rank -> the open file holding its shard
+        tp_ranks = set()
+        for path in sorted((ckpt / "model").glob("*.safetensors")):
+            match = _SHARD_FILE.fullmatch(path.name)
+            if match is None:
+                raise CheckpointError(f"{path} is not a parameter shard (tpXX-ppYY-dpZZZZ.safetensors): the "
+                                      "checkpoint was written by another program or damaged")
+            tp = int(match.group(1))
+            tp_ranks.add(tp)
+            handle = safe_open(str(path), framework="pt")
             for key in handle.keys():
                 self.index.setdefault(key, {})[tp] = handle
+        if not tp_ranks:
+            raise CheckpointError(f"{ckpt}/model holds no parameter shards: the checkpoint is damaged")
+        self.tp = 1 + max(tp_ranks)
 
     def has(self, key: str) -> bool:
         return key in self.index
