@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from launch.errors import UserError
+from launch.local import REPRODUCIBLE_MATH_ENV
 from pretrain.config import Config
 
 WARNING_SIGNAL = signal.SIGUSR1  # the trainer saves on it at the next step boundary
@@ -92,7 +93,8 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
     if resume_from is not None:
         command += ["--resume-from", str(resume_from)]
     # Every task takes its rank from Slurm: a RANK inherited from the submitting shell would give them all the same.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env = {**REPRODUCIBLE_MATH_ENV, **{k: v for k, v in os.environ.items()
+                                       if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}}
     step = subprocess.Popen(command, env=env)
     ending = False
 

@@ -56,11 +56,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--resume-from {resume_from} is not a checkpoint directory: pick one under {run_dir}/checkpoints"
         )
     prepare_run_dir(cfg, run_dir)
-    # On CPU, MKL otherwise schedules its threads dynamically (and may use fewer than asked on a busy machine),
-    # which changes the order of float sums and so the last bits of the losses: a resumed run would then not repeat
-    # an uninterrupted one exactly (seen under load in the kill test). Its strict reproducible mode fixes both.
-    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     print(f"pretrain train: {world} {'Slurm task(s)' if slurm_tasks else 'process(es)'}, run directory {run_dir}"
           + (f", resuming from step {existing[-1]}" if existing and resume_from is None else ""),
           file=sys.stderr, flush=True)
