@@ -28,6 +28,7 @@ from rich.text import Text
 from launch.errors import UserError
 from pretrain.checkpoint.store import CheckpointStore, write_json_atomic
 from pretrain.config import Config, load_config, resolve_world
+from pretrain.metrics import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 MARKER = ".made-by-pretrain-demo"  # --out is replaced on a re-run only if it holds this file
@@ -81,10 +82,7 @@ def pretrain(args: list[str], capture: bool = False) -> str:
 
 def logged_steps(metrics: Path, kind: str = "train") -> dict[int, float]:
     """Loss of every logged step of `kind` (a step repeated after a resume keeps its latest value)."""
-    if not metrics.is_file():
-        return {}
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == kind}
+    return {r["step"]: r["loss"] for r in read_metrics(metrics) if r["kind"] == kind}
 
 
 def train_then_interrupt(args: list[str], metrics: Path, interrupt_at: int) -> None:
