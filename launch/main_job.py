@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.text import Text
 
 from launch.errors import UserError
-from pretrain.checkpoint.store import CheckpointStore, write_json_atomic
+from pretrain.checkpoint.store import complete_steps, write_json_atomic
 from pretrain.config import Config, load_config, resolve_world
 from pretrain.metrics import read_metrics
 
@@ -106,7 +106,7 @@ def train_then_interrupt(args: list[str], metrics: Path, interrupt_at: int) -> N
 
 
 def newest_checkpoint(run_dir: Path) -> int:
-    steps = CheckpointStore(run_dir / "checkpoints", 1, 0).complete_steps()
+    steps = complete_steps(run_dir / "checkpoints")
     if not steps:
         raise StageFailed(f"{run_dir}/checkpoints holds no complete checkpoint after the interruption")
     return steps[-1]

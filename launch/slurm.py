@@ -118,10 +118,10 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
 
 def requeue_if_progressing(cfg: Config, run_dir: Path, code: int) -> bool:
     """Requeue this job unless the run is finished or its last `max_requeues` requeues stopped at this step."""
-    from pretrain.checkpoint.store import CheckpointStore
+    from pretrain.checkpoint.store import complete_steps
 
     job_id = os.environ["SLURM_JOB_ID"]
-    saved = CheckpointStore(run_dir / "checkpoints", 1, 0).complete_steps()
+    saved = complete_steps(run_dir / "checkpoints")
     step = saved[-1] if saved else 0
     # The trainer exits with EX_TEMPFAIL (pretrain.trainer.EXIT_SAVED_ON_SIGNAL, not imported: it pulls in torch).
     why = "saved on the warning signal" if code == os.EX_TEMPFAIL else f"failed with exit code {code}"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from launch.errors import UserError
-from pretrain.checkpoint.store import CheckpointError, CheckpointStore, step_dir_name, verify
+from pretrain.checkpoint.store import CheckpointError, complete_steps, step_dir_name, verify
 from pretrain.config import load_config
 from pretrain.metrics import read_metrics
 
@@ -16,16 +16,16 @@ def run_status(run_dir: Path, hash_files: bool = True) -> dict:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass the directory `pretrain train` made")
     cfg = load_config(run_dir / "config.yaml")
-    store = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+    root = run_dir / "checkpoints"
     checkpoints = []
-    for step in reversed(store.complete_steps()):
-        path = store.root / step_dir_name(step)
+    for step in reversed(complete_steps(root)):
+        path = root / step_dir_name(step)
         try:
             verified = verify(path, hash_files)
             checkpoints.append({"step": step, "path": str(path), "ok": True, "meta": verified.meta})
         except CheckpointError as e:
             checkpoints.append({"step": step, "path": str(path), "ok": False, "error": str(e)})
-    incomplete = sorted(p.name for p in store.root.glob(".tmp-step_*")) if store.root.is_dir() else []
+    incomplete = sorted(p.name for p in root.glob(".tmp-step_*")) if root.is_dir() else []
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]

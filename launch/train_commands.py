@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from launch.errors import UserError
-from pretrain.checkpoint.store import CheckpointStore
+from pretrain.checkpoint.store import check_writable, complete_steps
 from pretrain.config import Config, check_paths, load_config, resolve_world, save_resolved
 
 
@@ -37,9 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_world(cfg, world)
     check_paths(cfg)
     run_dir = Path(cfg.train.run_dir)
-    store = CheckpointStore(run_dir / "checkpoints", 1, 0)
-    store.check_writable()
-    existing = store.complete_steps()
+    check_writable(run_dir / "checkpoints")
+    existing = complete_steps(run_dir / "checkpoints")
     if slurm_tasks and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and (args.resume_from or args.no_resume):
         # A requeued job runs the same command again: it continues from its own newest checkpoint.
         print("pretrain train: requeued job: --resume-from/--no-resume applied to its first run only",

@@ -9,7 +9,7 @@ import difflib
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -129,6 +129,9 @@ class TrainConfig(_Section):
     # checkpoint and goes on past the data that caused them, at most max_rollbacks times.
     max_nonfinite_in_row: int = Field(5, ge=1)
     max_rollbacks: int = Field(3, ge=0)
+    # A test of the above: the 1-based global batches (as the data loader counts them) whose loss is made NaN, as a
+    # bad batch would make it. Announced at the start of the run; pp == 1 only.
+    inject_nonfinite_batches: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
 
 
 class CheckpointConfig(_Section):
@@ -196,6 +199,9 @@ class Config(_Section):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
                 "shorten data.seq_len or raise model.max_seq_len"
             )
+        if self.train.inject_nonfinite_batches and p.pp > 1:
+            raise ValueError("train.inject_nonfinite_batches works with parallel.pp=1 only: set parallel.pp=1 or "
+                             "train.inject_nonfinite_batches=[]")
         if p.dp is not None:
             check_batch(self, p.dp)
         return self

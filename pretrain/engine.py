@@ -9,7 +9,6 @@ pp == 1: `Mistral` in DeepSpeed's engine (ZeRO 0-3). pp > 1: the same stage modu
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,15 +124,12 @@ def build_model(cfg: Config, eos_id: int | None) -> tuple[torch.nn.Module, dict[
     return model, named
 
 
-def build_engine(cfg: Config, eos_id: int | None,
-                 before_wrap: Callable[[dict[str, torch.nn.Parameter]], None] | None = None) -> Built:
-    """`before_wrap` sees the parameters by canonical name before DeepSpeed takes them (to load weights)."""
+def build_engine(cfg: Config, eos_id: int | None) -> Built:
+    """The initialized model in DeepSpeed's engine; a checkpoint is loaded into it afterwards (Checkpointer.load)."""
     # DeepSpeed's communication layer adopts the process group parallel.init_distributed started; the pipeline
     # module needs it before deepspeed.initialize would set it up.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     model, named = build_model(cfg, eos_id)
-    if before_wrap is not None:
-        before_wrap(named)
     if torch.cuda.is_available():
         model.cuda()
     if cfg.train.compile:

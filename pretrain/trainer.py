@@ -20,16 +20,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain import parallel
-from pretrain.checkpoint.checkpointer import Checkpointer
-from pretrain.checkpoint.state import (
-    ShardReader,
-    check_compatible,
-    load_model_weights,
-    load_optimizer_state,
-    load_rng_state,
-    read_trainer_state,
-)
-from pretrain.checkpoint.store import CheckpointError, CheckpointStore, verify
+from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
+from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import Built, build_engine
 from pretrain.metrics import MetricsLogger, StepProfiler
@@ -56,9 +48,6 @@ EXIT_SAVED_ON_SIGNAL = os.EX_TEMPFAIL  # 75: preempted or out of time, checkpoin
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_USER_ERROR = 2
 _ROLLBACK = "rollback"
-# Testing hook: 1-based numbers of global batches (counted by the data loader) whose loss is made NaN, as a bad
-# batch would; the real skip and rollback machinery then handles them. pp == 1 only.
-INJECT_NONFINITE_ENV = "PRETRAIN_INJECT_NONFINITE_BATCHES"
 
 
 class TrainingError(RuntimeError):
@@ -67,55 +56,36 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
-                 stop_signals: tuple[int, ...] = STOP_SIGNALS,
-                 data_position: dict | None = None, counters: dict | None = None):
-        """`data_position` and `counters`, given on a rollback, replace the checkpoint's: the data goes on past
-        the batches that diverged, and skipped steps and rollbacks stay counted."""
+                 stop_signals: tuple[int, ...] = STOP_SIGNALS):
         from data_pipeline.loader import build_loader
         from data_pipeline.tokenizer import Tokenizer
 
         self.cfg = cfg
         self.run_dir = run_dir
-        self.stop_signals = stop_signals
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         tokenizer = Tokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else None
         seed_everything(cfg.train.seed)
-        store = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
-        ckpt = self._choose_checkpoint(store, resume_from)
-        load_start = time.perf_counter()
-        reader = ShardReader(ckpt, cfg.model) if ckpt else None
-        state = read_trainer_state(ckpt) if ckpt else {}
-        if ckpt:
-            check_compatible(state.get("config", {}), cfg, ckpt)
-        self.built: Built = build_engine(cfg, eos_id=tokenizer.eos_id if tokenizer else None,
-                                         before_wrap=(lambda named: load_model_weights(reader, named)) if reader
-                                         else None)
+        self.built: Built = build_engine(cfg, eos_id=tokenizer.eos_id if tokenizer else None)
         self.engine = self.built.engine
         loader_args = {"dp_rank": parallel.dp_rank(), "dp_size": parallel.dp_size(),
                        "micro_batch": cfg.parallel.micro_batch, "vocab_size": cfg.model.vocab_size}
         self.loader = build_loader(cfg.data, **loader_args)
         self.eval_loader_args = loader_args
-        self.checkpointer = Checkpointer(store, self.engine, self.built.canonical_names,
-                                         cfg.model_dump(mode="json"),
-                                         async_save=cfg.checkpoint.async_save and torch.cuda.is_available())
-        self.step = int(state.get("step", 0))
-        self.tokens_seen = int(state.get("tokens", 0))
-        self.counters = {"skipped_steps": 0, "rollbacks": 0, **state.get("counters", {}), **(counters or {})}
-        if reader:
-            load_optimizer_state(reader, self.engine, self.built.canonical_names, state)
-            if "loader" in state:  # a checkpoint made by `pretrain import` holds weights only: rng and data start fresh
-                load_rng_state(ckpt, same_layout=state["layout"]["world"] == self.world and
-                               state["layout"]["tp"] == cfg.parallel.tp and state["layout"]["pp"] == cfg.parallel.pp)
-            load_s = time.perf_counter() - load_start
-            self.log_rank0(f"resumed from {ckpt} at step {self.step}, loaded in {load_s:.1f} s")
-        if data_position is not None or "loader" in state:
-            self.loader.load_state_dict(data_position or state["loader"])
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(cfg, run_dir, self.engine, self.built.canonical_names, self.loader,
+                                         self.state)
+        ckpt = self.checkpointer.choose(resume_from)
+        if ckpt is not None:
+            self.checkpointer.load(ckpt)
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
         self.peak_flops = H100_BF16_PEAK_TFLOPS * 1e12 if torch.cuda.is_available() else None
-        self.inject_nonfinite = {int(n) for n in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if n.strip()}
+        self.inject_nonfinite = set(cfg.train.inject_nonfinite_batches)
+        if self.inject_nonfinite:
+            self.log_rank0(f"train.inject_nonfinite_batches: the loss of global batches "
+                           f"{sorted(self.inject_nonfinite)} is made NaN (a test of skipping and rolling back)")
         self.stop_signal = 0
         for sig in stop_signals:
             signal.signal(sig, self._on_signal)
@@ -123,21 +93,6 @@ class Trainer:
     def log_rank0(self, message: str) -> None:
         if self.rank == 0:
             print(f"[pretrain] {message}", file=sys.stderr, flush=True)
-
-    def _choose_checkpoint(self, store: CheckpointStore, resume_from: Path | None) -> Path | None:
-        """Rank 0 clears interrupted saves, verifies (hashing every file) and tells the others, so all ranks load
-        the same checkpoint."""
-        choice: list[object] = [None]
-        if self.rank == 0:
-            try:
-                store.remove_incomplete()
-                choice[0] = verify(resume_from).path if resume_from else getattr(store.newest_valid(), "path", None)
-            except CheckpointError as e:
-                choice[0] = e
-        dist.broadcast_object_list(choice, src=0)
-        if isinstance(choice[0], CheckpointError):
-            raise choice[0]
-        return choice[0]
 
     def _on_signal(self, signum, _frame) -> None:
         # Only a flag: the save happens at the next step boundary, agreed on by every rank.
@@ -150,10 +105,6 @@ class Trainer:
                              device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0].item()), not bool(flags[1].item())
-
-    def save(self, loss: float) -> None:
-        self.checkpointer.save(self.step, {"step": self.step, "tokens": self.tokens_seen, "loss": loss,
-                                           "loader": self.loader.state_dict(), "counters": self.counters})
 
     # ------------------------------------------------------------------ one step
     def _to_device(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -220,51 +171,51 @@ class Trainer:
     def fit(self) -> int | str:
         """Train to train.steps. Returns the process exit code (EXIT_SAVED_ON_SIGNAL after a signal), or
         _ROLLBACK after train.max_nonfinite_in_row skipped steps in a row."""
-        cfg = self.cfg
-        metrics = MetricsLogger(cfg, self.run_dir, cfg.train.steps, self.step, enabled=self.rank == 0)
+        cfg, state = self.cfg, self.state
+        metrics = MetricsLogger(cfg, self.run_dir, cfg.train.steps, state.step, enabled=self.rank == 0)
         batches = iter(self.loader)
         window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
         loss = float("nan")
         outcome: int | str = 0
         nonfinite_in_row = 0
         profiler = StepProfiler(cfg.logging.profile_step, self.run_dir, enabled=self.rank == 0)
-        while self.step < cfg.train.steps:
+        while state.step < cfg.train.steps:
             self._arm_watchdog()
-            profiler.before_step(self.step + 1)
+            profiler.before_step(state.step + 1)
             loss, waited, applied = self.train_step(batches)
-            self.step += 1
-            profiler.after_step(self.step)
-            self.tokens_seen += self.tokens_per_step
+            state.step += 1
+            profiler.after_step(state.step)
+            state.tokens += self.tokens_per_step
             window_tokens += self.tokens_per_step
             window_wait += waited
             nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
             if not applied:
-                self.counters["skipped_steps"] += 1
-                self.log_rank0(f"step {self.step}: loss {loss} or its gradients are not finite: update skipped "
-                               f"({nonfinite_in_row} in a row, {self.counters['skipped_steps']} in all)")
-            if self.step % cfg.logging.every_steps == 0 or self.step == cfg.train.steps:
+                state.skipped_steps += 1
+                self.log_rank0(f"step {state.step}: loss {loss} or its gradients are not finite: update skipped "
+                               f"({nonfinite_in_row} in a row, {state.skipped_steps} in all)")
+            if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
                 values = self._step_metrics(loss, elapsed, window_tokens, window_wait)
-                metrics.log(self.step, values)
+                metrics.log(state.step, values)
                 window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
             if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
                 outcome = _ROLLBACK
                 break
-            if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps):
+            if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
                 eval_loss = self.evaluate()
                 if eval_loss is not None:
-                    metrics.log(self.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
+                    metrics.log(state.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
             stop, writers_done = self._poll()
             if writers_done:
                 self.checkpointer.settle()
             if stop:
-                self.log_rank0(f"signal {self.stop_signal or 'on another rank'}: saving step {self.step} and exiting")
-                self.save(loss)
+                self.log_rank0(f"signal {self.stop_signal or 'on another rank'}: saving step {state.step} and exiting")
+                self.checkpointer.save(loss)
                 outcome = EXIT_SAVED_ON_SIGNAL
                 break
             every = cfg.checkpoint.every_steps
-            if (every and self.step % every == 0) or self.step == cfg.train.steps:
-                self.save(loss)
+            if (every and state.step % every == 0) or state.step == cfg.train.steps:
+                self.checkpointer.save(loss)
         faulthandler.cancel_dump_traceback_later()
         self.checkpointer.settle()
         dist.barrier()
@@ -272,23 +223,27 @@ class Trainer:
         metrics.close(plot=outcome != EXIT_SAVED_ON_SIGNAL)
         return outcome
 
-    def rolled_back(self) -> Trainer:
-        """A trainer restarted from the newest checkpoint, its data going on past the batches that diverged."""
-        if self.counters["rollbacks"] >= self.cfg.train.max_rollbacks:
+    def roll_back(self) -> None:
+        """Reload the newest checkpoint into this engine; the data goes on past the batches that diverged, and
+        skipped steps and rollbacks stay counted."""
+        if self.state.rollbacks >= self.cfg.train.max_rollbacks:
             raise TrainingError(
                 f"{self.cfg.train.max_nonfinite_in_row} steps in a row had a non-finite loss or gradients again after "
-                f"{self.counters['rollbacks']} rollbacks: lower optim.lr, raise optim.warmup_steps or check the "
+                f"{self.state.rollbacks} rollbacks: lower optim.lr, raise optim.warmup_steps or check the "
                 "data, then resume"
             )
-        position, counters = self.loader.state_dict(), {**self.counters, "rollbacks": self.counters["rollbacks"] + 1}
-        if self.checkpointer.store.newest_valid(hash_files=False) is None:
+        position, counters = self.loader.state_dict(), self.state.counters()
+        ckpt = self.checkpointer.choose(None)
+        if ckpt is None:
             raise TrainingError(
                 f"{self.cfg.train.max_nonfinite_in_row} steps in a row had a non-finite loss or gradients before "
                 "the first checkpoint, so there is nothing to roll back to: lower optim.lr or check the data"
             )
-        self.log_rank0(f"rolling back to the newest checkpoint (rollback {counters['rollbacks']}); the data goes on "
-                       "after the batches that diverged")
-        return Trainer(self.cfg, self.run_dir, None, self.stop_signals, data_position=position, counters=counters)
+        self.log_rank0(f"rolling back to the newest checkpoint (rollback {counters['rollbacks'] + 1}); the data goes "
+                       "on after the batches that diverged")
+        self.checkpointer.load(ckpt)
+        self.loader.load_state_dict(position)
+        self.state.skipped_steps, self.state.rollbacks = counters["skipped_steps"], counters["rollbacks"] + 1
 
     def _arm_watchdog(self) -> None:
         """If no step completes in train.watchdog_s (a hung collective), dump every thread's stack and exit."""
@@ -301,14 +256,14 @@ class Trainer:
         values = {
             "loss": loss,
             "lr": self.engine.get_lr()[0],
-            "tokens": self.tokens_seen,
+            "tokens": self.state.tokens,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_gpu": tokens_per_s / self.world,
             "step_time_s": elapsed / steps,
             "data_wait_s": waited / steps,
             "checkpoint_stall_s": self.checkpointer.last_stall_s,
             "checkpoint_write_s": self.checkpointer.last_write_s,
-            **self.counters,
+            **self.state.counters(),
         }
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:  # DeepSpeed does not keep it without ZeRO
@@ -347,7 +302,7 @@ def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
     try:
         trainer = Trainer(cfg, run_dir, resume_from, stop_signals)
         while (outcome := trainer.fit()) == _ROLLBACK:
-            trainer = trainer.rolled_back()
+            trainer.roll_back()
         return outcome
     finally:
         parallel.destroy()

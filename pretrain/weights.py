@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from pretrain.checkpoint.store import MANIFEST, CheckpointError, CheckpointStore, Verified, verify
+from pretrain.checkpoint.store import MANIFEST, CheckpointError, Verified, complete_steps, newest_valid, verify
 from pretrain.config import Config, ConfigError, ModelConfig, validate
 from pretrain.model.hf_adapter import from_hf, to_hf
 
@@ -43,16 +43,14 @@ def resolve_checkpoint(path: Path) -> Verified:
     """A checkpoint directory (verified) or a run directory's newest checkpoint that verifies."""
     if (path / MANIFEST).is_file() or path.name.startswith("step_"):
         return verify(path)
-    store = CheckpointStore(path / "checkpoints", keep_last=1, keep_every=0)
-    if store.root.is_dir():
-        steps = store.complete_steps()
-        found = store.newest_valid()
+    root = path / "checkpoints"
+    if root.is_dir():
+        found, skipped = newest_valid(root)
         if found is None:
-            raise CheckpointError(f"no checkpoint under {store.root} verifies ({len(steps)} complete, all damaged): "
-                                  "re-save from a run that still has its weights")
-        if steps and found.step != steps[-1]:
-            print(f"note: newer checkpoints under {store.root} do not verify; using step {found.step}",
-                  file=sys.stderr)
+            raise CheckpointError(f"no checkpoint under {root} verifies ({len(complete_steps(root))} complete, all "
+                                  "damaged): re-save from a run that still has its weights")
+        for reason in skipped:
+            print(f"note: skipped a newer checkpoint: {reason}; using step {found.step}", file=sys.stderr)
         return found
     raise CheckpointError(f"{path} is neither a checkpoint directory (with {MANIFEST}) nor a run directory (with "
                     "checkpoints/): pass RUN_DIR or RUN_DIR/checkpoints/step_N")

@@ -10,7 +10,10 @@ from pretrain.checkpoint.store import (
     MANIFEST,
     CheckpointError,
     CheckpointStore,
+    check_writable,
+    complete_steps,
     mark_rank_done,
+    newest_valid,
     step_dir_name,
     verify,
 )
@@ -45,7 +48,7 @@ def test_finalize_refuses_when_a_rank_did_not_report(tmp_path):
     mark_rank_done(tmp, 0, [tmp / "a"])
     with pytest.raises(CheckpointError, match="1 of 2 ranks"):
         store.finalize(5, 2, {})
-    assert store.complete_steps() == []
+    assert complete_steps(tmp_path) == []
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
@@ -67,7 +70,9 @@ def test_verify_names_the_damage_and_newest_valid_skips_it(tmp_path, damage):
     expected = {"flip": "sha256", "truncate": "bytes", "delete": "missing", "manifest": "unreadable"}[damage]
     with pytest.raises(CheckpointError, match=expected):
         verify(broken)
-    assert store.newest_valid().step == 1
+    found, skipped = newest_valid(tmp_path)
+    assert found.step == 1
+    assert len(skipped) == 1 and expected in skipped[0]
 
 
 def test_a_directory_without_manifest_is_not_a_checkpoint(tmp_path):
@@ -76,7 +81,7 @@ def test_a_directory_without_manifest_is_not_a_checkpoint(tmp_path):
     partial = tmp_path / step_dir_name(2)
     shutil.copytree(tmp_path / step_dir_name(1), partial)
     (partial / MANIFEST).unlink()
-    assert store.complete_steps() == [1]
+    assert complete_steps(tmp_path) == [1]
     with pytest.raises(CheckpointError, match="incomplete"):
         verify(partial)
 
@@ -85,7 +90,7 @@ def test_retention_keeps_last_k_and_every_m_and_renames_before_deleting(tmp_path
     store = CheckpointStore(tmp_path, keep_last=2, keep_every=4)
     for step in range(1, 10):
         save(store, step)
-    assert store.complete_steps() == [4, 8, 9]
+    assert complete_steps(tmp_path) == [4, 8, 9]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", *(step_dir_name(s) for s in (4, 8, 9))]
 
 
@@ -99,6 +104,5 @@ def test_leftovers_of_interrupted_saves_are_removed_at_start(tmp_path):
 
 
 def test_unwritable_directory_is_reported(mount_tmpfs):
-    store = CheckpointStore(mount_tmpfs("1m", read_only=True) / "checkpoints", keep_last=2, keep_every=0)
     with pytest.raises(CheckpointError, match="not writable.*Read-only file system"):
-        store.check_writable()
+        check_writable(mount_tmpfs("1m", read_only=True) / "checkpoints")

@@ -2,6 +2,7 @@
 steps and rollback, a full disk during a save, an unwritable or corrupt checkpoint, an incompatible config, and a
 hung collective caught by the watchdog."""
 
+import json
 import os
 import random
 import shutil
@@ -14,8 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pretrain.checkpoint.store import CheckpointStore, step_dir_name, verify
-from pretrain.trainer import INJECT_NONFINITE_ENV
+from pretrain.checkpoint.store import newest_valid, step_dir_name, verify
 from tests.distributed import free_port
 from tests.runs import ROOT, error_line, losses, metrics, run_train, train, train_command
 
@@ -30,7 +30,7 @@ def uninterrupted(tiny_data, tmp_path_factory):
 
 
 def newest_valid_step(run_dir: Path) -> int | None:
-    found = CheckpointStore(run_dir / "checkpoints", 2, 0).newest_valid()
+    found, _ = newest_valid(run_dir / "checkpoints")
     return found.step if found else None
 
 
@@ -100,10 +100,10 @@ def _kill_at_random_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Ra
 
 def test_nonfinite_steps_are_skipped_then_rolled_back_past_the_bad_data(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, INJECT_NONFINITE_ENV: "7,8,9"}
-    overrides = FAST + ["checkpoint.every_steps=5", "train.max_nonfinite_in_row=3"]
-    result = subprocess.run(train_command(run_dir, tiny_data, overrides), cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    overrides = FAST + ["checkpoint.every_steps=5", "train.max_nonfinite_in_row=3",
+                        "train.inject_nonfinite_batches=[7,8,9]"]
+    result = subprocess.run(train_command(run_dir, tiny_data, overrides), cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 7: loss nan or its gradients are not finite: update skipped (1 in a row" in result.stderr
     assert f"resumed from {run_dir / 'checkpoints' / step_dir_name(5)} at step 5," in result.stderr
@@ -115,10 +115,10 @@ def test_nonfinite_steps_are_skipped_then_rolled_back_past_the_bad_data(tiny_dat
 
 
 def test_divergence_that_persists_stops_with_a_clear_error(tiny_data, tmp_path):
-    env = {**os.environ, INJECT_NONFINITE_ENV: ",".join(str(n) for n in range(4, 40))}
-    overrides = FAST + ["checkpoint.every_steps=2", "train.max_nonfinite_in_row=2", "train.max_rollbacks=1"]
-    result = subprocess.run(train_command(tmp_path / "run", tiny_data, overrides), cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    overrides = FAST + ["checkpoint.every_steps=2", "train.max_nonfinite_in_row=2", "train.max_rollbacks=1",
+                        f"train.inject_nonfinite_batches=[{','.join(str(n) for n in range(4, 40))}]"]
+    result = subprocess.run(train_command(tmp_path / "run", tiny_data, overrides), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 2
     assert "after 1 rollbacks: lower optim.lr" in error_line(result)
 
@@ -168,6 +168,41 @@ def test_corrupt_newest_checkpoint_is_skipped_and_refused_by_name(finished_run, 
     result = run_train(run_dir, tiny_data, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert resumed_step(result.stderr) == 2
+    assert f"skipping a damaged checkpoint: {shard} does not match its sha256" in result.stderr
+
+
+def test_missing_random_state_of_a_same_layout_checkpoint_is_refused(finished_run, tiny_data, tmp_path):
+    """A checkpoint whose manifest lacks a rank's generator states (written by another program) cannot resume
+    exactly in its own layout: refused by name instead of silently starting the generators from the seed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    ckpt = run_dir / "checkpoints" / step_dir_name(4)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"]["rng/rank00000.pt"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    (ckpt / "rng" / "rank00000.pt").unlink()
+    result = run_train(run_dir, tiny_data, ["train.steps=6", "parallel.micro_batch=8"])
+    assert result.returncode == 2
+    assert f"{ckpt / 'rng' / 'rank00000.pt'} is missing although {ckpt} was saved in this layout" in error_line(result)
+
+
+def test_a_checkpoint_before_any_applied_update_has_no_moments_and_resumes(tiny_data, tmp_path):
+    """Step 1's update is skipped (its loss is made NaN), so the optimizer has no Adam moments yet: the checkpoint
+    holds weights only, and resuming from it starts the moments at zero."""
+    from safetensors import safe_open
+
+    run_dir = tmp_path / "run"
+    overrides = ["train.steps=1", "parallel.micro_batch=8", "train.inject_nonfinite_batches=[1]"]
+    result = run_train(run_dir, tiny_data, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the loss of global batches [1] is made NaN" in result.stderr
+    shard = run_dir / "checkpoints" / step_dir_name(1) / "model" / "tp00-pp00-dp0000.safetensors"
+    keys = set(safe_open(str(shard), framework="pt").keys())
+    assert keys and all(key.startswith("param/") for key in keys)
+    result = run_train(run_dir, tiny_data, ["train.steps=3", "parallel.micro_batch=8"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert resumed_step(result.stderr) == 1
+    assert all(loss == loss for step, loss in losses(run_dir).items() if step > 1)
 
 
 def test_checkpoint_of_another_model_is_refused(finished_run, tiny_data, tmp_path):

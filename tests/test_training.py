@@ -92,7 +92,7 @@ def test_data_parallel_ranks_share_a_checkpoint(layout, runs):
     assert max(first_size, second_size) < 1.5 * min(first_size, second_size), (first_size, second_size)
 
 
-RESHARDS = [("dp2-zero1", "single"), ("single", "dp2-zero1"), ("tp2", "single"), ("pp2", "single"),
+RESHARDS = [("dp2-zero1", "single"), ("single", "dp2-zero3"), ("tp2", "single"), ("pp2", "single"),
             ("dp2-zero3", "tp2")]
 
 

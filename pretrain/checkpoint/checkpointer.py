@@ -1,5 +1,11 @@
 """Saving and restoring a training run: the trainer's one entry point into checkpointing.
 
+Like torchtitan's checkpointer, one object covers every stateful part of a run: the model and its float32 masters,
+the optimizer (Adam moments), the learning-rate schedule, the data loader's position, each rank's random
+generators and the trainer's counters (`TrainState`). `choose` picks the checkpoint to start from (rank 0
+verifies it and tells the others, saying why a newer one was skipped); `load` restores all of it into the built
+engine, on a start as on a rollback.
+
 A save snapshots this rank's state into host memory (the only part the training loop waits for: the stall) and
 writes it into `.tmp-step_N/`. Then the ranks *settle* it together: they agree whether every rank wrote its part,
 rank 0 finalizes (manifest last, rename, `latest`), or, if any rank failed (a full disk, say), the partial directory
@@ -14,12 +20,50 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint.state import snapshot_rank_state, write_rank_state
-from pretrain.checkpoint.store import CheckpointError, CheckpointStore, mark_rank_done
+from pretrain.checkpoint.state import (
+    ShardReader,
+    check_compatible,
+    load_model_and_optimizer,
+    load_rng_state,
+    read_trainer_state,
+    snapshot_rank_state,
+    write_rank_state,
+)
+from pretrain.checkpoint.store import (
+    CheckpointError,
+    CheckpointStore,
+    complete_steps,
+    mark_rank_done,
+    newest_valid,
+    verify,
+)
+from pretrain.config import Config
+
+
+@dataclass
+class TrainState:
+    """The trainer's own counters, saved and restored with everything else."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    rollbacks: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "counters": self.counters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = int(state.get("step", 0)), int(state.get("tokens", 0))
+        counters = state.get("counters", {})
+        self.skipped_steps, self.rollbacks = counters.get("skipped_steps", 0), counters.get("rollbacks", 0)
+
+    def counters(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}
 
 
 @dataclass
@@ -32,12 +76,16 @@ class _PendingSave:
 
 
 class Checkpointer:
-    def __init__(self, store: CheckpointStore, engine, canonical, config: dict, async_save: bool):
-        self.store = store
+    def __init__(self, cfg: Config, run_dir: Path, engine, canonical: dict[torch.nn.Parameter, str], loader,
+                 train_state: TrainState):
+        self.store = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        self.cfg = cfg
+        self.config = cfg.model_dump(mode="json")
         self.engine = engine
         self.canonical = canonical
-        self.config = config
-        self.async_save = async_save
+        self.loader = loader
+        self.train_state = train_state
+        self.async_save = cfg.checkpoint.async_save and torch.cuda.is_available()
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -45,10 +93,57 @@ class Checkpointer:
         self.last_stall_s = 0.0  # how long the training loop waited for the last save
         self.last_write_s = 0.0  # how long the slowest rank took to write it (in the background when async)
 
-    def save(self, step: int, trainer_state: dict) -> None:
+    # ------------------------------------------------------------------ loading
+
+    def choose(self, resume_from: Path | None) -> Path | None:
+        """The checkpoint to start from: `resume_from` (verified) or the newest one that verifies. Rank 0 clears
+        interrupted saves and verifies (hashing every file), says why any newer checkpoint was skipped, and tells
+        the others, so all ranks load the same checkpoint. Collective."""
+        choice: list[object] = [None]
+        if self.rank == 0:
+            try:
+                self.store.remove_incomplete()
+                if resume_from is not None:
+                    choice[0] = verify(resume_from).path
+                else:
+                    found, skipped = newest_valid(self.store.root)
+                    for reason in skipped:
+                        _log(f"skipping a damaged checkpoint: {reason}")
+                    choice[0] = found.path if found else None
+            except CheckpointError as e:
+                choice[0] = e
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], CheckpointError):
+            raise choice[0]
+        return choice[0]
+
+    def load(self, ckpt: Path) -> None:
+        """Every stateful part from `ckpt`: weights and masters, Adam moments, schedule, then (for a training
+        checkpoint, not one made by `pretrain import`) the random generators, the loader's position and the
+        counters. Collective."""
+        start = time.perf_counter()
+        state = read_trainer_state(ckpt)
+        check_compatible(state.get("config", {}), self.cfg, ckpt)
+        load_model_and_optimizer(ShardReader(ckpt, self.cfg.model), self.engine, self.canonical, state)
+        if "loader" in state:
+            if not load_rng_state(ckpt, state["layout"]) and self.rank == 0:
+                _log(f"{ckpt} was saved in another layout ({state['layout']}): the random generators start from "
+                     "the seed")
+            self.loader.load_state_dict(state["loader"])
+        self.train_state.load_state_dict(state)
+        if self.rank == 0:
+            _log(f"resumed from {ckpt} at step {self.train_state.step}, loaded in {time.perf_counter() - start:.1f} s")
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, loss: float) -> None:
+        """Checkpoint the current step (collective); returns once this rank's state is in host memory, or written
+        too without async_save."""
         self.settle()
         start = time.perf_counter()
-        pending = _PendingSave(step, {"tokens": trainer_state.get("tokens"), "loss": trainer_state.get("loss")})
+        step = self.train_state.step
+        trainer_state = {**self.train_state.state_dict(), "loss": loss, "loader": self.loader.state_dict()}
+        pending = _PendingSave(step, {"tokens": self.train_state.tokens, "loss": loss})
         if self.rank == 0:
             try:
                 self.store.prepare(step)
@@ -95,9 +190,8 @@ class Checkpointer:
             try:
                 final = self.store.finalize(pending.step, self.world, pending.meta)
                 size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
-                print(f"[pretrain] checkpoint step {pending.step}: {size / 1e9:.2f} GB written in "
-                      f"{self.last_write_s:.1f} s ({size / 1e9 / max(self.last_write_s, 1e-9):.2f} GB/s)",
-                      file=sys.stderr, flush=True)
+                _log(f"checkpoint step {pending.step}: {size / 1e9:.2f} GB written in {self.last_write_s:.1f} s "
+                     f"({size / 1e9 / max(self.last_write_s, 1e-9):.2f} GB/s)")
             except (OSError, CheckpointError) as e:
                 pending.error = e
         if self._any_rank(pending.error is not None):
@@ -114,10 +208,14 @@ class Checkpointer:
     def _fail(self, pending: _PendingSave, stage: str) -> None:
         if self.rank == 0:
             self.store.abandon(pending.step)
-        newest = self.store.complete_steps()
+        newest = complete_steps(self.store.root)
         cause = f"{pending.error}" if pending.error is not None else "failed on another rank"
         raise CheckpointError(
             f"{stage} checkpoint step {pending.step} under {self.store.root} failed ({cause}): free disk space or "
             f"point train.run_dir at a writable file system, then resume; the newest complete checkpoint is "
             + (f"step {newest[-1]}, untouched" if newest else "none")
         )
+
+
+def _log(message: str) -> None:
+    print(f"[pretrain] {message}", file=sys.stderr, flush=True)

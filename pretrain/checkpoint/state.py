@@ -21,6 +21,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -60,6 +61,16 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def _optimized_tensors(engine, optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, dict]]:
+    """(tensor the optimizer updates, its parameter group). ZeRO-3 puts its flat float32 partitions into the
+    groups only while it steps, so they are taken from DeepSpeed's optimizer there."""
+    zero = engine.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        return [(flat, optimizer.param_groups[zero.sub_group_to_group_id[index]])
+                for index, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+    return [(flat, group) for group in optimizer.param_groups for flat in group["params"]]
+
+
 def _relink_optimizer_state(engine) -> None:
     # DeepSpeed links each parameter to its optimizer-state fragments after the first step, but only for the
     # parameter groups that already had state then; relink so every group's fragments are reachable.
@@ -69,20 +80,16 @@ def _relink_optimizer_state(engine) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def _full_master(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def _full_master(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer, stepped: bool) -> dict[str, torch.Tensor]:
     """The float32 master weight and Adam moments of this tp shard, assembled over data-parallel ranks.
     A collective over the data-parallel group under ZeRO: every dp rank must call it in the same order."""
     master = safe_get_full_fp32_param(param)
     if master is None:  # no ZeRO and no mixed precision: the parameter is its own master copy
         state = optimizer.state.get(param, {})
         return {"param": param.detach().float(), **{k: state[k] for k in ADAM_MOMENTS if k in state}}
-    values = {"param": master}
-    for key in ADAM_MOMENTS:
-        try:
-            values[key] = safe_get_full_optimizer_state(param, key)
-        except (ValueError, KeyError):  # before the first optimizer step there are no moments yet
-            pass
-    return values
+    if not stepped:  # no optimizer step yet (or every one skipped): there are no moments to save
+        return {"param": master}
+    return {"param": master, **{key: safe_get_full_optimizer_state(param, key) for key in ADAM_MOMENTS}}
 
 
 def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], trainer_state: dict,
@@ -92,10 +99,11 @@ def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], traine
     optimizer = _inner_optimizer(engine)
     _relink_optimizer_state(engine)
     tensors: dict[str, torch.Tensor] = {}
+    stepped = _adam_step(optimizer) > 0
     dp_rank = parallel.dp_rank()
     bytes_per_dp_rank = [0] * parallel.dp_size()
     for param, name in sorted(canonical.items(), key=lambda item: item[1]):
-        values = _full_master(param, optimizer)
+        values = _full_master(param, optimizer, stepped)
         # Every dp rank holds the same full values, so each computes the same owner: the least loaded so far.
         owner = bytes_per_dp_rank.index(min(bytes_per_dp_rank))
         bytes_per_dp_rank[owner] += sum(value.numel() for value in values.values())
@@ -240,48 +248,41 @@ class ShardReader:
 
 
 @torch.no_grad()
-def load_model_weights(reader: ShardReader, named: dict[str, torch.nn.Parameter]) -> None:
-    """Before DeepSpeed wraps the model: this rank's weights from the master copies (cast to the model dtype)."""
-    for name, param in named.items():
-        value = reader.shard(f"param/{name}")
-        if value.shape != param.shape:
-            raise CheckpointError(
-                f"checkpoint parameter {name} has shape {tuple(value.shape)} for this rank, the model wants "
-                f"{tuple(param.shape)}: the checkpoint was saved with another model config"
-            )
-        param.copy_(value.to(param.dtype))
-
-
-@torch.no_grad()
-def load_optimizer_state(reader: ShardReader, engine, canonical: dict[torch.nn.Parameter, str],
-                         trainer_state: dict) -> None:
-    """After DeepSpeed wraps the model: float32 masters and Adam moments into the (ZeRO-partitioned) optimizer."""
+def load_model_and_optimizer(reader: ShardReader, engine, canonical: dict[torch.nn.Parameter, str],
+                             trainer_state: dict) -> None:
+    """Into the DeepSpeed engine: every parameter (the model's copy in its dtype and the float32 master), the Adam
+    moments and the learning-rate schedule. Collective over data-parallel ranks under ZeRO-3: all ranks call it."""
     optimizer = _inner_optimizer(engine)
     step = trainer_state.get("adam_step", 0.0)
-    for group in optimizer.param_groups:
-        for flat in group["params"]:
-            if flat not in optimizer.state or "exp_avg" not in optimizer.state[flat]:
-                on_device = group.get("fused") or group.get("capturable")
-                optimizer.state[flat] = {
-                    "step": torch.tensor(step, dtype=torch.float32, device=flat.device if on_device else "cpu"),
-                    "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
-                }
-            else:
-                optimizer.state[flat]["step"].fill_(step)
+    for flat, group in _optimized_tensors(engine, optimizer):
+        if flat not in optimizer.state or "exp_avg" not in optimizer.state[flat]:
+            on_device = group.get("fused") or group.get("capturable")
+            optimizer.state[flat] = {
+                "step": torch.tensor(step, dtype=torch.float32, device=flat.device if on_device else "cpu"),
+                "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
+            }
+        else:
+            optimizer.state[flat]["step"].fill_(step)
     _relink_optimizer_state(engine)
     for param, name in sorted(canonical.items(), key=lambda item: item[1]):
         master = reader.shard(f"param/{name}").to(param.device)
-        if safe_get_full_fp32_param(param) is None:
-            param.copy_(master.to(param.dtype))
-            for key in ADAM_MOMENTS:
-                if reader.has(f"{key}/{name}"):
-                    optimizer.state[param][key].copy_(reader.shard(f"{key}/{name}").to(param.device))
-            continue
-        safe_set_full_fp32_param(param, master)
+        wanted = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the shape of the whole parameter
+        if tuple(master.shape) != wanted:
+            raise CheckpointError(
+                f"checkpoint parameter {name} has shape {tuple(master.shape)} for this rank, the model wants "
+                f"{wanted}: the checkpoint was saved with another model config"
+            )
+        _set_weight(param, master)
+        has_master = safe_get_full_fp32_param(param) is not None
         for key in ADAM_MOMENTS:
-            if reader.has(f"{key}/{name}"):
-                safe_set_full_optimizer_state(param, reader.shard(f"{key}/{name}").to(param.device), key)
+            if not reader.has(f"{key}/{name}"):
+                continue
+            moment = reader.shard(f"{key}/{name}").to(param.device)
+            if has_master:
+                safe_set_full_optimizer_state(param, moment, key)
+            else:
+                optimizer.state[param][key].copy_(moment)
     if "scheduler" not in trainer_state:  # a checkpoint made by `pretrain import` starts the schedule fresh
         return
     scheduler = engine.lr_scheduler
@@ -291,8 +292,26 @@ def load_optimizer_state(reader: ShardReader, engine, canonical: dict[torch.nn.P
         group["lr"] = lr
 
 
-def load_rng_state(ckpt: Path, same_layout: bool) -> None:
-    """Each rank's generators, when the layout is unchanged (otherwise ranks do not correspond)."""
+def _set_weight(param: torch.nn.Parameter, master: torch.Tensor) -> None:
+    """The model's copy of a parameter (in its dtype) and, under ZeRO or mixed precision, its float32 master.
+    DeepSpeed refreshes the model's copy from the master only after an optimizer step, so both are set."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: each rank holds a slice; set the whole and let DeepSpeed slice it again
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.copy_(master.to(param.dtype))
+    else:
+        param.copy_(master.to(param.dtype))
+    safe_set_full_fp32_param(param, master)
+
+
+def load_rng_state(ckpt: Path, saved_layout: dict) -> bool:
+    """This rank's generators, when the layout is the one saved (otherwise ranks do not correspond and the
+    generators start from the seed). Returns whether they were restored."""
+    current = {"tp": parallel.tp_size(), "pp": parallel.pp_size(), "world": dist.get_world_size()}
+    if any(saved_layout.get(key) != value for key, value in current.items()):
+        return False
     path = ckpt / "rng" / f"rank{dist.get_rank():05d}.pt"
-    if same_layout and path.is_file():
-        _set_rng_state(torch.load(path, weights_only=True))
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing although {ckpt} was saved in this layout: without it the resume "
+                              "is not exact; resume from another checkpoint or in another layout")
+    _set_rng_state(torch.load(path, weights_only=True))
+    return True

@@ -102,7 +102,48 @@ def verify(path: Path, hash_files: bool = True) -> Verified:
     return Verified(path, int(manifest["step"]), manifest.get("meta", {}))
 
 
+def complete_steps(root: Path) -> list[int]:
+    """Steps under a checkpoints directory that have a manifest, oldest first (verification is separate: it may be
+    expensive)."""
+    if not root.is_dir():
+        return []
+    steps = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / MANIFEST).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def newest_valid(root: Path, hash_files: bool = True) -> tuple[Verified | None, list[str]]:
+    """The newest checkpoint under `root` that verifies, and why each newer one was skipped (never loaded)."""
+    skipped = []
+    for step in reversed(complete_steps(root)):
+        try:
+            return verify(root / step_dir_name(step), hash_files), skipped
+        except CheckpointError as e:
+            skipped.append(str(e))
+    return None, skipped
+
+
+def check_writable(root: Path) -> None:
+    """Create the directory and a file in it, so a read-only or missing file system is reported before training
+    (permission bits alone do not stop root)."""
+    probe = root / ".write-probe"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(
+            f"checkpoint directory {root} is not writable ({e.strerror}): fix its permissions or mount, "
+            "or choose another --run-dir"
+        ) from None
+
+
 class CheckpointStore:
+    """The save lifecycle of one run's checkpoints directory: prepare, finalize or abandon, retention."""
+
     def __init__(self, root: Path, keep_last: int, keep_every: int):
         self.root = root
         self.keep_last = keep_last
@@ -111,23 +152,9 @@ class CheckpointStore:
     def tmp_dir(self, step: int) -> Path:
         return self.root / f".tmp-{step_dir_name(step)}"
 
-    def check_writable(self) -> None:
-        """Create the directory and a file in it, so a read-only or missing file system is reported before training
-        (permission bits alone do not stop root)."""
-        probe = self.root / ".write-probe"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise CheckpointError(
-                f"checkpoint directory {self.root} is not writable ({e.strerror}): fix its permissions or mount, "
-                "or choose another --run-dir"
-            ) from None
-
     def prepare(self, step: int) -> Path:
         """Rank 0, before any rank writes: a fresh temporary directory (a leftover from a crash is removed)."""
-        self.check_writable()
+        check_writable(self.root)
         tmp = self.tmp_dir(step)
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -183,28 +210,8 @@ class CheckpointStore:
         tmp.replace(self.root / LATEST)
         fsync_dir(self.root)
 
-    def complete_steps(self) -> list[int]:
-        """Steps with a manifest, oldest first (verification is separate: it may be expensive)."""
-        if not self.root.is_dir():
-            return []
-        steps = []
-        for path in self.root.iterdir():
-            match = _STEP_DIR.match(path.name)
-            if match and (path / MANIFEST).is_file():
-                steps.append(int(match.group(1)))
-        return sorted(steps)
-
-    def newest_valid(self, hash_files: bool = True) -> Verified | None:
-        """The newest checkpoint that verifies; broken ones are skipped, never loaded."""
-        for step in reversed(self.complete_steps()):
-            try:
-                return verify(self.root / step_dir_name(step), hash_files)
-            except CheckpointError:
-                continue
-        return None
-
     def apply_retention(self) -> None:
-        steps = self.complete_steps()
+        steps = complete_steps(self.root)
         keep = set(steps[-self.keep_last:])
         if self.keep_every:
             keep |= {s for s in steps if s % self.keep_every == 0}
