@@ -32,8 +32,9 @@ from pretrain.checkpoint.state import (
 from pretrain.checkpoint.store import CheckpointError, CheckpointStore, verify
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import Built, build_engine
+from pretrain.hardware import peak_flops
 from pretrain.metrics import MetricsLogger, StepProfiler
-from pretrain.plan import H100_BF16_PEAK_TFLOPS, flops_per_token
+from pretrain.plan import flops_per_token
 
 
 def seed_everything(seed: int) -> None:
@@ -114,7 +115,8 @@ class Trainer:
             self.loader.load_state_dict(data_position or state["loader"])
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
-        self.peak_flops = H100_BF16_PEAK_TFLOPS * 1e12 if torch.cuda.is_available() else None
+        self.peak_flops = peak_flops(cfg, torch.cuda.get_device_name(self.device) if self.device is not None else None,
+                                     self.log_rank0)
         self.inject_nonfinite = {int(n) for n in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if n.strip()}
         self.stop_signal = 0
         for sig in stop_signals:
