@@ -8,8 +8,9 @@
 Each configuration is `pretrain train` on configs/mistral-7b.yaml with fewer layers (the whole 7B does not fit
 one GPU with its optimizer state), random tokens in real shards, bf16, no checkpoints or evaluation, run to
 --steps; the first --warmup steps (compilation, allocator warm-up) are left out of the averages. MFU counts the
-model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window attention) against the datasheet's
-989 TFLOP/s and against the bf16 matmul rate measured on the same GPU in the same run.
+model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window attention) against the GPU's dense bf16
+datasheet peak (pretrain.hardware; 989 TFLOP/s on an H100 SXM or H200, n/a for a GPU not in its table) and against
+the bf16 matmul rate measured on the same GPU in the same run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from data_pipeline.prepare import MANIFEST, MANIFEST_VERSION, ShardWriter, token_dtype  # noqa: E402
 from pretrain.checkpoint.store import write_json_atomic  # noqa: E402
-from pretrain.plan import H100_BF16_PEAK_TFLOPS, flops_per_token  # noqa: E402
+from pretrain.hardware import datasheet_peak_tflops  # noqa: E402
+from pretrain.plan import flops_per_token  # noqa: E402
 
 
 def measured_matmul_tflops(size: int = 8192) -> float:
@@ -131,15 +133,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the benchmark needs CUDA GPUs; use --smoke on CPU")
     matmul = measured_matmul_tflops() if on_gpu else None
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
+    sheet = datasheet_peak_tflops(device, "bfloat16")
     print(f"device {device} x {args.nproc}; bf16 matmul 8192^3 measured: "
           + (f"{matmul:.1f} TFLOP/s" if matmul else "n/a")
-          + f"; datasheet peak {H100_BF16_PEAK_TFLOPS:g} TFLOP/s")
+          + (f"; datasheet peak ({sheet[0]}, dense bf16) {sheet[1]:g} TFLOP/s" if sheet else "; datasheet peak n/a"))
     micro = f"{args.tokens_per_micro_batch} tokens" if args.tokens_per_micro_batch else f"{args.micro_batch}"
     print(f"model: Mistral 7B width, {args.layers} layers, vocab {args.vocab}; tp={args.tp}, micro-batch {micro} x "
           f"{args.accum} accumulation per replica, {args.checkpointing} activation checkpointing, "
           f"compile={'off' if args.no_compile else 'on'} {' '.join(args.overrides)}")
     header = (f"{'seq':>6} {'window':>6} {'tokens/s/GPU':>13} {'step s':>8} {'GFLOP/token':>11} "
-              f"{'MFU(989)':>9} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
+              f"{'MFU(sheet)':>10} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
     print(header)
     print("-" * len(header))
     profiles = []
@@ -153,10 +156,10 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{seq_len:>6} {window_text:>6}  FAILED {row['error']}")
                     continue
                 achieved = row["tokens_per_s_per_gpu"] * row["flops_per_token"] / 1e12
-                mfu_sheet = achieved / H100_BF16_PEAK_TFLOPS
+                mfu_sheet = f"{achieved / sheet[1]:>10.1%}" if sheet else f"{'n/a':>10}"
                 mfu_measured = f"{achieved / matmul:>10.1%}" if matmul else f"{'n/a':>10}"
                 print(f"{seq_len:>6} {window_text:>6} {row['tokens_per_s_per_gpu']:>13,.0f} "
-                      f"{row['step_time_s']:>8.3f} {row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet:>9.1%} "
+                      f"{row['step_time_s']:>8.3f} {row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet} "
                       f"{mfu_measured} {row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
                 profiles.append((row["name"], row["profile"]))
     for name, table in profiles:

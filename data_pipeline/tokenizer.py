@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -151,8 +152,7 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise DataError(f"sentencepiece training on {files} failed ({str(e).strip()}): "
-                        "lower --vocab-size or give more text") from None
+        raise DataError(f"sentencepiece training on {files} failed: {_training_advice(str(e), vocab_size)}") from None
     model_bytes = model.getvalue()
     _write_atomic(out / MODEL_FILE, model_bytes)
     tokenizer = Tokenizer(model_bytes, str(out / MODEL_FILE))
@@ -170,6 +170,20 @@ def train_tokenizer(
     }
     write_json_atomic(out / META_FILE, meta)
     return tokenizer
+
+
+def _training_advice(error: str, vocab_size: int) -> str:
+    """sentencepiece's reason in our flags' terms: it names its own options (--character_coverage)."""
+    # The vocabulary must hold every character kept by character_coverage, the 256 byte pieces and <unk> <s> </s>.
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", error)
+    if too_small:
+        return (f"--vocab-size {vocab_size} is smaller than the {too_small.group(1)} pieces this text needs (its "
+                f"characters, 256 byte pieces, 3 special pieces): pass --vocab-size {too_small.group(1)} or more")
+    too_large = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", error)
+    if too_large:
+        return (f"--vocab-size {vocab_size} is more pieces than this text yields: pass --vocab-size "
+                f"{too_large.group(1)} or less, or give more text")
+    return f"{' '.join(error.split())}: check the input text and --vocab-size"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

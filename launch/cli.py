@@ -52,8 +52,9 @@ def _register_plan(sub: argparse._SubParsersAction) -> None:
     _add_config_args(p)
     p.add_argument("--world-size", type=int, help="number of GPUs (default: the config's dp or Slurm allocation)")
     p.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilization to assume (default 0.5)")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="bf16 peak of one GPU in TFLOP/s (default: H100 datasheet, 989)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="dense peak of one GPU in TFLOP/s, in train.dtype (default: logging.peak_tflops, else the "
+                        "H100 SXM datasheet's)")
     p.set_defaults(func=cmd_plan)
 
 

@@ -8,15 +8,20 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the key and the fix."""
+
+
+# The dtypes a run computes in, by name; pretrain.dtypes maps them to torch's. `auto` picks one by device.
+DtypeName = Literal["bfloat16", "float32"]
 
 
 class _Section(BaseModel):
@@ -42,7 +47,7 @@ class ModelConfig(_Section):
     init_std: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
-    def _heads(self) -> ModelConfig:
+    def _shape(self) -> ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}: "
@@ -52,6 +57,11 @@ class ModelConfig(_Section):
             raise ValueError(
                 f"model.sliding_window={self.sliding_window} is larger than model.max_seq_len={self.max_seq_len}: "
                 "set sliding_window <= max_seq_len, or null for full attention"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"model.head_dim={self.head_dim} is odd: rotary embeddings rotate pairs of dimensions; "
+                "choose an even head_dim"
             )
         return self
 
@@ -116,7 +126,8 @@ class TrainConfig(_Section):
     # In sequences; gradient accumulation = global_batch / (micro_batch * dp).
     global_batch: int = Field(8, gt=0)
     seed: int = 1234
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # auto: bfloat16 on a GPU, float32 on CPU.
+    dtype: Literal["auto", DtypeName] = "auto"
     compile: bool = False
     eval_every: int = Field(0, ge=0)
     eval_steps: int = Field(10, gt=0)
@@ -147,6 +158,13 @@ class LoggingConfig(_Section):
     wandb_project: str | None = None
     # Profile steps profile_step .. profile_step + 2 (0: off): a trace and the top kernels in RUN_DIR/profile/.
     profile_step: int = Field(0, ge=0)
+    # Dense peak TFLOP/s of one GPU in train.dtype, which MFU divides by; null: the datasheet figure of the GPU's
+    # name (pretrain.hardware), and no MFU for a GPU not listed there.
+    peak_tflops: float | None = Field(None, gt=0)
+
+
+# A Slurm time limit: minutes, MM:SS, HH:MM:SS, with an optional D- before.
+SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
 
 class SlurmConfig(_Section):
@@ -164,6 +182,13 @@ class SlurmConfig(_Section):
     max_requeues: int = Field(3, ge=0)
     signal_seconds: int = Field(120, ge=1)
 
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, limit: str) -> str:
+        if not SLURM_TIME.fullmatch(limit.strip()):
+            raise ValueError(f"slurm.time={limit!r} is not a Slurm time: write HH:MM:SS, D-HH:MM:SS or minutes")
+        return limit
+
 
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -178,21 +203,37 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_sections(self) -> Config:
         m, p = self.model, self.parallel
-        for name, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
-            if heads % p.tp:
-                raise ValueError(
-                    f"{name}={heads} is not divisible by parallel.tp={p.tp}: each tensor-parallel rank holds "
-                    f"whole heads; choose tp from {_divisors(math.gcd(m.n_heads, m.n_kv_heads))}"
-                )
-        if m.vocab_size % p.tp:
-            raise ValueError(
-                f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}: "
-                "pad the vocabulary or choose another tp"
-            )
+        fitting_tp = _divisors(math.gcd(m.n_heads, m.n_kv_heads, m.hidden_dim, m.vocab_size))
+        for name, size, reason, fix in (
+            ("model.n_heads", m.n_heads, "each tensor-parallel rank holds whole heads", ""),
+            ("model.n_kv_heads", m.n_kv_heads, "each tensor-parallel rank holds whole heads", ""),
+            ("model.hidden_dim", m.hidden_dim, "each tensor-parallel rank holds an equal slice of the MLP",
+             f"set hidden_dim to a multiple of {p.tp} or "),
+            ("model.vocab_size", m.vocab_size, "each tensor-parallel rank holds an equal slice of the vocabulary",
+             f"pad vocab_size to a multiple of {p.tp} or "),
+        ):
+            if size % p.tp:
+                raise ValueError(f"{name}={size} is not divisible by parallel.tp={p.tp}: {reason}; "
+                                 f"{fix}choose tp from {fitting_tp}")
         if m.n_layers % p.pp:
             raise ValueError(
                 f"model.n_layers={m.n_layers} is not divisible by parallel.pp={p.pp}: "
                 f"choose pp from {_divisors(m.n_layers)}"
+            )
+        if m.document_masking and p.pp > 1:
+            raise ValueError(
+                f"model.document_masking=true with parallel.pp={p.pp}: the pipeline stages do not pass document "
+                "boundaries on; set model.document_masking=false or parallel.pp=1"
+            )
+        if m.document_masking and self.data.tokenizer is None:
+            raise ValueError(
+                "model.document_masking=true needs data.tokenizer: its end-of-document token marks where "
+                "documents end; set data.tokenizer or model.document_masking=false"
+            )
+        if m.attention_backend == "flash" and self.train.dtype == "float32":
+            raise ValueError(
+                "model.attention_backend=flash with train.dtype=float32: FlashAttention-2 computes in float16 or "
+                "bfloat16 only; set train.dtype=bfloat16 (or auto, on GPUs) or attention_backend to flex or sdpa"
             )
         if self.data.seq_len > m.max_seq_len:
             raise ValueError(

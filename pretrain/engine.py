@@ -22,6 +22,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noq
 
 from pretrain import parallel  # noqa: E402
 from pretrain.config import Config, grad_accum_steps  # noqa: E402
+from pretrain.dtypes import resolve_dtype  # noqa: E402
 from pretrain.model.mistral import (  # noqa: E402
     DecoderLayer,
     Embedding,
@@ -56,14 +57,8 @@ class MegatronMPU:
         return parallel.dp_group()
 
 
-def train_dtype(cfg: Config) -> torch.dtype:
-    if cfg.train.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, cfg.train.dtype)
-
-
 def deepspeed_config(cfg: Config) -> dict:
-    dtype = train_dtype(cfg)
+    dtype = resolve_dtype(cfg.train.dtype)
     zero: dict = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage >= 2:
         # Overlap the gradient reduce-scatter with the backward pass.
@@ -107,8 +102,6 @@ def build_model(cfg: Config, eos_id: int | None) -> tuple[torch.nn.Module, dict[
     if p.pp == 1:
         model = Mistral(m, eos_id=eos_id, activation_checkpointing=p.activation_checkpointing, seed=cfg.train.seed)
         return model, dict(model.named_parameters())
-    if m.document_masking:
-        raise ValueError("model.document_masking is not supported with parallel.pp > 1: set one of them off")
     layer_config = megatron_layer_config(torch.float32)
     specs = [LayerSpec(Embedding, m, layer_config)]
     specs += [LayerSpec(DecoderLayer, m, layer_config, p.activation_checkpointing) for _ in range(m.n_layers)]

@@ -23,11 +23,9 @@ from safetensors.torch import save_file
 
 from pretrain.checkpoint.store import fsync_dir, fsync_file, sha256_file
 from pretrain.config import ModelConfig
+from pretrain.dtypes import DTYPES
 from pretrain.model.hf_adapter import hf_config, to_hf
 from pretrain.weights import HF_INDEX, TOKENIZER_MODEL, Weights
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 # ------------------------------------------------------------------------------------------ atomic output
 

@@ -18,6 +18,7 @@ import torch
 from megatron.core import parallel_state
 
 from pretrain import parallel
+from pretrain.dtypes import resolve_dtype as inference_dtype  # noqa: F401  (launch/export_commands.py imports it)
 from pretrain.model.hf_adapter import load_full_state
 from pretrain.model.kv_cache import RollingKVCache
 from pretrain.model.mistral import Mistral
@@ -53,12 +54,6 @@ def single_process_group() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def inference_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def build_model(weights: Weights, dtype: torch.dtype, eos_id: int | None = None) -> Mistral:

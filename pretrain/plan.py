@@ -5,6 +5,8 @@ Conventions (stated in `pretrain plan` output too):
   Matmul parameters are every linear layer including the LM head; the input embedding (a lookup) and the norm
   weights are excluded. Attended keys are counted exactly for causal attention: query i (0-based) sees
   min(i + 1, W) keys, so full causal averages (S + 1) / 2, not the S some reports use.
+- MFU divides by the peak of one GPU: --peak-tflops, else logging.peak_tflops, else the H100 SXM's datasheet
+  figure in the training dtype (pretrain.hardware holds the table), named as such in the output.
 - Memory follows the ZeRO paper's accounting with mixed precision: 2 bytes of bf16 weights and 2 of gradients
   per parameter, 12 of optimizer state (float32 master, Adam m and v); float32 training holds 4 + 4 + 8.
 """
@@ -14,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.config import Config, ModelConfig
+from pretrain.hardware import concrete_dtype, datasheet_peak_tflops
 
-# Dense bf16 tensor-core peak of the H100 SXM datasheet (the H200 has the same compute).
-H100_BF16_PEAK_TFLOPS = 989.0
+# The GPU a plan assumes when neither --peak-tflops nor logging.peak_tflops gives a peak (the name torch reports).
+PLAN_DEFAULT_GPU = "NVIDIA H100 80GB HBM3"
 
 
 def count_parameters(m: ModelConfig) -> dict[str, int]:
@@ -113,6 +116,18 @@ def memory_per_gpu(cfg: Config, dp: int, mixed_precision: bool = True) -> Memory
     return MemoryPlan(weights, grads, optim, activations, logits)
 
 
+def plan_peak_tflops(cfg: Config, flag: float | None) -> tuple[float, str]:
+    """The peak TFLOP/s a plan divides by, and where it comes from: --peak-tflops, else logging.peak_tflops, else
+    the datasheet figure of PLAN_DEFAULT_GPU (plans are for GPUs, where dtype `auto` is bfloat16)."""
+    if flag is not None:
+        return flag, "--peak-tflops"
+    if cfg.logging.peak_tflops is not None:
+        return cfg.logging.peak_tflops, "logging.peak_tflops"
+    dtype = concrete_dtype(cfg.train.dtype, on_gpu=True)
+    model, tflops = datasheet_peak_tflops(PLAN_DEFAULT_GPU, dtype)
+    return tflops, f"{model} datasheet, dense {dtype}; --peak-tflops or logging.peak_tflops for another GPU"
+
+
 def implied_tokens_per_second_per_gpu(cfg: Config, mfu: float, peak_tflops: float) -> float:
     return mfu * peak_tflops * 1e12 / flops_per_token(cfg.model, cfg.data.seq_len)["total"]
 
@@ -125,8 +140,9 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
-def describe(cfg: Config, mfu: float, peak_tflops: float) -> list[tuple[str, str]]:
-    """The rows `pretrain plan` prints, for a config whose world size is resolved (parallel.dp set)."""
+def describe(cfg: Config, mfu: float, peak_tflops: float | None) -> list[tuple[str, str]]:
+    """The rows `pretrain plan` prints, for a config whose world size is resolved (parallel.dp set); `peak_tflops`
+    is --peak-tflops (see plan_peak_tflops)."""
     m, p = cfg.model, cfg.parallel
     dp = p.dp
     c = count_parameters(m)
@@ -135,6 +151,7 @@ def describe(cfg: Config, mfu: float, peak_tflops: float) -> list[tuple[str, str
     mem = memory_per_gpu(cfg, dp, mixed_precision=mixed)
     window = "full causal" if m.sliding_window is None else f"window {m.sliding_window}"
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    peak, peak_source = plan_peak_tflops(cfg, peak_tflops)
     return [
         ("layout", f"tp={p.tp} pp={p.pp} dp={dp} (world {p.tp * p.pp * dp}), ZeRO-{p.zero_stage}, "
                    f"micro-batch {p.micro_batch}, grad accumulation {cfg.train.global_batch // (p.micro_batch * dp)}"),
@@ -153,6 +170,6 @@ def describe(cfg: Config, mfu: float, peak_tflops: float) -> list[tuple[str, str
                            f"({p.activation_checkpointing} checkpointing) + logits {_gib(mem.logits)}"),
         ("precision", "bf16 weights/grads, fp32 master + Adam (2+2+12 bytes/param)" if mixed
          else "float32 (4+4+8 bytes/param)"),
-        ("throughput at MFU", f"{implied_tokens_per_second_per_gpu(cfg, mfu, peak_tflops):,.0f} tokens/s/GPU "
-                              f"at {mfu:.0%} of {peak_tflops:g} TFLOP/s"),
+        ("throughput at MFU", f"{implied_tokens_per_second_per_gpu(cfg, mfu, peak):,.0f} tokens/s/GPU "
+                              f"at {mfu:.0%} of {peak:g} TFLOP/s ({peak_source})"),
     ]

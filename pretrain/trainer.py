@@ -24,8 +24,9 @@ from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import Built, build_engine
+from pretrain.hardware import peak_flops
 from pretrain.metrics import MetricsLogger, StepProfiler
-from pretrain.plan import H100_BF16_PEAK_TFLOPS, flops_per_token
+from pretrain.plan import flops_per_token
 
 
 def seed_everything(seed: int) -> None:
@@ -81,7 +82,8 @@ class Trainer:
             self.checkpointer.load(ckpt)
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
-        self.peak_flops = H100_BF16_PEAK_TFLOPS * 1e12 if torch.cuda.is_available() else None
+        self.peak_flops = peak_flops(cfg, torch.cuda.get_device_name(self.device) if self.device is not None else None,
+                                     self.log_rank0)
         self.inject_nonfinite = set(cfg.train.inject_nonfinite_batches)
         if self.inject_nonfinite:
             self.log_rank0(f"train.inject_nonfinite_batches: the loss of global batches "
@@ -270,6 +272,7 @@ class Trainer:
             values["grad_norm"] = float(grad_norm)
         if self.peak_flops is not None:
             values["mfu"] = tokens_per_s / self.world * self.flops_per_token / self.peak_flops
+        if self.device is not None:
             values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         else:
             import psutil

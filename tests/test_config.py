@@ -83,6 +83,64 @@ def test_kv_heads_not_divisible_by_tp():
     assert "model.n_kv_heads=8 is not divisible by parallel.tp=16" in _error(["parallel.tp=16"])
 
 
+def test_hidden_dim_not_divisible_by_tp():
+    message = _error(["model.hidden_dim=14335", "parallel.tp=2"])
+    assert message == ("model.hidden_dim=14335 is not divisible by parallel.tp=2: each tensor-parallel rank holds an "
+                       "equal slice of the MLP; set hidden_dim to a multiple of 2 or choose tp from [1]")
+
+
+def test_vocab_not_divisible_by_tp():
+    message = _error(["model.vocab_size=32001", "parallel.tp=2"])
+    assert "model.vocab_size=32001 is not divisible by parallel.tp=2" in message
+    assert "pad vocab_size to a multiple of 2 or choose tp from [1]" in message
+
+
+def test_tp_hint_lists_only_sizes_that_fit_every_dimension():
+    # 32 and 8 heads allow tp 8, a hidden size of 14340 (4 x 3585) only 4.
+    message = _error(["model.vocab_size=32004", "model.hidden_dim=14340", "parallel.tp=8"])
+    assert message.startswith("model.hidden_dim=14340 is not divisible by parallel.tp=8")
+    assert message.endswith("choose tp from [1, 2, 4]")
+
+
+def test_odd_head_dim_is_refused():
+    assert _error(["model.head_dim=127"]) == ("model.head_dim=127 is odd: rotary embeddings rotate pairs of "
+                                               "dimensions; choose an even head_dim")
+
+
+def test_document_masking_with_pipeline_is_refused():
+    message = _error(["model.document_masking=true", "parallel.pp=2", "data.tokenizer=data/tokenizer"])
+    assert message.startswith("model.document_masking=true with parallel.pp=2")
+    assert message.endswith("set model.document_masking=false or parallel.pp=1")
+
+
+def test_document_masking_needs_a_tokenizer():
+    assert "model.document_masking=true needs data.tokenizer" in _error(["model.document_masking=true"])
+    cfg = load_config(MISTRAL, ["model.document_masking=true", "data.tokenizer=data/tokenizer"])
+    assert cfg.model.document_masking
+
+
+def test_flash_attention_in_float32_is_refused():
+    message = _error(["model.attention_backend=flash", "train.dtype=float32"])
+    assert message.startswith("model.attention_backend=flash with train.dtype=float32")
+    assert load_config(MISTRAL, ["model.attention_backend=flash", "train.dtype=bfloat16"]).train.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("limit", ["90", "30:00", "48:00:00", "2-00:00:00"])
+def test_slurm_time_limits_slurm_takes(limit):
+    assert load_config(TINY, [f"slurm.time='{limit}'"]).slurm.time == limit
+
+
+@pytest.mark.parametrize("limit", ["1h", "48:00:00:00", "", "2-"])
+def test_slurm_time_that_slurm_would_refuse(limit):
+    assert _error([f"slurm.time='{limit}'"], TINY) == (f"slurm.time={limit!r} is not a Slurm time: write HH:MM:SS, "
+                                                       "D-HH:MM:SS or minutes")
+
+
+def test_peak_tflops_must_be_positive():
+    assert load_config(TINY, ["logging.peak_tflops=312"]).logging.peak_tflops == 312.0
+    assert _error(["logging.peak_tflops=0"]).startswith("config key logging.peak_tflops=0")
+
+
 def test_layers_not_divisible_by_pp():
     assert "model.n_layers=32 is not divisible by parallel.pp=3" in _error(["parallel.pp=3"])
 
@@ -138,6 +196,18 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = resolve_world(load_config(TINY, ["optim.lr=1e-3"]), 2)
     save_resolved(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_cli_refuses_a_hidden_dim_tp_cannot_split_in_one_line_with_exit_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "plan", str(TINY), "model.hidden_dim=689", "parallel.tp=2"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pretrain plan: error: model.hidden_dim=689 is not divisible by parallel.tp=2: each tensor-parallel rank "
+        "holds an equal slice of the MLP; set hidden_dim to a multiple of 2 or choose tp from [1]"
+    ]
 
 
 def test_cli_reports_bad_tp_in_one_line_with_exit_2():

@@ -3,11 +3,13 @@ loading a .model that this project did not train."""
 
 import hashlib
 import io
+import json
 import pickle
 
 import pytest
 import sentencepiece as spm
 
+from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 from tests.data_helpers import make_tokenizer
 
@@ -92,3 +94,32 @@ def test_pickles_for_worker_processes(trained):
     copy = pickle.loads(pickle.dumps(tok))
     assert copy.sha256 == tok.sha256
     assert copy.encode_batch(UNUSUAL) == [tok.encode(t) for t in UNUSUAL]
+
+
+@pytest.fixture
+def cjk_text(tmp_path):
+    """A small text of 220 distinct CJK characters: its vocabulary needs 220 + 256 byte + 3 special pieces."""
+    lines = ["".join(chr(0x4E00 + i + j) for j in range(20)) + " abc def" for i in range(0, 200, 2)]
+    path = tmp_path / "cjk.jsonl"
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    return str(path)
+
+
+def test_too_small_a_vocabulary_is_told_the_size_it_needs(cjk_text, tmp_path):
+    with pytest.raises(DataError) as error:
+        train_tokenizer([cjk_text], tmp_path / "small", vocab_size=300)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "--vocab-size 300 is smaller than the 484 pieces this text needs" in message
+    assert message.endswith("pass --vocab-size 484 or more")
+    # The advice holds: the size it names trains.
+    assert train_tokenizer([cjk_text], tmp_path / "enough", vocab_size=484).vocab_size == 484
+
+
+def test_too_large_a_vocabulary_is_told_the_most_it_can_have(cjk_text, tmp_path):
+    with pytest.raises(DataError) as error:
+        train_tokenizer([cjk_text], tmp_path / "large", vocab_size=5000)
+    message = str(error.value)
+    assert "--vocab-size 5000 is more pieces than this text yields: pass --vocab-size " in message
+    most = int(message.split("pass --vocab-size ")[1].split()[0])
+    assert train_tokenizer([cjk_text], tmp_path / "most", vocab_size=most).vocab_size == most

@@ -5,18 +5,26 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.config import load_config, resolve_world
+from pretrain.hardware import datasheet_peak_tflops, peak_flops
 from pretrain.plan import (
     count_parameters,
     flops_per_token,
     mean_attended_keys,
     memory_per_gpu,
     parameters_per_rank,
+    plan_peak_tflops,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 MISTRAL = ROOT / "configs" / "mistral-7b.yaml"
+
+
+def _plan(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "launch.cli", "plan", str(MISTRAL), *args],
+                          capture_output=True, text=True, cwd=ROOT, check=True).stdout
 
 
 def test_mistral_7b_parameter_count_by_hand():
@@ -70,7 +78,77 @@ def test_zero_stages_shard_what_they_should():
 
 
 def test_plan_command_prints_7_24_b():
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "plan", str(MISTRAL)],
-                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    out = _plan()
     assert "7.24 B (7,241,732,096)" in out
     assert "tokens/s/GPU" in out and "memory per GPU" in out
+
+
+# Names as torch.cuda.get_device_name() reports them.
+@pytest.mark.parametrize("device_name, dtype, expected", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", ("NVIDIA H100 SXM", 989.0)),
+    ("NVIDIA H100 80GB HBM3", "float32", ("NVIDIA H100 SXM", 67.0)),
+    ("NVIDIA H100 PCIe", "bfloat16", ("NVIDIA H100 PCIe", 756.0)),
+    ("NVIDIA H100 NVL", "bfloat16", ("NVIDIA H100 NVL", 835.0)),
+    ("NVIDIA H200", "bfloat16", ("NVIDIA H200 SXM", 989.0)),
+    ("NVIDIA GH200 480GB", "bfloat16", ("NVIDIA GH200", 989.0)),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", ("NVIDIA A100", 312.0)),
+    ("NVIDIA A100-PCIE-40GB", "float32", ("NVIDIA A100", 19.5)),
+    ("NVIDIA L40S", "bfloat16", ("NVIDIA L40S", 362.05)),
+    ("NVIDIA B200", "bfloat16", ("NVIDIA B200", 2250.0)),
+    ("AMD Instinct MI300X", "bfloat16", ("AMD Instinct MI300X", 1307.4)),
+])
+def test_datasheet_peak_of_real_device_names(device_name, dtype, expected):
+    assert datasheet_peak_tflops(device_name, dtype) == expected
+
+
+@pytest.mark.parametrize("device_name, dtype", [
+    ("NVIDIA GeForce RTX 4090", "bfloat16"),  # not in the table
+    ("NVIDIA L40", "bfloat16"),  # an L40S is not an L40
+    ("NVIDIA H20", "bfloat16"),  # nor is an H20 an H200
+    ("NVIDIA B200", "float32"),  # a dtype the table does not state
+])
+def test_no_datasheet_peak_for_what_the_table_does_not_know(device_name, dtype):
+    assert datasheet_peak_tflops(device_name, dtype) is None
+
+
+def test_run_peak_comes_from_the_config_then_the_device():
+    notes = []
+    cfg = load_config(MISTRAL)
+    assert peak_flops(cfg, "NVIDIA A100-SXM4-80GB", notes.append) == 312e12
+    assert peak_flops(load_config(MISTRAL, ["train.dtype=float32"]), "NVIDIA H200", notes.append) == 67e12
+    overridden = load_config(MISTRAL, ["logging.peak_tflops=500"])
+    assert peak_flops(overridden, "NVIDIA GeForce RTX 4090", notes.append) == 500e12
+    assert peak_flops(cfg, None, notes.append) is None  # no GPU: no MFU, nothing to tell
+    assert notes == []
+
+
+def test_unknown_gpu_gets_no_mfu_and_one_note_naming_the_key():
+    notes = []
+    assert peak_flops(load_config(MISTRAL), "NVIDIA GeForce RTX 4090", notes.append) is None
+    assert notes == ["MFU is not logged: no datasheet peak of NVIDIA GeForce RTX 4090 in bfloat16 is known here; "
+                     "set logging.peak_tflops=<dense TFLOP/s of one GPU> to log it"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peak_of_this_gpu():
+    name = torch.cuda.get_device_name()
+    notes = []
+    peak = peak_flops(load_config(MISTRAL), name, notes.append)
+    found = datasheet_peak_tflops(name, "bfloat16")
+    assert (peak, len(notes)) == ((found[1] * 1e12, 0) if found else (None, 1)), name
+
+
+def test_plan_peak_is_the_flag_then_the_config_then_the_h100_named_as_such():
+    cfg = load_config(MISTRAL)
+    assert plan_peak_tflops(cfg, None) == (
+        989.0, "NVIDIA H100 SXM datasheet, dense bfloat16; --peak-tflops or logging.peak_tflops for another GPU")
+    assert plan_peak_tflops(load_config(MISTRAL, ["train.dtype=float32"]), None)[0] == 67.0
+    configured = load_config(MISTRAL, ["logging.peak_tflops=312"])
+    assert plan_peak_tflops(configured, None) == (312.0, "logging.peak_tflops")
+    assert plan_peak_tflops(configured, 756.0) == (756.0, "--peak-tflops")
+
+
+def test_plan_command_names_the_peak_it_divides_by():
+    assert "at 50% of 989 TFLOP/s (NVIDIA H100 SXM datasheet, dense bfloat16;" in " ".join(_plan().split())
+    assert "at 50% of 312 TFLOP/s (logging.peak_tflops)" in " ".join(_plan("logging.peak_tflops=312").split())
