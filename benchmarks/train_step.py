@@ -2,12 +2,17 @@
 
     python benchmarks/train_step.py                          # 1 GPU: 7B width, 8 layers, seq 8192, window 4096
     python benchmarks/train_step.py --seq-lens 4096 8192 16384 32768 --windows 4096 none
-    python benchmarks/train_step.py --nproc 2 --layers 8 -- parallel.zero_stage=3
+    python benchmarks/train_step.py --nproc 2 --layers 8 --layouts zero1 zero3 tp2 pp2
+    python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 pp2 --steps 6 --warmup 2
     python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
 
-Each configuration is `pretrain train` on configs/mistral-7b.yaml with fewer layers (the whole 7B does not fit
-one GPU with its optimizer state), random tokens in real shards, bf16, no checkpoints or evaluation, run to
---steps; the first --warmup steps (compilation, allocator warm-up) are left out of the averages. MFU counts the
+Each configuration is `pretrain train` on configs/mistral-7b.yaml (with fewer layers where the whole 7B does not
+fit: one GPU holds 8 of its 32 with their optimizer state), random tokens in real shards, bf16, no checkpoints
+(not even the final one) or evaluation, run to --steps; the first --warmup steps (compilation, allocator warm-up)
+are left out of the averages. A layout is a data-parallel run with ZeRO-1 (zero1) or ZeRO-3 (zero3), or tp=2
+(tp2) or pp=2 (pp2) with data parallelism over the remaining GPUs. "to step 1" is the time from starting
+`pretrain train` to the end of the first step, compilation included; the trainer's own breakdown of it (model
+build, DeepSpeed, first step) is printed under the table. MFU counts the
 model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window attention) against the GPU's dense bf16
 datasheet peak (pretrain.hardware; 989 TFLOP/s on an H100 SXM or H200, n/a for a GPU not in its table) and against
 the bf16 matmul rate measured on the same GPU in the same run.
@@ -21,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,22 +65,31 @@ def write_random_shards(out: Path, samples: int, seq_len: int, vocab_size: int, 
     })
 
 
-def run_config(args, seq_len: int, window: int | None, work: Path) -> dict:
+LAYOUTS = {"zero1": ["parallel.zero_stage=1"], "zero3": ["parallel.zero_stage=3"],
+           "tp2": ["parallel.tp=2", "parallel.zero_stage=1"], "pp2": ["parallel.pp=2", "parallel.zero_stage=1"]}
+
+
+def model_parallel_size(layout: str) -> int:
+    return 2 if layout in ("tp2", "pp2") else 1
+
+
+def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) -> dict:
     """One `pretrain train` run; returns its averaged metrics after the warm-up steps."""
-    name = f"seq{seq_len}-w{window or 'full'}"
+    name = f"{layout}-seq{seq_len}-w{window or 'full'}"
     data = work / f"data-{seq_len}"
     micro_batch = args.tokens_per_micro_batch // seq_len if args.tokens_per_micro_batch else args.micro_batch
-    global_batch = micro_batch * args.accum * (args.nproc // args.tp)
+    global_batch = micro_batch * args.accum * (args.nproc // model_parallel_size(layout))
     if not (data / "manifest.json").exists():
         write_random_shards(data, global_batch * args.steps, seq_len, args.vocab)
     overrides = [
         f"model.n_layers={args.layers}", f"model.vocab_size={args.vocab}", f"model.max_seq_len={seq_len}",
         f"model.sliding_window={'null' if window is None else min(window, seq_len)}",
         f"data.train=[{{path: {data}}}]", "data.eval=null", "data.tokenizer=null", f"data.seq_len={seq_len}",
-        f"parallel.tp={args.tp}", f"parallel.micro_batch={micro_batch}",
+        *LAYOUTS[layout], f"parallel.micro_batch={micro_batch}",
         f"parallel.activation_checkpointing={args.checkpointing}", f"train.global_batch={global_batch}",
         f"train.steps={args.steps}", "train.eval_every=0", f"train.compile={str(not args.no_compile).lower()}",
-        "checkpoint.every_steps=0", "logging.every_steps=1", "logging.tensorboard=false", "optim.warmup_steps=1",
+        "checkpoint.every_steps=0", "checkpoint.save_final=false", "logging.every_steps=1",
+        "logging.tensorboard=false", "optim.warmup_steps=1",
         f"logging.profile_step={args.warmup + 1 if args.profile else 0}",
     ]
     if args.smoke:
@@ -83,11 +98,17 @@ def run_config(args, seq_len: int, window: int | None, work: Path) -> dict:
     run_dir = work / name
     command = [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "mistral-7b.yaml"),
                *overrides, *args.overrides, "--nproc", str(args.nproc), "--run-dir", str(run_dir)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    launched = time.time()
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = "\n".join((e.stderr or b"").decode(errors="replace").splitlines()[-15:])
+        return {"name": name, "error": f"not finished within --timeout {args.timeout} s: {tail}"}
     if result.returncode != 0:
         tail = "\n".join(result.stderr.splitlines()[-15:])
         return {"name": name, "error": f"exit {result.returncode}: {tail}"}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    startup = next(r for r in records if r["kind"] == "startup")
     timed = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
     mean = {key: float(np.mean([r[key] for r in timed])) for key in ("tokens_per_s_per_gpu", "step_time_s")}
     mean["memory_gib"] = max(r["memory_gib"] for r in timed)
@@ -96,8 +117,10 @@ def run_config(args, seq_len: int, window: int | None, work: Path) -> dict:
 
     cfg = load_config(run_dir / "config.yaml")
     mean["flops_per_token"] = flops_per_token(cfg.model, seq_len)["total"]
+    mean["to_step_1_s"] = startup["time"] - launched
+    phases = {key: value for key, value in startup.items() if key.endswith("_s")}
     profile = run_dir / "profile" / "top.txt"
-    return {"name": name, "seq_len": seq_len, "window": window, **mean,
+    return {"name": name, "seq_len": seq_len, "window": window, **mean, "phases": phases,
             "profile": profile.read_text() if profile.exists() else None}
 
 
@@ -114,10 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step per replica")
     parser.add_argument("--checkpointing", default="selective", choices=["none", "selective", "full"])
     parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--layouts", nargs="+", default=["zero1"], choices=list(LAYOUTS),
+                        help="zero1, zero3: data parallel with that ZeRO stage; tp2, pp2: tp=2 or pp=2 (ZeRO-1)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds one configuration may take")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of 3 steps after the warm-up")
     parser.add_argument("--work-dir", type=Path, help="where shards and runs go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides after --")
@@ -138,30 +163,36 @@ def main(argv: list[str] | None = None) -> None:
           + (f"{matmul:.1f} TFLOP/s" if matmul else "n/a")
           + (f"; datasheet peak ({sheet[0]}, dense bf16) {sheet[1]:g} TFLOP/s" if sheet else "; datasheet peak n/a"))
     micro = f"{args.tokens_per_micro_batch} tokens" if args.tokens_per_micro_batch else f"{args.micro_batch}"
-    print(f"model: Mistral 7B width, {args.layers} layers, vocab {args.vocab}; tp={args.tp}, micro-batch {micro} x "
+    print(f"model: Mistral 7B width, {args.layers} layers, vocab {args.vocab}; micro-batch {micro} x "
           f"{args.accum} accumulation per replica, {args.checkpointing} activation checkpointing, "
           f"compile={'off' if args.no_compile else 'on'} {' '.join(args.overrides)}")
-    header = (f"{'seq':>6} {'window':>6} {'tokens/s/GPU':>13} {'step s':>8} {'GFLOP/token':>11} "
-              f"{'MFU(sheet)':>10} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
+    header = (f"{'layout':>6} {'seq':>6} {'window':>6} {'to step 1 s':>11} {'tokens/s/GPU':>13} {'step s':>8} "
+              f"{'GFLOP/token':>11} {'MFU(sheet)':>10} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
     print(header)
     print("-" * len(header))
-    profiles = []
+    profiles, phases = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
-        for seq_len in args.seq_lens:
-            for window_text in args.windows:
-                window = None if window_text == "none" else int(window_text)
-                row = run_config(args, seq_len, window, work)
-                if "error" in row:
-                    print(f"{seq_len:>6} {window_text:>6}  FAILED {row['error']}")
-                    continue
-                achieved = row["tokens_per_s_per_gpu"] * row["flops_per_token"] / 1e12
-                mfu_sheet = f"{achieved / sheet[1]:>10.1%}" if sheet else f"{'n/a':>10}"
-                mfu_measured = f"{achieved / matmul:>10.1%}" if matmul else f"{'n/a':>10}"
-                print(f"{seq_len:>6} {window_text:>6} {row['tokens_per_s_per_gpu']:>13,.0f} "
-                      f"{row['step_time_s']:>8.3f} {row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet} "
-                      f"{mfu_measured} {row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
-                profiles.append((row["name"], row["profile"]))
+        for layout in args.layouts:
+            for seq_len in args.seq_lens:
+                for window_text in args.windows:
+                    window = None if window_text == "none" else int(window_text)
+                    row = run_config(args, layout, seq_len, window, work)
+                    if "error" in row:
+                        print(f"{layout:>6} {seq_len:>6} {window_text:>6}  FAILED {row['error']}", flush=True)
+                        continue
+                    achieved = row["tokens_per_s_per_gpu"] * row["flops_per_token"] / 1e12
+                    mfu_sheet = f"{achieved / sheet[1]:>10.1%}" if sheet else f"{'n/a':>10}"
+                    mfu_measured = f"{achieved / matmul:>10.1%}" if matmul else f"{'n/a':>10}"
+                    print(f"{layout:>6} {seq_len:>6} {window_text:>6} {row['to_step_1_s']:>11.1f} "
+                          f"{row['tokens_per_s_per_gpu']:>13,.0f} {row['step_time_s']:>8.3f} "
+                          f"{row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet} {mfu_measured} "
+                          f"{row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
+                    profiles.append((row["name"], row["profile"]))
+                    phases.append((row["name"], row["phases"]))
+    for name, times in phases:
+        print(f"startup of {name} (rank 0, from its process start): "
+              + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s" for key, value in times.items()))
     for name, table in profiles:
         if table:
             print(f"\nprofile of {name}: {table}")

@@ -147,6 +147,9 @@ class TrainConfig(_Section):
 
 class CheckpointConfig(_Section):
     every_steps: int = Field(500, ge=0)
+    # Save when the run reaches train.steps (benchmarks turn it off: the full 7B's state is 87 GB). A stop signal
+    # saves regardless.
+    save_final: bool = True
     keep_last: int = Field(2, ge=1)
     keep_every: int = Field(0, ge=0)
     async_save: bool = True

@@ -9,6 +9,7 @@ pp == 1: `Mistral` in DeepSpeed's engine (ZeRO 0-3). pp > 1: the same stage modu
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,8 @@ class Built:
     # parameter -> canonical name (as in the tp=1, pp=1 Mistral)
     canonical_names: dict[torch.nn.Parameter, str]
     pipelined: bool
+    # seconds spent building and initializing the model, and in deepspeed.initialize
+    setup_s: dict[str, float]
 
 
 def _stage_prefix(index: int, n_layers: int) -> str:
@@ -122,9 +125,11 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
     # DeepSpeed's communication layer adopts the process group parallel.init_distributed started; the pipeline
     # module needs it before deepspeed.initialize would set it up.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    start = time.perf_counter()
     model, named = build_model(cfg, eos_id)
     if torch.cuda.is_available():
         model.cuda()
+    built = time.perf_counter()
     if cfg.train.compile:
         # Every decoder layer has the same shapes, so one compiled graph serves them all; the embedding, head and
         # loss stay eager (the loss's collectives would only split the graph).
@@ -137,4 +142,5 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
         mpu=None if cfg.parallel.pp > 1 else MegatronMPU(),
     )
-    return Built(engine, {param: name for name, param in named.items()}, cfg.parallel.pp > 1)
+    setup_s = {"model_s": built - start, "deepspeed_s": time.perf_counter() - built}
+    return Built(engine, {param: name for name, param in named.items()}, cfg.parallel.pp > 1, setup_s)

@@ -48,6 +48,20 @@ class MetricsLogger:
         return (time.monotonic() - self.started) / done * (self.total_steps - step)
 
     def log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        """Record and show on the terminal (progress bar or a line)."""
+        if not self.enabled:
+            return
+        self.write(step, values, kind)
+        summary = _summary(values)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, description=summary)
+        else:
+            eta = self.eta_seconds(step)
+            eta_text = "" if eta != eta else f" eta {_duration(eta)}"
+            print(f"[{kind}] step {step}/{self.total_steps} {summary}{eta_text}", file=sys.stderr, flush=True)
+
+    def write(self, step: int, values: dict[str, float], kind: str) -> None:
+        """Record only: metrics.jsonl, TensorBoard, W&B."""
         if not self.enabled:
             return
         record = {"step": step, "kind": kind, "time": time.time(), **values}
@@ -59,13 +73,6 @@ class MetricsLogger:
             self._tensorboard.flush()
         if self._wandb is not None:
             self._wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
-        summary = _summary(values)
-        if self._progress is not None:
-            self._progress.update(self._task, completed=step, description=summary)
-        else:
-            eta = self.eta_seconds(step)
-            eta_text = "" if eta != eta else f" eta {_duration(eta)}"
-            print(f"[{kind}] step {step}/{self.total_steps} {summary}{eta_text}", file=sys.stderr, flush=True)
 
     def close(self, plot: bool = True) -> None:
         if not self.enabled:

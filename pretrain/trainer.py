@@ -39,6 +39,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seconds_since_process_start() -> float:
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def _split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed sample of seq_len + 1 tokens -> inputs and next-token labels."""
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -68,7 +74,9 @@ class Trainer:
         self.world = dist.get_world_size()
         tokenizer = Tokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else None
         seed_everything(cfg.train.seed)
+        self.startup = {"python_and_process_group_s": seconds_since_process_start()}
         self.built: Built = build_engine(cfg, eos_id=tokenizer.eos_id if tokenizer else None)
+        self.startup.update(self.built.setup_s)
         self.engine = self.built.engine
         loader_args = {"dp_rank": parallel.dp_rank(), "dp_size": parallel.dp_size(),
                        "micro_batch": cfg.parallel.micro_batch, "vocab_size": cfg.model.vocab_size}
@@ -77,9 +85,11 @@ class Trainer:
         self.state = TrainState()
         self.checkpointer = Checkpointer(cfg, run_dir, self.engine, self.built.canonical_names, self.loader,
                                          self.state)
+        checkpoint_start = time.perf_counter()
         ckpt = self.checkpointer.choose(resume_from)
         if ckpt is not None:
             self.checkpointer.load(ckpt)
+        self.startup["checkpoint_s"] = time.perf_counter() - checkpoint_start
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
         self.peak_flops = peak_flops(cfg, torch.cuda.get_device_name(self.device) if self.device is not None else None,
@@ -184,8 +194,11 @@ class Trainer:
         while state.step < cfg.train.steps:
             self._arm_watchdog()
             profiler.before_step(state.step + 1)
+            step_start = time.perf_counter()
             loss, waited, applied = self.train_step(batches)
             state.step += 1
+            if self.startup:
+                self._report_startup(metrics, time.perf_counter() - step_start)
             profiler.after_step(state.step)
             state.tokens += self.tokens_per_step
             window_tokens += self.tokens_per_step
@@ -216,7 +229,8 @@ class Trainer:
                 outcome = EXIT_SAVED_ON_SIGNAL
                 break
             every = cfg.checkpoint.every_steps
-            if (every and state.step % every == 0) or state.step == cfg.train.steps:
+            final = state.step == cfg.train.steps and cfg.checkpoint.save_final
+            if (every and state.step % every == 0) or final:
                 self.checkpointer.save(loss)
         faulthandler.cancel_dump_traceback_later()
         self.checkpointer.settle()
@@ -246,6 +260,14 @@ class Trainer:
         self.checkpointer.load(ckpt)
         self.loader.load_state_dict(position)
         self.state.skipped_steps, self.state.rollbacks = counters["skipped_steps"], counters["rollbacks"] + 1
+
+    def _report_startup(self, metrics: MetricsLogger, first_step_s: float) -> None:
+        """How long each phase before the first step took (once per process), to the terminal and the metrics."""
+        times = {**self.startup, "first_step_s": first_step_s, "to_first_step_s": seconds_since_process_start()}
+        metrics.write(self.state.step, times, "startup")
+        self.log_rank0("startup: " + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s"
+                                               for key, value in times.items()))
+        self.startup = {}
 
     def _arm_watchdog(self) -> None:
         """If no step completes in train.watchdog_s (a hung collective), dump every thread's stack and exit."""

@@ -68,6 +68,9 @@ def test_two_process_run_learns_and_writes_metrics_and_plot(runs):
                 "memory_gib", "checkpoint_stall_s", "skipped_steps", "rollbacks"):
         assert key in train_record
     assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]
+    startup = next(r for r in records if r["kind"] == "startup")
+    assert startup["step"] == 1
+    assert 0 < startup["model_s"] + startup["deepspeed_s"] + startup["first_step_s"] < startup["to_first_step_s"]
     assert (run_dir / "loss.png").stat().st_size > 1000
     assert (run_dir / "config.yaml").is_file()
 
@@ -130,3 +133,14 @@ def test_sigterm_then_resume_is_bit_exact(layout, runs, tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}," in result.stderr
     assert losses(run_dir) == uninterrupted  # every step's loss, to the last bit
+
+
+def test_save_final_off_leaves_no_checkpoint(tiny_data, tmp_path):
+    """Benchmarks of the full 7B end without its 87 GB save: checkpoint.save_final=false."""
+    from pretrain.checkpoint.store import complete_steps
+
+    run_dir = tmp_path / "run"
+    got = train(run_dir, tiny_data, ["train.steps=2", "parallel.micro_batch=8", "checkpoint.every_steps=0",
+                                     "checkpoint.save_final=false"])
+    assert sorted(got) == [1, 2]
+    assert complete_steps(run_dir / "checkpoints") == []
