@@ -11,10 +11,10 @@ fit: one GPU holds 8 of its 32 with their optimizer state), random tokens in rea
 (not even the final one) or evaluation, run to --steps; the first --warmup steps (compilation, allocator warm-up)
 are left out of the averages. A layout is a data-parallel run with ZeRO-1 (zero1) or ZeRO-3 (zero3), or tp=2
 (tp2) or pp=2 (pp2) with data parallelism over the remaining GPUs. "to step 1" is the time from starting
-`pretrain train` to the end of the first step, compilation included; the trainer's own breakdown of it (model
-build, DeepSpeed, first step) is printed under the table. MFU counts the
-model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window attention) against the GPU's dense bf16
-datasheet peak (pretrain.hardware; 989 TFLOP/s on an H100 SXM or H200, n/a for a GPU not in its table) and against
+`pretrain train` to the end of the first step, compilation included (each run starts with an empty compilation
+cache, as on a new machine); the trainer's own breakdown of it (model build, DeepSpeed, first step) is printed
+under the table. MFU counts the model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window
+attention) against the GPU's dense bf16 datasheet peak (pretrain.hardware; 989 TFLOP/s on an H100 SXM or H200, n/a for a GPU not in its table) and against
 the bf16 matmul rate measured on the same GPU in the same run.
 """
 
@@ -98,9 +98,11 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
     run_dir = work / name
     command = [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "mistral-7b.yaml"),
                *overrides, *args.overrides, "--nproc", str(args.nproc), "--run-dir", str(run_dir)]
+    # A fresh compilation cache per run: "to step 1" then includes compiling, as on a new machine.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "inductor-cache")}
     launched = time.time()
     try:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as e:
         tail = "\n".join((e.stderr or b"").decode(errors="replace").splitlines()[-15:])
         return {"name": name, "error": f"not finished within --timeout {args.timeout} s: {tail}"}
