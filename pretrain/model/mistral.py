@@ -8,8 +8,10 @@
 Tensor parallelism (Megatron style): the fused QKV and gate/up projections are column-parallel and
 the attention output and down projections row-parallel, so each layer costs one all-reduce per block
 in the forward pass. Every rank holds whole query heads and whole kv groups; its slice of the fused
-QKV weight is laid out [its q heads, its k heads, its v heads]. The embedding and the LM head are
-sharded over the vocabulary and the loss is megatron's vocab-parallel cross entropy.
+QKV weight is laid out [its q heads, its k heads, its v heads] (`FusedColumnParallelLinear`). The embedding and
+the LM head are sharded over the vocabulary and the loss is megatron's vocab-parallel cross entropy. The choice of
+layer class is the only statement of the layout: `sharding.py` reads it off these modules to shard, merge and
+initialize parameters, and `state_dict_adapter.py` maps the parameters to transformers' names.
 
 `Embedding`, `DecoderLayer` and `OutputHead` are separate modules so a pipeline engine can place
 them on stages. Weights are initialised from a seed independently of the tensor-parallel size.
