@@ -20,6 +20,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 import deepspeed  # noqa: E402
 from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
+from deepspeed.utils import set_z3_leaf_modules  # noqa: E402
 
 from pretrain import parallel  # noqa: E402
 from pretrain.config import Config, grad_accum_steps  # noqa: E402
@@ -130,12 +131,15 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
     if torch.cuda.is_available():
         model.cuda()
     built = time.perf_counter()
+    if cfg.parallel.zero_stage == 3:
+        # ZeRO-3 gathers a decoder layer's parameters all at once, in hooks on the layer alone (none on its
+        # sublayers): fewer, larger gathers, and no hook inside the layer's compiled computation.
+        set_z3_leaf_modules(model, [DecoderLayer])
     if cfg.train.compile:
-        # Every decoder layer has the same shapes, so one compiled graph serves them all; the embedding, head and
-        # loss stay eager (the loss's collectives would only split the graph).
+        # The embedding, head and loss stay eager (the loss's collectives would only split the graph).
         for module in model.modules():
             if isinstance(module, DecoderLayer):
-                module.compile()
+                module.compile_computation()
     optimizer = build_optimizer(model, cfg.optim, cfg.parallel.zero_stage)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine, _, _, _ = deepspeed.initialize(

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from pretrain.checkpoint.store import fsync_dir, fsync_file, sha256_file
 from pretrain.config import ModelConfig
 from pretrain.dtypes import DTYPES
-from pretrain.model.hf_adapter import hf_config, to_hf
+from pretrain.model.state_dict_adapter import hf_config, to_hf
 from pretrain.weights import HF_INDEX, TOKENIZER_MODEL, Weights
 
 # ------------------------------------------------------------------------------------------ atomic output
@@ -221,7 +221,8 @@ def export_hf(weights: Weights, out: Path, *, dtype: str = "float32", max_shard_
     torch_dtype = DTYPES[dtype]
     parameters = sum(t.numel() for t in weights.full_state.values())
     # Copies: q/k/v and gate/up are views into our fused matrices, and safetensors refuses shared storage.
-    hf_state = {name: tensor.to(torch_dtype, copy=True) for name, tensor in to_hf(weights.full_state).items()}
+    hf_state = {name: tensor.to(torch_dtype, copy=True)
+                for name, tensor in to_hf(weights.full_state, weights.model).items()}
     with atomic_directory(out, force) as tmp:
         weight_map = {}
         for file_name, names in _shards(hf_state, max_shard_size):
@@ -307,7 +308,7 @@ def rotary_interleave(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def to_mistral(full_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    hf = to_hf(full_state)
+    hf = to_hf(full_state, cfg)
     out = {mistral: hf[name] for name, mistral in _MISTRAL_GLOBAL_NAMES.items()}
     for i in range(cfg.n_layers):
         for name, mistral in _MISTRAL_LAYER_NAMES.items():

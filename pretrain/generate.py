@@ -19,9 +19,9 @@ from megatron.core import parallel_state
 
 from pretrain import parallel
 from pretrain.dtypes import resolve_dtype as inference_dtype  # noqa: F401  (launch/export_commands.py imports it)
-from pretrain.model.hf_adapter import load_full_state
 from pretrain.model.kv_cache import RollingKVCache
 from pretrain.model.mistral import Mistral
+from pretrain.model.sharding import load_full_state
 from pretrain.weights import Weights
 
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -25,7 +25,7 @@ from pretrain.checkpoint.state import (
 from pretrain.checkpoint.store import CheckpointStore, mark_rank_done
 from pretrain.config import Config, ConfigError, DataConfig, apply_override, load_config, save_resolved, validate
 from pretrain.export import atomic_directory, check_tokenizer_fits, tokenizer_model_path
-from pretrain.model.mistral import shard_parameter
+from pretrain.model.sharding import shard_parameter
 from pretrain.weights import TOKENIZER_MODEL, Weights, model_fields_from_hf, read_hf_config, read_hf_dir
 
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from pretrain.checkpoint.store import MANIFEST, CheckpointError, Verified, complete_steps, newest_valid, verify
 from pretrain.config import Config, ConfigError, ModelConfig, validate
-from pretrain.model.hf_adapter import from_hf, to_hf
+from pretrain.model.state_dict_adapter import from_hf, to_hf
 
 HF_CONFIG = "config.json"
 HF_INDEX = "model.safetensors.index.json"
@@ -104,7 +104,7 @@ def _rope_theta(config: dict) -> float:
 
 
 def model_fields_from_hf(config: dict) -> dict:
-    """Our `model.*` config keys for a transformers MistralConfig dict (the inverse of hf_adapter.hf_config)."""
+    """Our `model.*` config keys for a transformers MistralConfig dict (the inverse of state_dict_adapter.hf_config)."""
     if config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act={config['hidden_act']!r}: our SwiGLU uses silu; this model cannot be "
                               "imported")
@@ -172,11 +172,11 @@ def read_hf_dir(hf_dir: Path) -> Weights:
     except KeyError as e:
         raise CheckpointError(f"{hf_dir} lacks the weight {e.args[0]}: the checkpoint is incomplete or not a "
                               "Mistral") from None
-    extra = sorted(hf_state.keys() - to_hf(full).keys())[:3]
+    _check_shapes(full, cfg, hf_dir)
+    extra = sorted(hf_state.keys() - to_hf(full, cfg).keys())[:3]
     if extra:
         raise CheckpointError(f"{hf_dir} has weights a Mistral does not ({', '.join(extra)}...): it is another "
                               "architecture")
-    _check_shapes(full, cfg, hf_dir)
     tokenizer = hf_dir if (hf_dir / TOKENIZER_MODEL).is_file() else None
     return Weights(cfg, full, tokenizer, hf_dir)
 

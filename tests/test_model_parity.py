@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.model.hf_adapter import from_hf, gather_full_state, hf_config, load_full_state, to_hf
 from pretrain.model.mistral import IGNORE_INDEX, Mistral
+from pretrain.model.sharding import gather_full_state, load_full_state
+from pretrain.model.state_dict_adapter import from_hf, hf_config, to_hf
 
 SEQ_LEN = 48
 CFG = ModelConfig(
@@ -75,7 +76,7 @@ def test_sdpa_forward_backward_matches_transformers(
     assert relative_error(logits, hf_out.logits) < 1e-5
     assert loss.dtype == torch.float32
     assert abs(loss.item() - hf_out.loss.item()) / hf_out.loss.item() < 1e-5
-    our_grads = to_hf(gather_full_state(model, CFG, grads=True))
+    our_grads = to_hf(gather_full_state(model, CFG, grads=True), CFG)
     assert our_grads.keys() == hf_grads.keys()
     for name, grad in hf_grads.items():
         assert relative_error(our_grads[name], grad) < 1e-5, name
@@ -93,8 +94,8 @@ def test_flex_forward_matches_transformers(single_process_group, tokens):
 
 def test_adapter_round_trip_is_exact(single_process_group):
     hf_state = make_hf_model("eager").state_dict()
-    assert set(to_hf(from_hf(hf_state))) == set(hf_state)
-    for name, tensor in to_hf(from_hf(hf_state)).items():
+    assert set(to_hf(from_hf(hf_state), CFG)) == set(hf_state)
+    for name, tensor in to_hf(from_hf(hf_state), CFG).items():
         assert torch.equal(tensor, hf_state[name]), name
 
 
@@ -155,7 +156,7 @@ def test_export_to_transformers_loads_strictly_and_matches(single_process_group,
 
     model = Mistral(CFG, seed=3)
     hf_model = MistralForCausalLM(hf_config(CFG)).float()
-    hf_model.load_state_dict(to_hf(gather_full_state(model, CFG)), strict=True)
+    hf_model.load_state_dict(to_hf(gather_full_state(model, CFG), CFG), strict=True)
     with torch.no_grad():
         assert relative_error(model(tokens), hf_model(input_ids=tokens).logits) < 1e-5
 

@@ -6,14 +6,24 @@ ulps (~1e-7 relative) per operation; 1e-5 leaves room for that to accumulate ove
 layout mistake (a wrong head or vocab slice) gives errors of order 1.
 """
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from pretrain import parallel
 from pretrain.config import ModelConfig
-from pretrain.model.hf_adapter import gather_full_state, load_full_state, shard_full_state
-from pretrain.model.mistral import Mistral, shard_parameter, unshard_parameter
+from pretrain.model import mistral
+from pretrain.model.mistral import Mistral
+from pretrain.model.sharding import (
+    gather_full_state,
+    load_full_state,
+    shard_full_state,
+    shard_parameter,
+    unshard_parameter,
+)
 from tests.distributed import run_distributed
 
 EOS_ID = 0
@@ -117,3 +127,25 @@ def test_shard_full_state_round_trips(single_process_group):
     assert shards[1]["layers.0.mlp.down_proj.weight"].shape == (CFG.dim, CFG.hidden_dim // 2)
     for name, tensor in full.items():
         assert torch.equal(unshard_parameter(name, [shard[name] for shard in shards], CFG), tensor), name
+
+
+@pytest.mark.parametrize("name", ["layers.0.attention.q_proj.weight", f"layers.{CFG.n_layers}.mlp_norm.weight",
+                                  "lm_head.weight"])
+def test_unknown_parameter_name_is_refused_not_replicated(name):
+    full = torch.zeros(8, 8)
+    with pytest.raises(ValueError, match=re.escape(name)):
+        shard_parameter(name, full, CFG, rank=0, size=2)
+    with pytest.raises(ValueError, match=re.escape(name)):
+        unshard_parameter(name, [full, full], CFG)
+
+
+def test_layer_without_a_tensor_parallel_rule_is_refused(monkeypatch):
+    class PlainMLP(nn.Module):  # a layer kind the layout has no rule for
+        def __init__(self, cfg: ModelConfig, layer_config):
+            super().__init__()
+            self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    monkeypatch.setattr(mistral, "SwiGLU", PlainMLP)
+    cfg = CFG.model_copy(update={"init_std": 0.01})  # not in the layout cache
+    with pytest.raises(TypeError, match=r"layers\.0\.mlp\.proj\.weight \(Linear\.weight\) has no tensor-parallel"):
+        shard_parameter("layers.0.mlp.proj.weight", torch.zeros(CFG.dim, CFG.dim), cfg, rank=0, size=2)

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from pretrain import parallel
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import Config, ModelConfig
-from pretrain.model.mistral import shard_parameter, unshard_parameter
+from pretrain.model.sharding import shard_parameter, unshard_parameter
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -8,8 +8,10 @@
 Tensor parallelism (Megatron style): the fused QKV and gate/up projections are column-parallel and
 the attention output and down projections row-parallel, so each layer costs one all-reduce per block
 in the forward pass. Every rank holds whole query heads and whole kv groups; its slice of the fused
-QKV weight is laid out [its q heads, its k heads, its v heads]. The embedding and the LM head are
-sharded over the vocabulary and the loss is megatron's vocab-parallel cross entropy.
+QKV weight is laid out [its q heads, its k heads, its v heads] (`FusedColumnParallelLinear`). The embedding and
+the LM head are sharded over the vocabulary and the loss is megatron's vocab-parallel cross entropy. The choice of
+layer class is the only statement of the layout: `sharding.py` reads it off these modules to shard, merge and
+initialize parameters, and `state_dict_adapter.py` maps the parameters to transformers' names.
 
 `Embedding`, `DecoderLayer` and `OutputHead` are separate modules so a pipeline engine can place
 them on stages. Weights are initialised from a seed independently of the tensor-parallel size.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -42,6 +45,7 @@ from pretrain import parallel
 from pretrain.config import ModelConfig
 from pretrain.model.attention import attention, document_ids
 from pretrain.model.kv_cache import LayerCache, RollingKVCache
+from pretrain.model.sharding import full_shape, parameter_layout, shard_parameter
 
 ActivationCheckpointing = Literal["none", "selective", "full"]
 IGNORE_INDEX = -100
@@ -67,6 +71,24 @@ def parameter_device(layer_config: ModelParallelConfig) -> torch.device:
     if layer_config.use_cpu_initialization:
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+class FusedColumnParallelLinear(ColumnParallelLinear):
+    """A column-parallel projection whose output concatenates blocks ([q; k; v], [gate; up]) and returns them apart.
+
+    Each block is split over the tensor-parallel ranks on its own, so a rank's weight rows are [its slice of block
+    0; its slice of block 1; ...] and every rank holds whole heads. `block_sizes` are the full (tp=1) sizes.
+    """
+
+    def __init__(self, input_size: int, block_sizes: Sequence[int], *, config: ModelParallelConfig):
+        super().__init__(input_size, sum(block_sizes), config=config, init_method=_set_by_init_weights, bias=False,
+                         gather_output=False)
+        self.block_sizes = tuple(block_sizes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out, _ = super().forward(x)
+        tp = self.config.tensor_model_parallel_size
+        return out.split([size // tp for size in self.block_sizes], dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -111,19 +133,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig, recompute_core: bool):
         super().__init__()
-        tp = layer_config.tensor_model_parallel_size
         self.cfg = cfg
-        self.local_heads = cfg.n_heads // tp
-        self.local_kv_heads = cfg.n_kv_heads // tp
         self.recompute_core = recompute_core
-        self.qkv_proj = ColumnParallelLinear(
-            cfg.dim,
-            (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
-            config=layer_config,
-            init_method=_set_by_init_weights,
-            bias=False,
-            gather_output=False,
-        )
+        q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.qkv_proj = FusedColumnParallelLinear(cfg.dim, [q_rows, kv_rows, kv_rows], config=layer_config)
         self.out_proj = RowParallelLinear(
             cfg.n_heads * cfg.head_dim,
             cfg.dim,
@@ -137,14 +150,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         head_dim = self.cfg.head_dim
-        qkv, _ = self.qkv_proj(x)
-        q, k, v = qkv.split(
-            [self.local_heads * head_dim, self.local_kv_heads * head_dim, self.local_kv_heads * head_dim],
-            dim=-1,
-        )
-        q = q.view(batch, seq_len, self.local_heads, head_dim)
-        k = k.view(batch, seq_len, self.local_kv_heads, head_dim)
-        v = v.view(batch, seq_len, self.local_kv_heads, head_dim)
+        q, k, v = (t.view(batch, seq_len, -1, head_dim) for t in self.qkv_proj(x))  # [B, S, heads of this rank, D]
         start = 0 if cache is None else cache.start
         cos, sin = rotary_cos_sin(start + seq_len, head_dim, self.cfg.rope_theta, x.device)
         q, k = apply_rotary(q, cos[start:], sin[start:]), apply_rotary(k, cos[start:], sin[start:])
@@ -164,14 +170,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig):
         super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(
-            cfg.dim,
-            2 * cfg.hidden_dim,
-            config=layer_config,
-            init_method=_set_by_init_weights,
-            bias=False,
-            gather_output=False,
-        )
+        self.gate_up_proj = FusedColumnParallelLinear(cfg.dim, [cfg.hidden_dim, cfg.hidden_dim], config=layer_config)
         self.down_proj = RowParallelLinear(
             cfg.hidden_dim,
             cfg.dim,
@@ -183,8 +182,7 @@ class SwiGLU(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.gate_up_proj(x)
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x)
         out, _ = self.down_proj(F.silu(gate) * up)
         return out
 
@@ -225,6 +223,12 @@ class DecoderLayer(nn.Module):
     def _forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: LayerCache | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), doc_ids, cache)
         return h + self.mlp(self.mlp_norm(h))
+
+    def compile_computation(self) -> None:
+        """torch.compile the layer's computation but not its call: hooks on the layer (ZeRO-3 gathers and frees
+        its parameters in them) stay eager, outside the graph, so they neither break it nor make it recompile.
+        Every layer has the same shapes, so one compiled graph serves them all."""
+        self._forward = torch.compile(self._forward)
 
 
 class OutputHead(nn.Module):
@@ -278,11 +282,6 @@ class Mistral(nn.Module):
             raise ValueError(
                 "model.document_masking needs the tokenizer's eos_id passed to Mistral(eos_id=...)"
             )
-        if activation_checkpointing not in ("none", "selective", "full"):
-            raise ValueError(
-                f"activation_checkpointing={activation_checkpointing!r}: use none, selective or full"
-            )
-        check_tensor_parallel_fit(cfg, parallel.tp_size())
         self.cfg = cfg
         self.eos_id = eos_id
         layer_config = megatron_layer_config(params_dtype)
@@ -309,91 +308,30 @@ class Mistral(nn.Module):
         return logits if labels is None else vocab_parallel_loss(logits, labels)
 
 
-def check_tensor_parallel_fit(cfg: ModelConfig, tp: int) -> None:
-    for name in ("n_heads", "n_kv_heads", "hidden_dim", "vocab_size"):
-        if getattr(cfg, name) % tp:
-            raise ValueError(
-                f"model.{name}={getattr(cfg, name)} is not divisible by tensor-parallel size {tp}"
-            )
-
-
-# ------------------------------------------------------------------------------ tensor-parallel layout
-# A "full" tensor is the parameter as a tp=1 model holds it; a shard is what one rank of tp holds.
-
-_COLUMN_SUFFIXES = ("token_embedding.weight", "lm_head.weight")  # split along the output (vocab) rows
-_ROW_SUFFIXES = ("out_proj.weight", "down_proj.weight")  # split along the input columns
-
-
-def _fused_row_blocks(name: str, cfg: ModelConfig) -> list[int] | None:
-    """Row sizes of the blocks a fused column-parallel weight concatenates; each is split across ranks."""
-    if name.endswith("qkv_proj.weight"):
-        return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
-    if name.endswith("gate_up_proj.weight"):
-        return [cfg.hidden_dim, cfg.hidden_dim]
-    return None
-
-
-def shard_parameter(name: str, full: torch.Tensor, cfg: ModelConfig, rank: int, size: int) -> torch.Tensor:
-    """The slice of the full parameter `name` that tensor-parallel rank `rank` of `size` holds."""
-    blocks = _fused_row_blocks(name, cfg)
-    if blocks is not None:
-        return torch.cat([block.chunk(size, dim=0)[rank] for block in full.split(blocks, dim=0)], dim=0)
-    if name.endswith(_COLUMN_SUFFIXES):
-        return full.chunk(size, dim=0)[rank]
-    if name.endswith(_ROW_SUFFIXES):
-        return full.chunk(size, dim=1)[rank]
-    return full
-
-
-def unshard_parameter(name: str, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-    """The full parameter from the shards of every rank, in rank order (inverse of shard_parameter)."""
-    size = len(shards)
-    blocks = _fused_row_blocks(name, cfg)
-    if blocks is not None:
-        per_rank = [block // size for block in blocks]
-        split = [shard.split(per_rank, dim=0) for shard in shards]
-        return torch.cat([torch.cat([parts[i] for parts in split], dim=0) for i in range(len(blocks))], dim=0)
-    if name.endswith(_COLUMN_SUFFIXES):
-        return torch.cat(shards, dim=0)
-    if name.endswith(_ROW_SUFFIXES):
-        return torch.cat(shards, dim=1)
-    return shards[0]
-
-
-def full_shape(name: str, shard_shape: torch.Size, tp: int) -> torch.Size:
-    rows, *rest = shard_shape
-    if name.endswith(_ROW_SUFFIXES):
-        return torch.Size([rows, rest[0] * tp])
-    if _is_tensor_parallel(name):
-        return torch.Size([rows * tp, *rest])
-    return shard_shape
-
-
-def _is_tensor_parallel(name: str) -> bool:
-    return name.endswith(_COLUMN_SUFFIXES + _ROW_SUFFIXES + ("qkv_proj.weight", "gate_up_proj.weight"))
-
-
 @torch.no_grad()
 def init_weights(named_parameters: dict[str, nn.Parameter], cfg: ModelConfig, seed: int) -> None:
     """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2 n_layers), norms 1.
 
     Parameters are named as in the tp=1, pp=1 `Mistral` (a pipeline stage passes its own under those names).
-    Each full tensor comes from a CPU generator seeded by (seed, parameter name), and this rank copies
-    its shard in: the same model for every tp and pp size, and no dependence on megatron's RNG state.
+    Each full tensor comes from a generator seeded by (seed, parameter name) on the parameter's device, and this
+    rank copies its shard in: the same model for every tp and pp size (on one kind of device: CPU and CUDA
+    generators draw different numbers), and no dependence on megatron's RNG state. Drawing on the GPU matters at
+    scale: a CPU thread takes about a minute for the 7B, which every rank would spend before its first step.
     Sharded parameters are also marked as megatron's own initialization would mark them: DeepSpeed's
     gradient norm counts a parameter without the mark on tensor-parallel rank 0 only.
     """
     rank, size = parallel.tp_rank(), parallel.tp_size()
     output_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     for name, param in named_parameters.items():
-        if _is_tensor_parallel(name):
-            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=1 if name.endswith(_ROW_SUFFIXES) else 0,
-                                                 stride=1)
-        if name.endswith("norm.weight"):  # the RMSNorm gains
+        split_dim = parameter_layout(name, cfg).partition_dim
+        if split_dim is None:  # the RMSNorm gains, the only replicated parameters
             param.fill_(1.0)
             continue
-        std = output_std if name.endswith(_ROW_SUFFIXES) else cfg.init_std
+        set_tensor_model_parallel_attributes(param, is_parallel=True, dim=split_dim, stride=1)
+        # The row-parallel layers are the output projections of the residual branches (attention out, MLP down).
+        std = output_std if split_dim == 1 else cfg.init_std
         # The CPU generator keeps 32 bits of its seed, so seed and name are hashed together into 32 bits.
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-        full = torch.empty(full_shape(name, param.shape, size)).normal_(0.0, std, generator=generator)
+        generator = torch.Generator(param.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        full = torch.empty(full_shape(name, param.shape, cfg, size), device=param.device)
+        full.normal_(0.0, std, generator=generator)
         param.copy_(shard_parameter(name, full, cfg, rank, size))
