@@ -198,19 +198,19 @@ class Trainer:
 
         if not self.cfg.data.eval:
             return None
-        # A fresh loader each time: every evaluation reads the same held-out batches.
-        batches = iter(build_loader(self.cfg.data, split="eval", **self.eval_loader_args))
         self.engine.eval()
         losses = []
         accum = self.engine.gradient_accumulation_steps()
-        for _ in range(self.cfg.train.eval_steps):
-            if self.built.pipelined:
-                data = _Repeat(lambda: tuple(self._to_device(t) for t in _split(next(batches)["tokens"])))
-                losses.append(float(self.engine.eval_batch(data_iter=data)))
-                continue
-            for _ in range(accum):
-                inputs, labels = (self._to_device(t) for t in _split(next(batches)["tokens"]))
-                losses.append(float(self.engine(inputs, labels)))
+        # A fresh loader each time: every evaluation reads the same held-out batches.
+        with iter(build_loader(self.cfg.data, split="eval", **self.eval_loader_args)) as batches:
+            for _ in range(self.cfg.train.eval_steps):
+                if self.built.pipelined:
+                    data = _Repeat(lambda: tuple(self._to_device(t) for t in _split(next(batches)["tokens"])))
+                    losses.append(float(self.engine.eval_batch(data_iter=data)))
+                    continue
+                for _ in range(accum):
+                    inputs, labels = (self._to_device(t) for t in _split(next(batches)["tokens"]))
+                    losses.append(float(self.engine(inputs, labels)))
         self.engine.train()
         mean = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
         dist.all_reduce(mean, group=parallel.dp_group())
@@ -222,49 +222,51 @@ class Trainer:
         _ROLLBACK after train.max_nonfinite_in_row skipped steps in a row."""
         cfg = self.cfg
         metrics = MetricsLogger(cfg, self.run_dir, cfg.train.steps, self.step, enabled=self.rank == 0)
-        batches = iter(self.loader)
         window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
         loss = float("nan")
         outcome: int | str = 0
         nonfinite_in_row = 0
         profiler = StepProfiler(cfg.logging.profile_step, self.run_dir, enabled=self.rank == 0)
-        while self.step < cfg.train.steps:
-            self._arm_watchdog()
-            profiler.before_step(self.step + 1)
-            loss, waited, applied = self.train_step(batches)
-            self.step += 1
-            profiler.after_step(self.step)
-            self.tokens_seen += self.tokens_per_step
-            window_tokens += self.tokens_per_step
-            window_wait += waited
-            nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
-            if not applied:
-                self.counters["skipped_steps"] += 1
-                self.log_rank0(f"step {self.step}: loss {loss} or its gradients are not finite: update skipped "
-                               f"({nonfinite_in_row} in a row, {self.counters['skipped_steps']} in all)")
-            if self.step % cfg.logging.every_steps == 0 or self.step == cfg.train.steps:
-                elapsed = time.perf_counter() - window_start
-                values = self._step_metrics(loss, elapsed, window_tokens, window_wait)
-                metrics.log(self.step, values)
-                window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
-            if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                outcome = _ROLLBACK
-                break
-            if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps):
-                eval_loss = self.evaluate()
-                if eval_loss is not None:
-                    metrics.log(self.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
-            stop, writers_done = self._poll()
-            if writers_done:
-                self.checkpointer.settle()
-            if stop:
-                self.log_rank0(f"signal {self.stop_signal or 'on another rank'}: saving step {self.step} and exiting")
-                self.save(loss)
-                outcome = EXIT_SAVED_ON_SIGNAL
-                break
-            every = cfg.checkpoint.every_steps
-            if (every and self.step % every == 0) or self.step == cfg.train.steps:
-                self.save(loss)
+        # Closed however the loop ends: the workers of an unclosed iterator outlive training (see Batches).
+        with iter(self.loader) as batches:
+            while self.step < cfg.train.steps:
+                self._arm_watchdog()
+                profiler.before_step(self.step + 1)
+                loss, waited, applied = self.train_step(batches)
+                self.step += 1
+                profiler.after_step(self.step)
+                self.tokens_seen += self.tokens_per_step
+                window_tokens += self.tokens_per_step
+                window_wait += waited
+                nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
+                if not applied:
+                    self.counters["skipped_steps"] += 1
+                    self.log_rank0(f"step {self.step}: loss {loss} or its gradients are not finite: update skipped "
+                                   f"({nonfinite_in_row} in a row, {self.counters['skipped_steps']} in all)")
+                if self.step % cfg.logging.every_steps == 0 or self.step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    values = self._step_metrics(loss, elapsed, window_tokens, window_wait)
+                    metrics.log(self.step, values)
+                    window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
+                if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                    outcome = _ROLLBACK
+                    break
+                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps):
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        metrics.log(self.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
+                stop, writers_done = self._poll()
+                if writers_done:
+                    self.checkpointer.settle()
+                if stop:
+                    self.log_rank0(f"signal {self.stop_signal or 'on another rank'}: saving step {self.step} "
+                                   "and exiting")
+                    self.save(loss)
+                    outcome = EXIT_SAVED_ON_SIGNAL
+                    break
+                every = cfg.checkpoint.every_steps
+                if (every and self.step % every == 0) or self.step == cfg.train.steps:
+                    self.save(loss)
         faulthandler.cancel_dump_traceback_later()
         self.checkpointer.settle()
         dist.barrier()
