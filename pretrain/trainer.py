@@ -3,15 +3,22 @@
 RUN_DIR holds the resolved `config.yaml` written by `pretrain train`. One optimizer step consumes one global
 batch; with pp == 1 the micro-batches go through the engine one by one (DeepSpeed accumulates and steps at the
 boundary), with pp > 1 the pipeline engine runs them as 1F1B. Metrics go to the run directory from rank 0.
+A stop signal (pretrain.stop) ends a rank at once with exit 1 before the first step; after it, every rank saves
+at the next step boundary and exits 75.
 """
 
 from __future__ import annotations
+
+from pretrain.stop import StopSignals
+
+if __name__ == "__main__":
+    # A rank's first act, before the imports below take seconds (torch, DeepSpeed): see pretrain.stop.
+    StopSignals.install()
 
 import argparse
 import faulthandler
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -52,8 +59,6 @@ def _split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 EXIT_SAVED_ON_SIGNAL = os.EX_TEMPFAIL  # 75: preempted or out of time, checkpoint saved, run again to resume
-# SIGTERM on preemption, SIGUSR1 (or submitit's SIGUSR2) before the time limit: save at the next step boundary.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_USER_ERROR = 2
 _ROLLBACK = "rollback"
 # Testing hook: 1-based numbers of global batches (counted by the data loader) whose loss is made NaN, as a bad
@@ -66,8 +71,7 @@ class TrainingError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
-                 stop_signals: tuple[int, ...] = STOP_SIGNALS,
+    def __init__(self, cfg: Config, run_dir: Path, stop: StopSignals, resume_from: Path | None = None,
                  data_position: dict | None = None, counters: dict | None = None):
         """`data_position` and `counters`, given on a rollback, replace the checkpoint's: the data goes on past
         the batches that diverged, and skipped steps and rollbacks stay counted."""
@@ -76,7 +80,7 @@ class Trainer:
 
         self.cfg = cfg
         self.run_dir = run_dir
-        self.stop_signals = stop_signals
+        self.stop = stop
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -116,9 +120,6 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
         self.peak_flops = H100_BF16_PEAK_TFLOPS * 1e12 if torch.cuda.is_available() else None
         self.inject_nonfinite = {int(n) for n in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if n.strip()}
-        self.stop_signal = 0
-        for sig in stop_signals:
-            signal.signal(sig, self._on_signal)
 
     def log_rank0(self, message: str) -> None:
         if self.rank == 0:
@@ -139,14 +140,10 @@ class Trainer:
             raise choice[0]
         return choice[0]
 
-    def _on_signal(self, signum, _frame) -> None:
-        # Only a flag: the save happens at the next step boundary, agreed on by every rank.
-        self.stop_signal = signum
-
     def _poll(self) -> tuple[bool, bool]:
         """Once per step, agreed by every rank: (a stop signal arrived somewhere, every background save writer
         has finished)."""
-        flags = torch.tensor([self.stop_signal, int(self.checkpointer.writing())], dtype=torch.int64,
+        flags = torch.tensor([self.stop.requested, int(self.checkpointer.writing())], dtype=torch.int64,
                              device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0].item()), not bool(flags[1].item())
@@ -256,10 +253,11 @@ class Trainer:
                     if eval_loss is not None:
                         metrics.log(self.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
                 stop, writers_done = self._poll()
+                self.stop.first_step_done()  # every rank is past step 1: a stop signal now means saving
                 if writers_done:
                     self.checkpointer.settle()
                 if stop:
-                    self.log_rank0(f"signal {self.stop_signal or 'on another rank'}: saving step {self.step} "
+                    self.log_rank0(f"signal {self.stop.requested or 'on another rank'}: saving step {self.step} "
                                    "and exiting")
                     self.save(loss)
                     outcome = EXIT_SAVED_ON_SIGNAL
@@ -290,7 +288,7 @@ class Trainer:
             )
         self.log_rank0(f"rolling back to the newest checkpoint (rollback {counters['rollbacks']}); the data goes on "
                        "after the batches that diverged")
-        return Trainer(self.cfg, self.run_dir, None, self.stop_signals, data_position=position, counters=counters)
+        return Trainer(self.cfg, self.run_dir, self.stop, data_position=position, counters=counters)
 
     def _arm_watchdog(self) -> None:
         """If no step completes in train.watchdog_s (a hung collective), dump every thread's stack and exit."""
@@ -338,8 +336,8 @@ class _Repeat:
         return self.fn()
 
 
-def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
-        stop_signals: tuple[int, ...] = STOP_SIGNALS) -> int:
+def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
+    stop = StopSignals.install()  # before process-group setup and DeepSpeed: a stop signal must end them too
     if not torch.cuda.is_available():
         # Ranks on one machine share its cores (Slurm says how many this task has); more threads only thrash.
         cores = os.environ.get("SLURM_CPUS_PER_TASK")
@@ -347,7 +345,7 @@ def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
         torch.set_num_threads(int(cores) if cores else max(1, (os.cpu_count() or 1) // local_ranks))
     parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, rendezvous_timeout_s=cfg.train.rendezvous_timeout_s)
     try:
-        trainer = Trainer(cfg, run_dir, resume_from, stop_signals)
+        trainer = Trainer(cfg, run_dir, stop, resume_from)
         while (outcome := trainer.fit()) == _ROLLBACK:
             trainer = trainer.rolled_back()
         return outcome
