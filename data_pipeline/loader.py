@@ -20,6 +20,8 @@ i % W == w (counted from the restore point) and only advances its cursors over t
 worker outputs round-robin, i.e. in step order. Each batch travels with the loader state after its step,
 so `state_dict()` is exact whatever W was, and W may change between save and restore. The state names each
 source by a fingerprint of its shard list: resuming on other data is refused, the same data moved is accepted.
+Workers ignore stop signals (their rank decides when to stop); iterating returns `Batches`, whose `close()` ends
+them deterministically, so a rank never waits at exit for workers that garbage collection did not reach.
 
 *Reading.* Shards are opened by URL with webdataset's `gopen` (local paths, `pipe:` commands, http(s) and
 object stores through their command-line clients; a `{name}` in a source path is replaced by the shard name,
@@ -327,16 +329,62 @@ class _StepBatches(IterableDataset):
 
 def _ignore_stop_signals(_worker_id: int) -> None:
     """Slurm signals every process of a job (scancel, preemption): a worker that died of it would take its rank down
-    before the rank could save. Workers leave stopping to their rank, which shuts them down as it exits."""
+    before the rank could save. Workers leave stopping to their rank, which closes its `Batches` (or is gone: then
+    DataLoader's watchdog ends the worker within seconds)."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+class Batches:
+    """The batches of one pass over a TokenLoader, with their DataLoader workers; `close()` (or the end of a `with`
+    block) ends the workers at once.
+
+    Close it: garbage collection is no substitute. An iterator still referenced when Python exits (DeepSpeed's
+    pipeline engine keeps the last `data_iter` it was given) leaves the workers running, and multiprocessing's exit
+    handler then SIGTERMs them, which they ignore, and joins them forever.
+    """
+
+    def __init__(self, data_loader: DataLoader, on_batch) -> None:
+        self._iterator = iter(data_loader)
+        self._on_batch = on_batch
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            raise StopIteration
+        batch, state, skipped, error = next(self._iterator)
+        if error is not None:
+            raise DataError(error)
+        self._on_batch(state, skipped)
+        return batch
+
+    def close(self) -> None:
+        iterator, self._iterator = self._iterator, None
+        if iterator is None or not hasattr(iterator, "_shutdown_workers"):  # closed, or no workers
+            return
+        # DataLoader's own orderly shutdown (what its iterator's __del__ does): each worker is told to stop and
+        # joined. A worker still busy after that gets SIGTERM from it, which ours ignore: SIGKILL ends it.
+        iterator._shutdown_workers()
+        for worker in iterator._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
 
 class TokenLoader:
     """Batches {"tokens": LongTensor[micro_batch, seq_len + 1]} for one data-parallel rank, forever.
 
-    Iterate it for batches; `state_dict()` after consuming a batch describes the position after that batch
-    (the same dict on every rank), and `load_state_dict()` before iterating resumes from it.
+    Iterate it for batches (`Batches`: close them when done); `state_dict()` after consuming a batch describes the
+    position after that batch (the same dict on every rank), and `load_state_dict()` before iterating resumes
+    from it.
     """
 
     def __init__(
@@ -382,18 +430,17 @@ class TokenLoader:
     def seq_len(self) -> int:
         return self.options.sample_tokens - 1
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Batches:
         dataset = _StepBatches(self.sources, self.options, copy.deepcopy(self._state),
                                self.dp_rank, self.dp_size, self.micro_batch)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available(),
                             worker_init_fn=_ignore_stop_signals)
-        for batch, state, skipped, error in loader:
-            if error is not None:
-                raise DataError(error)
-            self._state = state
-            self._skipped.update(skipped)
-            yield batch
+        return Batches(loader, self._consumed)
+
+    def _consumed(self, state: dict, skipped: list[str]) -> None:
+        self._state = state
+        self._skipped.update(skipped)
 
     def state_dict(self) -> dict:
         return {**copy.deepcopy(self._state), "seed": self.options.seed, "window_shards": self.options.window_shards,

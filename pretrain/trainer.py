@@ -3,15 +3,22 @@
 RUN_DIR holds the resolved `config.yaml` written by `pretrain train`. One optimizer step consumes one global
 batch; with pp == 1 the micro-batches go through the engine one by one (DeepSpeed accumulates and steps at the
 boundary), with pp > 1 the pipeline engine runs them as 1F1B. Metrics go to the run directory from rank 0.
+A stop signal (pretrain.stop) ends a rank at once with exit 1 before the first step; after it, every rank saves
+at the next step boundary and exits 75.
 """
 
 from __future__ import annotations
+
+from pretrain.stop import StopSignals
+
+if __name__ == "__main__":
+    # A rank's first act, before the imports below take seconds (torch, DeepSpeed): see pretrain.stop.
+    StopSignals.install()
 
 import argparse
 import faulthandler
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -51,8 +58,6 @@ def _split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 EXIT_SAVED_ON_SIGNAL = os.EX_TEMPFAIL  # 75: preempted or out of time, checkpoint saved, run again to resume
-# SIGTERM on preemption, SIGUSR1 (or submitit's SIGUSR2) before the time limit: save at the next step boundary.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_USER_ERROR = 2
 _ROLLBACK = "rollback"
 
@@ -62,13 +67,13 @@ class TrainingError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
-                 stop_signals: tuple[int, ...] = STOP_SIGNALS):
+    def __init__(self, cfg: Config, run_dir: Path, stop: StopSignals, resume_from: Path | None = None):
         from data_pipeline.loader import build_loader
         from data_pipeline.tokenizer import Tokenizer
 
         self.cfg = cfg
         self.run_dir = run_dir
+        self.stop = stop
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -98,22 +103,15 @@ class Trainer:
         if self.inject_nonfinite:
             self.log_rank0(f"train.inject_nonfinite_batches: the loss of global batches "
                            f"{sorted(self.inject_nonfinite)} is made NaN (a test of skipping and rolling back)")
-        self.stop_signal = 0
-        for sig in stop_signals:
-            signal.signal(sig, self._on_signal)
 
     def log_rank0(self, message: str) -> None:
         if self.rank == 0:
             print(f"[pretrain] {message}", file=sys.stderr, flush=True)
 
-    def _on_signal(self, signum, _frame) -> None:
-        # Only a flag: the save happens at the next step boundary, agreed on by every rank.
-        self.stop_signal = signum
-
     def _poll(self) -> tuple[bool, bool]:
         """Once per step, agreed by every rank: (a stop signal arrived somewhere, every background save writer
         has finished)."""
-        flags = torch.tensor([self.stop_signal, int(self.checkpointer.writing())], dtype=torch.int64,
+        flags = torch.tensor([self.stop.requested, int(self.checkpointer.writing())], dtype=torch.int64,
                              device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0].item()), not bool(flags[1].item())
@@ -161,19 +159,19 @@ class Trainer:
 
         if not self.cfg.data.eval:
             return None
-        # A fresh loader each time: every evaluation reads the same held-out batches.
-        batches = iter(build_loader(self.cfg.data, split="eval", **self.eval_loader_args))
         self.engine.eval()
         losses = []
         accum = self.engine.gradient_accumulation_steps()
-        for _ in range(self.cfg.train.eval_steps):
-            if self.built.pipelined:
-                data = _Repeat(lambda: tuple(self._to_device(t) for t in _split(next(batches)["tokens"])))
-                losses.append(float(self.engine.eval_batch(data_iter=data)))
-                continue
-            for _ in range(accum):
-                inputs, labels = (self._to_device(t) for t in _split(next(batches)["tokens"]))
-                losses.append(float(self.engine(inputs, labels)))
+        # A fresh loader each time: every evaluation reads the same held-out batches.
+        with iter(build_loader(self.cfg.data, split="eval", **self.eval_loader_args)) as batches:
+            for _ in range(self.cfg.train.eval_steps):
+                if self.built.pipelined:
+                    data = _Repeat(lambda: tuple(self._to_device(t) for t in _split(next(batches)["tokens"])))
+                    losses.append(float(self.engine.eval_batch(data_iter=data)))
+                    continue
+                for _ in range(accum):
+                    inputs, labels = (self._to_device(t) for t in _split(next(batches)["tokens"]))
+                    losses.append(float(self.engine(inputs, labels)))
         self.engine.train()
         mean = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
         dist.all_reduce(mean, group=parallel.dp_group())
@@ -185,53 +183,56 @@ class Trainer:
         _ROLLBACK after train.max_nonfinite_in_row skipped steps in a row."""
         cfg, state = self.cfg, self.state
         metrics = MetricsLogger(cfg, self.run_dir, cfg.train.steps, state.step, enabled=self.rank == 0)
-        batches = iter(self.loader)
         window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
         loss = float("nan")
         outcome: int | str = 0
         nonfinite_in_row = 0
         profiler = StepProfiler(cfg.logging.profile_step, self.run_dir, enabled=self.rank == 0)
-        while state.step < cfg.train.steps:
-            self._arm_watchdog()
-            profiler.before_step(state.step + 1)
-            step_start = time.perf_counter()
-            loss, waited, applied = self.train_step(batches)
-            state.step += 1
-            if self.startup:
-                self._report_startup(metrics, time.perf_counter() - step_start)
-            profiler.after_step(state.step)
-            state.tokens += self.tokens_per_step
-            window_tokens += self.tokens_per_step
-            window_wait += waited
-            nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
-            if not applied:
-                state.skipped_steps += 1
-                self.log_rank0(f"step {state.step}: loss {loss} or its gradients are not finite: update skipped "
-                               f"({nonfinite_in_row} in a row, {state.skipped_steps} in all)")
-            if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.steps:
-                elapsed = time.perf_counter() - window_start
-                values = self._step_metrics(loss, elapsed, window_tokens, window_wait)
-                metrics.log(state.step, values)
-                window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
-            if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                outcome = _ROLLBACK
-                break
-            if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
-                eval_loss = self.evaluate()
-                if eval_loss is not None:
-                    metrics.log(state.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
-            stop, writers_done = self._poll()
-            if writers_done:
-                self.checkpointer.settle()
-            if stop:
-                self.log_rank0(f"signal {self.stop_signal or 'on another rank'}: saving step {state.step} and exiting")
-                self.checkpointer.save(loss)
-                outcome = EXIT_SAVED_ON_SIGNAL
-                break
-            every = cfg.checkpoint.every_steps
-            final = state.step == cfg.train.steps and cfg.checkpoint.save_final
-            if (every and state.step % every == 0) or final:
-                self.checkpointer.save(loss)
+        # Closed however the loop ends: the workers of an unclosed iterator outlive training (see Batches).
+        with iter(self.loader) as batches:
+            while state.step < cfg.train.steps:
+                self._arm_watchdog()
+                profiler.before_step(state.step + 1)
+                step_start = time.perf_counter()
+                loss, waited, applied = self.train_step(batches)
+                state.step += 1
+                if self.startup:
+                    self._report_startup(metrics, time.perf_counter() - step_start)
+                profiler.after_step(state.step)
+                state.tokens += self.tokens_per_step
+                window_tokens += self.tokens_per_step
+                window_wait += waited
+                nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
+                if not applied:
+                    state.skipped_steps += 1
+                    self.log_rank0(f"step {state.step}: loss {loss} or its gradients are not finite: update skipped "
+                                   f"({nonfinite_in_row} in a row, {state.skipped_steps} in all)")
+                if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    values = self._step_metrics(loss, elapsed, window_tokens, window_wait)
+                    metrics.log(state.step, values)
+                    window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
+                if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                    outcome = _ROLLBACK
+                    break
+                if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        metrics.log(state.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
+                stop, writers_done = self._poll()
+                self.stop.first_step_done()  # every rank is past step 1: a stop signal now means saving
+                if writers_done:
+                    self.checkpointer.settle()
+                if stop:
+                    self.log_rank0(f"signal {self.stop.requested or 'on another rank'}: saving step {state.step} "
+                                   "and exiting")
+                    self.checkpointer.save(loss)
+                    outcome = EXIT_SAVED_ON_SIGNAL
+                    break
+                every = cfg.checkpoint.every_steps
+                final = state.step == cfg.train.steps and cfg.checkpoint.save_final
+                if (every and state.step % every == 0) or final:
+                    self.checkpointer.save(loss)
         faulthandler.cancel_dump_traceback_later()
         self.checkpointer.settle()
         dist.barrier()
@@ -316,8 +317,8 @@ class _Repeat:
         return self.fn()
 
 
-def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
-        stop_signals: tuple[int, ...] = STOP_SIGNALS) -> int:
+def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
+    stop = StopSignals.install()  # before process-group setup and DeepSpeed: a stop signal must end them too
     if not torch.cuda.is_available():
         # Ranks on one machine share its cores (Slurm says how many this task has); more threads only thrash.
         cores = os.environ.get("SLURM_CPUS_PER_TASK")
@@ -325,7 +326,7 @@ def run(cfg: Config, run_dir: Path, resume_from: Path | None = None,
         torch.set_num_threads(int(cores) if cores else max(1, (os.cpu_count() or 1) // local_ranks))
     parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, rendezvous_timeout_s=cfg.train.rendezvous_timeout_s)
     try:
-        trainer = Trainer(cfg, run_dir, resume_from, stop_signals)
+        trainer = Trainer(cfg, run_dir, stop, resume_from)
         while (outcome := trainer.fit()) == _ROLLBACK:
             trainer.roll_back()
         return outcome

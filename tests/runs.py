@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
-# Short runs: metrics every step, no evaluation or TensorBoard, data read in the training process.
+# Short runs: metrics every step, no evaluation or TensorBoard, data read in the training process (tests of
+# the data workers themselves override data.num_workers).
 QUICK = ["train.global_batch=8", "logging.every_steps=1", "train.eval_every=0", "data.num_workers=0",
          "logging.tensorboard=false"]
 
@@ -47,3 +53,89 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert lines, result.stderr[-3000:]
     return lines[-1]
+
+
+class Watched:
+    """A command (`pretrain train`) and every process below it (ranks, their data workers), each recorded when seen,
+    so that whatever outlives the command can be named. stderr goes to a file: a full pipe would stall the ranks."""
+
+    def __init__(self, command: list[str], log: Path) -> None:
+        self.log = log
+        with open(log, "w") as stderr:
+            self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        self.seen: dict[int, psutil.Process] = {}
+        self.parent: dict[int, int] = {}  # pid -> its parent's pid when first seen
+        self.cmdline: dict[int, list[str]] = {}
+
+    def record(self) -> list[psutil.Process]:
+        """The processes below the command now (remembered for `left_behind`)."""
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for child in children:
+            if child.pid not in self.seen:
+                try:
+                    self.parent[child.pid], self.cmdline[child.pid] = child.ppid(), child.cmdline()
+                except psutil.NoSuchProcess:
+                    continue
+                self.seen[child.pid] = child
+        return children
+
+    def children_of(self, pid: int) -> list[psutil.Process]:
+        """The recorded processes that `pid` started (for the command's pid: the ranks)."""
+        return [p for p in self.seen.values() if self.parent[p.pid] == pid]
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float) -> None:
+        """Record processes until `condition()` holds; fail if the command exits or `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.record()
+            if condition():
+                return
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} first: {self.stderr()[-3000:]}"
+            assert time.monotonic() < deadline, f"not reached in {timeout} s: {self.stderr()[-3000:]}"
+            time.sleep(0.05)
+
+    def wait(self, timeout: float) -> int:
+        """The command's exit code; fail (and kill everything recorded) if it runs longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self.record()
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                for p in self.seen.values():
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.kill()
+                raise AssertionError(f"still running after {timeout} s: {self.stderr()[-3000:]}")
+            time.sleep(0.05)
+        return self.proc.returncode
+
+    def left_behind(self) -> list[str]:
+        """Recorded processes still running a second after the command ended (zombies count as gone)."""
+        deadline = time.monotonic() + 1
+        while True:
+            alive = [p for p in self.seen.values() if _running(p)]
+            if not alive or time.monotonic() > deadline:
+                return [f"{p.pid} {' '.join(self.cmdline[p.pid])[:100]}" for p in alive]
+            time.sleep(0.1)
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def catches(process: psutil.Process, sig: int) -> bool:
+    """Whether `process` has a handler for `sig` (the SigCgt mask of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (sig - 1) & 1)
