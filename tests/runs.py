@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -110,6 +111,17 @@ class Watched:
                 raise AssertionError(f"still running after {timeout} s: {self.stderr()[-3000:]}")
             time.sleep(0.05)
         return self.proc.returncode
+
+    def started_ranks(self, nproc: int) -> list[psutil.Process]:
+        """The ranks, in rank order, once each handles SIGTERM (pretrain.stop installed) and the launcher forwards
+        it."""
+        def ready() -> bool:
+            ranks = self.children_of(self.proc.pid)
+            return len(ranks) == nproc and all(catches(p, signal.SIGTERM)
+                                               for p in [psutil.Process(self.proc.pid), *ranks])
+
+        self.wait_for(ready, timeout=120)
+        return sorted(self.children_of(self.proc.pid), key=lambda p: int(p.environ()["RANK"]))
 
     def left_behind(self) -> list[str]:
         """Recorded processes still running a second after the command ended (zombies count as gone)."""

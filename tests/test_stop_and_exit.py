@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from tests.runs import Watched, catches, losses, train_command
+from tests.runs import Watched, losses, train_command
 
 # The tiny preset's own setting (tests.runs.QUICK reads the data in the rank).
 WORKERS = ["data.num_workers=1"]
@@ -27,16 +27,6 @@ BEFORE_FIRST_STEP = "before the first step: exiting without saving"
 def start(tmp_path, tiny_data, overrides: list[str]) -> Watched:
     command = train_command(tmp_path / "run", tiny_data, WORKERS + overrides, nproc=2)
     return Watched(command, tmp_path / "stderr.log")
-
-
-def started_ranks(run: Watched) -> list[psutil.Process]:
-    """Both ranks, in rank order, once each handles SIGTERM (pretrain.stop installed) and the launcher forwards it."""
-    def ready() -> bool:
-        ranks = run.children_of(run.proc.pid)
-        return len(ranks) == 2 and all(catches(p, signal.SIGTERM) for p in [psutil.Process(run.proc.pid), *ranks])
-
-    run.wait_for(ready, timeout=120)
-    return sorted(run.children_of(run.proc.pid), key=lambda p: int(p.environ()["RANK"]))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -52,7 +42,7 @@ def test_finished_run_exits_at_once_and_leaves_no_process(layout, tiny_data, tmp
 
 def test_stop_signal_during_imports_ends_every_rank_with_exit_1(tiny_data, tmp_path):
     run = start(tmp_path, tiny_data, ["parallel.pp=2"])
-    started_ranks(run)
+    run.started_ranks(2)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     signalled = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)
@@ -65,7 +55,7 @@ def test_stop_signal_during_imports_ends_every_rank_with_exit_1(tiny_data, tmp_p
 
 def test_stop_signal_while_a_rank_is_blocked_in_the_rendezvous_ends_it_with_exit_1(tiny_data, tmp_path):
     run = start(tmp_path, tiny_data, ["parallel.pp=2"])
-    rank0, rank1 = started_ranks(run)
+    rank0, rank1 = run.started_ranks(2)
     rank1.suspend()  # SIGSTOP: rank 0 will wait for it in the rendezvous, in C
     port = int(rank0.environ()["MASTER_PORT"])
     try:

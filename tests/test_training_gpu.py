@@ -1,4 +1,5 @@
-"""Layout parity on GPUs with NCCL in bf16: the single-GPU run against dp=2 (ZeRO-1 and ZeRO-3) and tp=2.
+"""GPU runs with NCCL in bf16: layout parity of the single-GPU run against dp=2 (ZeRO-1 and ZeRO-3) and tp=2; a
+pipelined run with the presets' data workers that exits when done; a stop signal during startup that ends it.
 
 Tolerance: bf16 rounds every matmul input to 8 significant bits (about 4e-3 relative) and the layouts round in
 different places (sharded matmuls, all-reduces), so two layouts of one run drift apart by rounding, not by a
@@ -6,10 +7,13 @@ mechanism; 3e-2 relative on the loss over 20 steps bounds that drift, while a mi
 wrong shard moves the loss by 1e-1 or more within a few steps at this learning rate.
 """
 
+import signal
+import time
+
 import pytest
 import torch
 
-from tests.runs import train
+from tests.runs import Watched, losses, train, train_command
 
 STEPS = 20
 # SDPA: the layouts are under test here, not the attention kernels (tests/test_attention*.py), and it needs no
@@ -35,3 +39,28 @@ def test_bf16_layout_matches_single_gpu(layout, single_gpu, tiny_data, tmp_path)
     assert got[STEPS] < got[1] - 1.0
     for step, loss in single_gpu.items():
         assert abs(got[step] - loss) <= 3e-2 * abs(loss), f"{layout} step {step}: {got[step]} vs {loss}"
+
+
+# pp=2 as a user runs it: the presets' data workers and compiled decoder layers.
+PIPELINED = ["parallel.pp=2", "data.num_workers=2", "train.dtype=bfloat16", "train.compile=true"]
+
+
+def test_pipelined_run_with_data_workers_exits_when_done(tiny_data, tmp_path):
+    run = Watched(train_command(tmp_path / "run", tiny_data, PIPELINED + ["train.steps=5"], nproc=2),
+                  tmp_path / "stderr.log")
+    assert run.wait(timeout=600) == 0, run.stderr()[-3000:]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
+    assert not run.left_behind()
+
+
+def test_stop_signal_during_startup_ends_every_gpu_rank(tiny_data, tmp_path):
+    run = Watched(train_command(tmp_path / "run", tiny_data, PIPELINED + ["train.steps=1000"], nproc=2),
+                  tmp_path / "stderr.log")
+    run.started_ranks(2)
+    time.sleep(5)  # into the imports, CUDA and NCCL setup, or the model build
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    signalled = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 1, run.stderr()[-3000:]
+    assert time.monotonic() - signalled < 15
+    assert not run.left_behind()
