@@ -14,8 +14,8 @@ are left out of the averages. A layout is a data-parallel run with ZeRO-1 (zero1
 `pretrain train` to the end of the first step, compilation included (each run starts with an empty compilation
 cache, as on a new machine); the trainer's own breakdown of it (model build, DeepSpeed, first step) is printed
 under the table. MFU counts the model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window
-attention) against the GPU's dense bf16 datasheet peak (pretrain.hardware; 989 TFLOP/s on an H100 SXM or H200, n/a for a GPU not in its table) and against
-the bf16 matmul rate measured on the same GPU in the same run.
+attention) against the GPU's dense bf16 datasheet peak (pretrain.hardware; 989 TFLOP/s on an H100 SXM or H200,
+n/a for a GPU not in its table) and against the bf16 matmul rate measured on the same GPU in the same run.
 """
 
 from __future__ import annotations
@@ -100,15 +100,18 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
                *overrides, *args.overrides, "--nproc", str(args.nproc), "--run-dir", str(run_dir)]
     # A fresh compilation cache per run: "to step 1" then includes compiling, as on a new machine.
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "inductor-cache")}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "stderr.log"
     launched = time.time()
-    try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired as e:
-        tail = "\n".join((e.stderr or b"").decode(errors="replace").splitlines()[-15:])
-        return {"name": name, "error": f"not finished within --timeout {args.timeout} s: {tail}"}
-    if result.returncode != 0:
-        tail = "\n".join(result.stderr.splitlines()[-15:])
-        return {"name": name, "error": f"exit {result.returncode}: {tail}"}
+    with open(log, "w") as stderr:
+        try:
+            code = subprocess.run(command, cwd=ROOT, env=env, stdout=stderr, stderr=stderr,
+                                  timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"not finished within --timeout {args.timeout} s"
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        return {"name": name, "error": f"exit {code}: {tail} (whole log: {log})"}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     startup = next(r for r in records if r["kind"] == "startup")
     timed = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
