@@ -33,8 +33,8 @@ from pathlib import Path
 
 from launch.errors import UserError
 from launch.rank import rank_command, rank_environment
-from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL, STOP_SIGNALS
 from pretrain.config import Config
+from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL, STOP_SIGNALS
 
 WARNING_SIGNAL = signal.SIGUSR1  # the trainer saves on it at the next step boundary
 

@@ -60,7 +60,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
         except (RuntimeError, OSError) as e:
             raise RendezvousError(
                 f"rank {rank} could not reach the master {master} within {rendezvous_timeout_s:.0f} s ({e}): "
-                "check MASTER_ADDR/MASTER_PORT (under Slurm: the first host of the node list) and that rank 0 is running"
+                "check MASTER_ADDR/MASTER_PORT (or the Slurm node list) and that rank 0 is running"
             ) from None
         dist.init_process_group(
             backend=backend,

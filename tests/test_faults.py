@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from pretrain.checkpoint.store import CheckpointStore, step_dir_name, verify
-from pretrain.trainer import INJECT_NONFINITE_ENV
 from pretrain.launch_contract import free_port
+from pretrain.trainer import INJECT_NONFINITE_ENV
 from tests.runs import ROOT, error_line, losses, metrics, run_train, train, train_command
 
 STEPS = 12
