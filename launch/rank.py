@@ -32,7 +32,6 @@ from pretrain.launch_contract import EXIT_USER_ERROR
 # uninterrupted one exactly (seen under load in the kill test). Its strict reproducible mode fixes both, at no
 # measurable cost on the tiny model.
 REPRODUCIBLE_MATH_ENV = {"MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AUTO,STRICT"}
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RendezvousError(RuntimeError):
