@@ -11,6 +11,7 @@ from launch import data_commands, export_commands, main_job, slurm, status_comma
 from launch.errors import UserError
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import ConfigError, default_world_size, load_config, resolve_world
+from pretrain.launch_contract import EXIT_USER_ERROR
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except (ConfigError, CheckpointError, UserError, DataError) as e:
         print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

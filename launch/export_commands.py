@@ -60,7 +60,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pretrain.generate import build_model, generate, inference_dtype, single_process_group
+    from pretrain.generate import build_model, generate, inference_dtype
+    from pretrain.parallel import single_process_group
 
     if args.greedy and (args.temperature is not None or args.top_p is not None):
         raise UserError("--greedy takes the most likely token: drop --temperature/--top-p, or drop --greedy")
@@ -86,7 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pretrain.evaluate import eval_loader, evaluate
-    from pretrain.generate import build_model, inference_dtype, single_process_group
+    from pretrain.generate import build_model, inference_dtype
+    from pretrain.parallel import single_process_group
 
     if args.batches < 1:
         raise UserError("--batches must be >= 1")

@@ -28,6 +28,7 @@ from rich.text import Text
 from launch.errors import UserError
 from pretrain.checkpoint.store import complete_steps, write_json_atomic
 from pretrain.config import Config, load_config, resolve_world
+from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL
 from pretrain.metrics import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -100,8 +101,8 @@ def train_then_interrupt(args: list[str], metrics: Path, interrupt_at: int) -> N
                   f"(pid {proc.pid}), as a preemption would send[/]")
     proc.send_signal(signal.SIGTERM)
     code = proc.wait()
-    if code != os.EX_TEMPFAIL:
-        raise StageFailed(f"after SIGTERM `{typed}` exited with status {code}, not {os.EX_TEMPFAIL} "
+    if code != EXIT_SAVED_ON_SIGNAL:
+        raise StageFailed(f"after SIGTERM `{typed}` exited with status {code}, not {EXIT_SAVED_ON_SIGNAL} "
                           "(saved on a signal): see its output above")
 
 
@@ -186,7 +187,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                       f"{interrupt_at}: every rank saves at the next step boundary and exits 75"):
         train_then_interrupt(train_args, metrics, interrupt_at)
         saved_step = newest_checkpoint(run_dir)
-        console.print(f"launcher exited {os.EX_TEMPFAIL}: checkpoint saved at step {saved_step}")
+        console.print(f"launcher exited {EXIT_SAVED_ON_SIGNAL}: checkpoint saved at step {saved_step}")
     with stages.stage("Status", "where the run stands: steps, checkpoints (sha256 verified), last metrics"):
         pretrain(["status", run_dir])
     with stages.stage("Training, resumed", "the same command again: it continues from the newest verified "

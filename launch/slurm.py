@@ -2,7 +2,7 @@
 
 Inside an allocation (a batch script or an salloc shell) `pretrain train` runs `run_in_allocation`: one `srun`
 step with one task per GPU (per process on CPU nodes), each task a trainer rank that takes its rank from
-SLURM_PROCID and the rendezvous from the first host of the node list (pretrain.parallel). The batch step waits
+SLURM_PROCID and the rendezvous from the first host of the node list (launch.rank). The batch step waits
 for the step and decides what follows:
 
 * exit 0: the run is finished.
@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,8 +32,9 @@ import time
 from pathlib import Path
 
 from launch.errors import UserError
-from launch.local import REPRODUCIBLE_MATH_ENV
+from launch.rank import rank_command, rank_environment
 from pretrain.config import Config
+from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL, STOP_SIGNALS
 
 WARNING_SIGNAL = signal.SIGUSR1  # the trainer saves on it at the next step boundary
 
@@ -89,13 +91,13 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
     if "SLURM_CPUS_PER_TASK" in os.environ:
         # srun 22.05 to 23.02 does not inherit the batch's --cpus-per-task: data workers would share one core.
         command.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
-    command += [sys.executable, "-m", "pretrain.trainer", str(run_dir)]
-    if resume_from is not None:
-        command += ["--resume-from", str(resume_from)]
-    # Every task takes its rank from Slurm: a RANK inherited from the submitting shell would give them all the same.
-    env = {**REPRODUCIBLE_MATH_ENV, **{k: v for k, v in os.environ.items()
-                                       if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}}
-    step = subprocess.Popen(command, env=env)
+    # Each task's threads: the CPUs Slurm gave it (one without --cpus-per-task, Slurm's default).
+    env = rank_environment(threads=int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+    # Every task takes its rank from Slurm (launch.rank): a RANK inherited from the submitting shell would give
+    # them all the same.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    step = subprocess.Popen(command + rank_command(run_dir, resume_from), env=env)
     ending = False
 
     def on_signal(signum, _frame):
@@ -105,7 +107,7 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
         elif step.poll() is None:
             step.send_signal(WARNING_SIGNAL)  # srun passes it on to every task
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
         code = step.wait()
     finally:
@@ -123,8 +125,7 @@ def requeue_if_progressing(cfg: Config, run_dir: Path, code: int) -> bool:
     job_id = os.environ["SLURM_JOB_ID"]
     saved = complete_steps(run_dir / "checkpoints")
     step = saved[-1] if saved else 0
-    # The trainer exits with EX_TEMPFAIL (pretrain.trainer.EXIT_SAVED_ON_SIGNAL, not imported: it pulls in torch).
-    why = "saved on the warning signal" if code == os.EX_TEMPFAIL else f"failed with exit code {code}"
+    why = "saved on the warning signal" if code == EXIT_SAVED_ON_SIGNAL else f"failed with exit code {code}"
     if step >= cfg.train.steps:
         return False
     history_path = run_dir / "slurm" / "requeues.json"
@@ -184,9 +185,17 @@ def executor_for(cfg: Config, run_dir: Path):
         # Slurm expands %j, %x... in log file names, and a backslash turns that off for submitit's %j too.
         raise UserError(f"train.run_dir={str(run_dir)!r} contains '%' or '\\', which Slurm reads as a log file "
                         "name pattern: choose a run directory without them")
+
+    class Executor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            # submitit's own check for `srun` would end a dry run, which needs no Slurm; cmd_submit checks for
+            # Slurm's commands before a real submission, with one line naming what is missing.
+            return 1
+
     # `exec`: the batch shell becomes TrainJob's Python, so signals for the batch step (scancel --batch,
     # --signal=B:...) reach it instead of killing a bash that waits for it.
-    executor = submitit.SlurmExecutor(folder=run_dir / "slurm", python=f"exec {shlex.quote(sys.executable)}")
+    executor = Executor(folder=run_dir / "slurm", python=f"exec {shlex.quote(sys.executable)}")
     executor.update_parameters(
         job_name=s.job_name,
         nodes=s.nodes,
@@ -263,10 +272,15 @@ def cmd_submit(args) -> int:
     cfg = load_config(args.config, overrides)
     cfg = resolve_world(cfg, cfg.slurm.nodes * tasks_per_node(cfg))
     run_dir = Path(cfg.train.run_dir).resolve()
+    cfg.train.run_dir = str(run_dir)  # the job's ranks find their run directory wherever the job starts
     executor = executor_for(cfg, run_dir)
     if args.dry_run:
         print(sbatch_script(executor))
         return 0
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} not found on PATH: submit from a machine of the Slurm cluster (or "
+                        "put Slurm's commands on PATH); --dry-run prints the batch script without Slurm")
     check_paths(cfg)
     prepare_run_dir(cfg, run_dir)
     job_id = executor.submit(TrainJob(str(run_dir))).job_id

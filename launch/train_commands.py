@@ -26,6 +26,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launch.local import launch
+    from launch.rank import rank_command
     from launch.slurm import allocation_tasks, run_in_allocation
 
     overrides = list(args.overrides)
@@ -60,10 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     if slurm_tasks:
         return run_in_allocation(cfg, run_dir, resume_from)
-    command = [sys.executable, "-m", "pretrain.trainer", str(run_dir)]
-    if resume_from is not None:
-        command += ["--resume-from", str(resume_from)]
-    return launch(command, world)
+    return launch(rank_command(run_dir, resume_from), world)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

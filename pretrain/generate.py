@@ -7,15 +7,10 @@ paper describes), then tokens are decoded one at a time, each step attending ove
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 import sys
 import time
-from collections.abc import Iterator
 
 import torch
-from megatron.core import parallel_state
 
 from pretrain import parallel
 from pretrain.dtypes import resolve_dtype as inference_dtype  # noqa: F401  (launch/export_commands.py imports it)
@@ -24,40 +19,10 @@ from pretrain.model.mistral import Mistral
 from pretrain.model.sharding import load_full_state
 from pretrain.weights import Weights
 
-_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def single_process_group() -> Iterator[None]:
-    """megatron's layers need its process groups: a world of one process at tp=1, unless the caller has one."""
-    if parallel_state.model_parallel_is_initialized():
-        if parallel.tp_size() != 1:
-            raise RuntimeError("inference runs at tensor-parallel size 1, the process group has another")
-        yield
-        return
-    # A world of one on a free port, whatever torchrun or Slurm variables this process inherited.
-    saved = {key: os.environ.get(key) for key in _RENDEZVOUS}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    try:
-        parallel.init_distributed(tp=1, pp=1)
-        yield
-    finally:
-        parallel.destroy()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
 
 def build_model(weights: Weights, dtype: torch.dtype, eos_id: int | None = None) -> Mistral:
-    """Our Mistral holding `weights`, in eval mode, on the GPU when there is one (inside single_process_group)."""
+    """Our Mistral holding `weights`, in eval mode, on the GPU when there is one (inside
+    parallel.single_process_group)."""
     cfg = weights.model
     if cfg.document_masking and eos_id is None:
         cfg = cfg.model_copy(update={"document_masking": False})

@@ -1,45 +1,34 @@
 """Process groups: the one place they are created and torn down.
 
-Reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or Slurm's
-(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of SLURM_JOB_NODELIST), starts
-torch.distributed (gloo on CPU, nccl on CUDA) and lets megatron-core build the tensor- and
-pipeline-parallel groups. Ranks are numbered tensor-parallel fastest, then data-parallel, then pipeline,
-which is also DeepSpeed's order.
+Reads torchrun's environment only (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: the launchers in
+launch/ give every rank these, also under Slurm), starts torch.distributed (gloo on CPU, nccl on CUDA) and lets
+megatron-core build the tensor- and pipeline-parallel groups. Ranks are numbered tensor-parallel fastest, then
+data-parallel, then pipeline, which is also DeepSpeed's order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-import subprocess
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+
+from pretrain.launch_contract import free_port
+
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RendezvousError(RuntimeError):
     """The process group could not form; the message names the address tried and what to check."""
 
 
-def _first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list (e.g. gpu[03-05,07] -> gpu03), as `scontrol` expands it."""
-    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
-    if hosts.returncode != 0 or not hosts.stdout.split():
-        raise RendezvousError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol: set MASTER_ADDR yourself")
-    return hosts.stdout.split()[0]
-
-
 def rendezvous_from_environment() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's variables, else Slurm's; MASTER_ADDR/PORT filled in from
-    the allocation (first host of the node list, a port derived from the job id) when missing."""
+    """(rank, world size, local rank) from torchrun's variables; without them, a world of one process."""
     env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        if "MASTER_ADDR" not in env:
-            env["MASTER_ADDR"] = _first_host(env["SLURM_JOB_NODELIST"])
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
     rank = int(env.setdefault("RANK", "0"))
     world_size = int(env.setdefault("WORLD_SIZE", "1"))
     local_rank = int(env.setdefault("LOCAL_RANK", "0"))
@@ -50,9 +39,9 @@ def rendezvous_from_environment() -> tuple[int, int, int]:
 
 def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_s: float = 600.0,
                      rendezvous_timeout_s: float = 300.0) -> None:
-    """Join the process group described by the torchrun or Slurm environment and build the model-parallel groups.
+    """Join the process group described by torchrun's environment and build the model-parallel groups.
 
-    Without either this starts a world of one process, so single-process runs and tests use the same code
+    Without it this starts a world of one process, so single-process runs and tests use the same code
     path. `backend` defaults to nccl when CUDA is available, gloo otherwise. A master that cannot be reached
     within `rendezvous_timeout_s` is an error naming it, not a hang.
     """
@@ -85,6 +74,33 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
         pipeline_model_parallel_size=pp,
         distributed_timeout_minutes=max(1, round(timeout_s / 60)),
     )
+
+
+@contextlib.contextmanager
+def single_process_group(backend: str | None = None) -> Iterator[None]:
+    """A world of one process at tp=1 for code that needs megatron's groups (inference, single-process tests),
+    unless the caller has a process group already."""
+    if parallel_state.model_parallel_is_initialized():
+        if tp_size() != 1:
+            raise RuntimeError("inference runs at tensor-parallel size 1, the process group has another")
+        yield
+        return
+    # On a free port, whatever torchrun or Slurm variables this process inherited. Only the rendezvous reads them:
+    # they are put back at once, so that processes started meanwhile (Slurm jobs among them) do not inherit rank 0.
+    saved = {key: os.environ.get(key) for key in _RENDEZVOUS}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        try:
+            init_distributed(tp=1, pp=1, backend=backend)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        yield
+    finally:
+        destroy()
 
 
 def destroy() -> None:

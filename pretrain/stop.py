@@ -11,7 +11,7 @@ rank's own child processes (data workers, compile workers) and exits 1 with one 
 `first_step_done()` it sets `requested`. That thread is the one place where a signal is judged, so a rank never
 both exits and asks the others (through `requested`) to save.
 
-`install()` is the first thing a rank does, before torch is imported (`python -m pretrain.trainer`).
+`install()` is the first thing a rank does (launch.rank), before torch is imported.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ import threading
 
 import psutil
 
-# SIGTERM on preemption, SIGUSR1 (or submitit's SIGUSR2) before the time limit: save at the next step boundary.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-EXIT_STOPPED_BEFORE_FIRST_STEP = 1
+from pretrain.launch_contract import EXIT_STOPPED_BEFORE_FIRST_STEP, STOP_SIGNALS
 
 
 class StopSignals:

@@ -1,21 +1,15 @@
-"""The training loop, run by every rank: `python -m pretrain.trainer RUN_DIR`.
+"""The training loop, run by every rank: `pretrain train` starts `python -m launch.rank RUN_DIR`, which calls `main`.
 
-RUN_DIR holds the resolved `config.yaml` written by `pretrain train`. One optimizer step consumes one global
-batch; with pp == 1 the micro-batches go through the engine one by one (DeepSpeed accumulates and steps at the
-boundary), with pp > 1 the pipeline engine runs them as 1F1B. Metrics go to the run directory from rank 0.
+RUN_DIR holds the resolved `config.yaml` written by `pretrain train` (its train.run_dir is RUN_DIR). One optimizer
+step consumes one global batch; with pp == 1 the micro-batches go through the engine one by one (DeepSpeed
+accumulates and steps at the boundary), with pp > 1 the pipeline engine runs them as 1F1B. Metrics go to the run
+directory from rank 0.
 A stop signal (pretrain.stop) ends a rank at once with exit 1 before the first step; after it, every rank saves
 at the next step boundary and exits 75.
 """
 
 from __future__ import annotations
 
-from pretrain.stop import StopSignals
-
-if __name__ == "__main__":
-    # A rank's first act, before the imports below take seconds (torch, DeepSpeed): see pretrain.stop.
-    StopSignals.install()
-
-import argparse
 import faulthandler
 import math
 import os
@@ -32,8 +26,10 @@ from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import Built, build_engine
 from pretrain.hardware import peak_flops
+from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL, EXIT_USER_ERROR
 from pretrain.metrics import MetricsLogger, StepProfiler
 from pretrain.plan import flops_per_token
+from pretrain.stop import StopSignals
 
 
 def seed_everything(seed: int) -> None:
@@ -57,8 +53,6 @@ def _split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-EXIT_SAVED_ON_SIGNAL = os.EX_TEMPFAIL  # 75: preempted or out of time, checkpoint saved, run again to resume
-EXIT_USER_ERROR = 2
 _ROLLBACK = "rollback"
 
 
@@ -319,11 +313,6 @@ class _Repeat:
 
 def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
     stop = StopSignals.install()  # before process-group setup and DeepSpeed: a stop signal must end them too
-    if not torch.cuda.is_available():
-        # Ranks on one machine share its cores (Slurm says how many this task has); more threads only thrash.
-        cores = os.environ.get("SLURM_CPUS_PER_TASK")
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(int(cores) if cores else max(1, (os.cpu_count() or 1) // local_ranks))
     parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, rendezvous_timeout_s=cfg.train.rendezvous_timeout_s)
     try:
         trainer = Trainer(cfg, run_dir, stop, resume_from)
@@ -334,19 +323,23 @@ def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
         parallel.destroy()
 
 
-def main(argv: list[str] | None = None) -> int:
+def load_run_config(run_dir: Path) -> Config:
+    """RUN_DIR/config.yaml, which must name RUN_DIR as its train.run_dir: the run directory has one source."""
+    cfg = load_config(run_dir / "config.yaml")
+    if Path(cfg.train.run_dir).resolve() != run_dir.resolve():
+        raise ConfigError(
+            f"{run_dir / 'config.yaml'} has train.run_dir={cfg.train.run_dir}, not the directory it lies in: start "
+            f"the run with `pretrain train {run_dir / 'config.yaml'} --run-dir {run_dir}`, which writes it"
+        )
+    return cfg
+
+
+def main(run_dir: Path, resume_from: Path | None = None) -> int:
+    """One rank, its environment set up by launch.rank; returns the exit status (pretrain.launch_contract)."""
     from data_pipeline.errors import DataError
 
-    parser = argparse.ArgumentParser(description="one training rank (started by `pretrain train`)")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--resume-from", type=Path)
-    args = parser.parse_args(argv)
     try:
-        return run(load_config(args.run_dir / "config.yaml"), args.run_dir, args.resume_from)
+        return run(load_run_config(run_dir), run_dir, resume_from)
     except (CheckpointError, ConfigError, DataError, TrainingError, parallel.RendezvousError) as e:
         print(f"[pretrain] rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,16 +5,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from pretrain.launch_contract import free_port
 
 
 def _child(fn: Callable, rank: int, world_size: int, port: int, args: tuple, results) -> None:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from pretrain.checkpoint.store import newest_valid, step_dir_name, verify
-from tests.distributed import free_port
+from pretrain.launch_contract import free_port
 from tests.runs import ROOT, error_line, losses, metrics, run_train, train, train_command
 
 STEPS = 12
@@ -261,7 +261,7 @@ def test_unreachable_master_is_a_named_error_not_a_hang(tiny_data, tmp_path):
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": port}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "pretrain.trainer", str(run_dir)], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "launch.rank", str(run_dir)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert f"rank 1 could not reach the master 127.0.0.1:{port} within 5 s" in error_line(result)

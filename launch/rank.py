@@ -1,0 +1,130 @@
+"""One trainer rank, as both launchers start it: `python -m launch.rank RUN_DIR [--resume-from DIR]`.
+
+Torch-free until it imports the trainer; first, in this order:
+
+1. An srun task has Slurm's variables only: it gets torchrun's, which are all that pretrain/ reads. RANK,
+   WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE come from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the step's
+   tasks on this node; the ranks meet at the first host of SLURM_JOB_NODELIST (as `scontrol show hostnames`
+   expands it), port 20000 + job id % 40000, unless MASTER_ADDR / MASTER_PORT are set. A local launcher's ranks
+   have torchrun's variables already.
+2. Library noise goes to RUN_DIR/logs/rankNNNNN.log instead of the terminal: Python warnings, logging records
+   (megatron-core's, torch's; errors also reach standard error) and standard output, where DeepSpeed logs and
+   prints. DeepSpeed warns while it is imported, so this comes before any library is. The project's own messages
+   (`[pretrain] ...`, progress, errors) and tracebacks go to standard error as before.
+
+Then it runs pretrain.trainer.main. The launchers give every rank REPRODUCIBLE_MATH_ENV and its share of the CPU
+cores as OMP_NUM_THREADS (rank_environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pretrain.launch_contract import EXIT_USER_ERROR
+from pretrain.stop import StopSignals
+
+# On CPU, MKL otherwise schedules its threads dynamically (and may use fewer than asked on a busy machine), which
+# changes the order of float sums and so the last bits of the losses: a resumed run would not repeat an
+# uninterrupted one exactly (seen under load in the kill test). Its strict reproducible mode fixes both, at no
+# measurable cost on the tiny model.
+REPRODUCIBLE_MATH_ENV = {"MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AUTO,STRICT"}
+
+
+class RendezvousError(RuntimeError):
+    """The Slurm allocation does not say where the ranks meet; the message says what to set."""
+
+
+def rank_command(run_dir: Path, resume_from: Path | None = None) -> list[str]:
+    """The command line of one trainer rank."""
+    command = [sys.executable, "-m", "launch.rank", str(run_dir)]
+    return command + ["--resume-from", str(resume_from)] if resume_from is not None else command
+
+
+def rank_environment(threads: int) -> dict[str, str]:
+    """The environment every rank starts with: this one, plus reproducible MKL and `threads` CPU threads (torch
+    and MKL read OMP_NUM_THREADS; ranks on one machine share its cores, and more threads only thrash), unless
+    the user set those."""
+    return {**REPRODUCIBLE_MATH_ENV, "OMP_NUM_THREADS": str(max(1, threads)), **os.environ}
+
+
+def torchrun_from_slurm(env: dict[str, str]) -> dict[str, str]:
+    """torchrun's variables for the srun task whose environment is `env`."""
+    if "MASTER_ADDR" in env:
+        master = env["MASTER_ADDR"]
+    else:
+        nodelist = env["SLURM_JOB_NODELIST"]
+        try:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                   timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RendezvousError(f"cannot run scontrol to expand SLURM_JOB_NODELIST={nodelist!r} ({e}): "
+                                  "set MASTER_ADDR yourself") from None
+        if hosts.returncode != 0 or not hosts.stdout.split():
+            raise RendezvousError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol: set MASTER_ADDR "
+                                  "yourself")
+        master = hosts.stdout.split()[0]
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": str(_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", "1"),
+                                               int(env.get("SLURM_NODEID", "0")))),
+        "MASTER_ADDR": master,
+        "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000)),
+    }
+
+
+def _tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """Slurm's compressed tasks per node ("2(x3),1": 2 on each of the first three nodes, 1 on the fourth)."""
+    counts = []
+    for group in tasks_per_node.split(","):
+        count, _, repeat = group.partition("(x")
+        counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    return counts[node]
+
+
+def send_library_noise_to(log_path: Path) -> None:
+    """Standard output, Python warnings and logging records (but errors) go to `log_path` only, appended."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    # Through file descriptor 1: output of C++ code and of subprocesses (DeepSpeed's op builds) goes there too.
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, sys.stdout.fileno())
+    os.close(log_fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    to_log = logging.StreamHandler(sys.stdout)
+    to_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.WARNING, handlers=[to_log, to_terminal], force=True)
+    logging.captureWarnings(True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # First, before the imports below take seconds (torch, DeepSpeed): a stop signal must end them too.
+    StopSignals.install()
+    parser = argparse.ArgumentParser(prog="python -m launch.rank",
+                                     description="one training rank (`pretrain train` starts them)")
+    parser.add_argument("run_dir", type=Path, help="run directory holding config.yaml")
+    parser.add_argument("--resume-from", type=Path, help="checkpoint directory to resume from")
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        try:
+            os.environ.update(torchrun_from_slurm(dict(os.environ)))
+        except RendezvousError as e:
+            print(f"[pretrain] rank {os.environ['SLURM_PROCID']}: error: {e}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+    if args.run_dir.is_dir():  # a wrong RUN_DIR gets the trainer's one-line error, not a new directory
+        send_library_noise_to(args.run_dir / "logs" / f"rank{int(os.environ.get('RANK', '0')):05d}.log")
+    from pretrain.trainer import main as train
+
+    return train(args.run_dir, args.resume_from)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
