@@ -41,7 +41,7 @@ def resumed_step(log: str) -> int | None:
     return None
 
 
-KILLS = 30
+KILLS = 16
 
 
 def test_sigkill_at_random_moments_resumes_from_the_newest_complete_checkpoint(uninterrupted, tiny_data, tmp_path):
