@@ -60,7 +60,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pretrain.generate import build_model, generate, inference_dtype
+    from pretrain.dtypes import resolve_dtype
+    from pretrain.generate import build_model, generate
     from pretrain.parallel import single_process_group
 
     if args.greedy and (args.temperature is not None or args.top_p is not None):
@@ -74,7 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model} comes with no tokenizer: export it with one, or point data.tokenizer at one")
     prompt = tokenizer.encode(args.prompt, bos=True)
     with single_process_group():
-        model = build_model(weights, inference_dtype(args.dtype), tokenizer.eos_id)
+        model = build_model(weights, resolve_dtype(args.dtype), tokenizer.eos_id)
         new = generate(model, prompt, args.max_new_tokens, temperature=temperature, top_p=top_p, seed=args.seed,
                        eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size, progress=True)
     text = tokenizer.decode(new)
@@ -86,8 +87,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pretrain.dtypes import resolve_dtype
     from pretrain.evaluate import eval_loader, evaluate
-    from pretrain.generate import build_model, inference_dtype
+    from pretrain.generate import build_model
     from pretrain.parallel import single_process_group
 
     if args.batches < 1:
@@ -97,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     micro_batch = args.batch_size or (run.parallel.micro_batch if run else 1)
     seed = run.data.seed if run else 1234
     with single_process_group():
-        model = build_model(weights, inference_dtype(args.dtype), tokenizer.eos_id if tokenizer else None)
+        model = build_model(weights, resolve_dtype(args.dtype), tokenizer.eos_id if tokenizer else None)
         loader = eval_loader(args.data, model, micro_batch=micro_batch, seed=seed,
                              tokenizer_sha256=tokenizer.sha256 if tokenizer else None)
         result = evaluate(model, loader, args.batches, progress=True)

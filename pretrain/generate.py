@@ -13,7 +13,6 @@ import time
 import torch
 
 from pretrain import parallel
-from pretrain.dtypes import resolve_dtype as inference_dtype  # noqa: F401  (launch/export_commands.py imports it)
 from pretrain.model.kv_cache import RollingKVCache
 from pretrain.model.mistral import Mistral
 from pretrain.model.sharding import load_full_state
