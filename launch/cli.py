@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 
 from data_pipeline.errors import DataError
 from launch import data_commands, export_commands, main_job, slurm, status_commands, train_commands
@@ -59,7 +61,17 @@ def _register_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+def quiet_known_library_noise() -> None:
+    """The start-up notices of the libraries, which say nothing the user can act on, stay off the terminal of the
+    commands that run in this process (export, generate, eval...); the ranks of a run send theirs to the run's logs
+    (launch.rank)."""
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    # DeepSpeed creates this logger, and says it found no GPU, while it is imported: the filter must come first.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to" not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_library_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

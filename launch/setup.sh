@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e '.[dev,export]'
-echo "setup: $(python -c 'import torch, deepspeed, megatron.core as m; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "megatron-core", m.__version__)')" 2>/dev/null
+# -qq: pip's errors only (its warnings and the build backend's deprecation notices are not the user's to act on).
+python -m pip install -qq --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -qq "torch==2.13.0"
+python -m pip install -qq -e '.[dev,export]'
+# Versions from the package metadata: importing the libraries would print their own start-up warnings.
+python -c 'import importlib.metadata as m; print("setup:", *(f"{p} {m.version(p)}" for p in ("torch", "deepspeed", "megatron-core")))'

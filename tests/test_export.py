@@ -121,6 +121,14 @@ def imported_random(random_hf, tiny_data) -> Path:
 # ------------------------------------------------------------------------------------------- round trip
 
 
+def test_export_in_a_fresh_process_prints_no_library_noise(trained_run, tmp_path):
+    """megatron-core's and DeepSpeed's start-up notices stay off the terminal of `pretrain export`."""
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(trained_run), "--out",
+                             str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warn" not in (result.stdout + result.stderr).lower(), result.stdout + result.stderr
+
+
 def test_import_then_export_is_bit_identical(random_hf, imported_random):
     assert len(list(random_hf.glob("model-*.safetensors"))) > 1  # the import read a sharded directory
     assert sorted(p.name for p in (imported_random / "checkpoints" / "step_00000000" / "model").iterdir()) == [
