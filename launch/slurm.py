@@ -33,7 +33,7 @@ from pathlib import Path
 
 from launch.errors import UserError
 from launch.rank import rank_command, rank_environment
-from pretrain.config import Config
+from pretrain.config import SLURM_TIME, Config
 from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL, STOP_SIGNALS
 
 WARNING_SIGNAL = signal.SIGUSR1  # the trainer saves on it at the next step boundary
@@ -48,10 +48,9 @@ def check_script_value(key: str, value: object) -> None:
 
 
 def _minutes(limit: str) -> int:
-    """Slurm's [days-]hours:minutes:seconds (or minutes) as whole minutes for submitit."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", limit.strip())
-    if not match:
-        raise UserError(f"slurm.time={limit!r} is not a Slurm time: write HH:MM:SS, D-HH:MM:SS or minutes")
+    """Slurm's [days-]hours:minutes:seconds (or minutes), which the config has validated, as whole minutes for
+    submitit."""
+    match = SLURM_TIME.fullmatch(limit.strip())
     days, first, second, third = (int(g) if g else 0 for g in match.groups())
     if match.group(3) is None:  # plain minutes
         return days * 1440 + first
