@@ -38,10 +38,13 @@ left out of its window (every rank and worker reaches the same verdict from the 
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import json
+import multiprocessing.util  # noqa: F401  (registers its exit handler before ours: see _close_open_batches)
 import signal
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -337,16 +340,19 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 class Batches:
     """The batches of one pass over a TokenLoader, with their DataLoader workers; `close()` (or the end of a `with`
-    block) ends the workers at once.
+    block) ends the workers at once. An error while reading closes them too.
 
-    Close it: garbage collection is no substitute. An iterator still referenced when Python exits (DeepSpeed's
-    pipeline engine keeps the last `data_iter` it was given) leaves the workers running, and multiprocessing's exit
-    handler then SIGTERMs them, which they ignore, and joins them forever.
+    Workers ignore stop signals, so they must never outlive their process's wish to exit: multiprocessing's exit
+    handler SIGTERMs a live worker, which ignores it, and joins it forever. That happened wherever a `Batches` was
+    still referenced when Python exited (DeepSpeed's pipeline engine keeps the last `data_iter` it was given; a test
+    that stopped reading at an error). So every open `Batches` is also closed by an exit handler that runs before
+    multiprocessing's.
     """
 
     def __init__(self, data_loader: DataLoader, on_batch) -> None:
         self._iterator = iter(data_loader)
         self._on_batch = on_batch
+        _open_batches.add(self)
 
     def __iter__(self) -> Batches:
         return self
@@ -354,13 +360,18 @@ class Batches:
     def __next__(self) -> dict:
         if self._iterator is None:
             raise StopIteration
-        batch, state, skipped, error = next(self._iterator)
-        if error is not None:
-            raise DataError(error)
+        try:
+            batch, state, skipped, error = next(self._iterator)
+            if error is not None:
+                raise DataError(error)
+        except BaseException:
+            self.close()
+            raise
         self._on_batch(state, skipped)
         return batch
 
     def close(self) -> None:
+        _open_batches.discard(self)
         iterator, self._iterator = self._iterator, None
         if iterator is None or not hasattr(iterator, "_shutdown_workers"):  # closed, or no workers
             return
@@ -377,6 +388,19 @@ class Batches:
 
     def __exit__(self, *_exc) -> None:
         self.close()
+
+
+_open_batches: weakref.WeakSet[Batches] = weakref.WeakSet()
+
+
+def _close_open_batches() -> None:
+    for batches in list(_open_batches):
+        batches.close()
+
+
+# Exit handlers run last-registered first: multiprocessing.util registers its own (which joins the workers) when
+# imported, above, so this one runs ahead of it.
+atexit.register(_close_open_batches)
 
 
 class TokenLoader:

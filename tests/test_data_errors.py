@@ -3,10 +3,15 @@ and counts."""
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -75,6 +80,22 @@ def test_corrupt_shard_fails_its_checksum(good, tmp_path, workers):
     with pytest.raises(DataError) as error:
         read_epoch(TokenLoader([(copy, 1.0)], micro_batch=4, num_workers=workers), 10_000)
     one_line(error, shard, "sha256", "re-copy or re-prepare", "skip_corrupt_shards")
+    # The error ended the data workers: they ignore stop signals, and would keep this process from exiting.
+    assert psutil.Process().children() == []
+
+
+def test_a_process_with_unclosed_batches_exits(good):
+    """Batches still open and referenced at exit (as DeepSpeed's pipeline engine keeps them) do not hold the process:
+    multiprocessing's exit handler would SIGTERM their workers, which ignore it, and join them forever."""
+    script = textwrap.dedent(f"""
+        from data_pipeline.loader import TokenLoader
+        batches = iter(TokenLoader([({str(good[1])!r}, 1.0)], micro_batch=4, num_workers=2))
+        next(batches)
+        print("read a batch", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "read a batch" in done.stdout, done.stderr[-2000:]
 
 
 def test_truncated_shard(good, tmp_path):
