@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
