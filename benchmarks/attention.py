@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.model.attention import attention, flash_available
+from pretrain.model.attention import attention, cudnn_available, flash_available
 
 BACKWARD_FACTOR = 2.5
 
@@ -49,7 +49,8 @@ def measure_ms(fn, device: torch.device, repeats: int) -> float:
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    return ["sdpa", "flex"] + (["flash"] if flash_available(device, dtype) else [])
+    return (["sdpa", "flex"] + (["flash"] if flash_available(device, dtype) else [])
+            + (["cudnn"] if cudnn_available(device, dtype) else []))
 
 
 def bench_one(backend, batch, seq_len, q_heads, kv_heads, head_dim, window, dtype, device, repeats):
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'fwd+bwd TF/s':>13}")
     print(header)
     print("-" * len(header))
+    train_ms_by = {}  # (seq_len, window or None, backend) -> forward+backward ms
     for seq_len in seq_lens:
         for this_window in (None, window):
             flops = forward_flops(args.batch, q_heads, head_dim, attended_pairs(seq_len, this_window))
@@ -135,10 +137,27 @@ def main(argv: list[str] | None = None) -> None:
                 if train_ms is None:
                     train = f"{'n/a':>11} {'n/a':>13}"
                 else:
+                    train_ms_by[seq_len, this_window, backend] = train_ms
                     train = f"{train_ms:>11.3f} {flops * (1 + BACKWARD_FACTOR) / train_ms / 1e9:>13.4g}"
                 print(
                     f"{backend:>8} {seq_len:>7} {label:>7} {forward_ms:>9.3f} {forward_tflops:>9.4g} {train}"
                 )
+    print_window_gain(train_ms_by, seq_lens, window)
+
+
+def print_window_gain(train_ms_by: dict, seq_lens: list[int], window: int) -> None:
+    """Per length, the fastest windowed kernel against the fastest full-causal one (forward+backward): how much
+    faster, and its TF/s on the attended pairs as a share of the full-causal kernel's."""
+    for seq_len in seq_lens:
+        full = {b: ms for (s, w, b), ms in train_ms_by.items() if s == seq_len and w is None}
+        windowed = {b: ms for (s, w, b), ms in train_ms_by.items() if s == seq_len and w == window}
+        if not full or not windowed or window >= seq_len:
+            continue
+        best_full, best_window = min(full, key=full.get), min(windowed, key=windowed.get)
+        speedup = full[best_full] / windowed[best_window]
+        tflops_share = speedup * attended_pairs(seq_len, window) / attended_pairs(seq_len, None)
+        print(f"seq {seq_len}: window {window} ({best_window}) is {speedup:.2f}x faster than full causal "
+              f"({best_full}), at {tflops_share:.0%} of its TF/s")
 
 
 if __name__ == "__main__":

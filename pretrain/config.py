@@ -42,7 +42,7 @@ class ModelConfig(_Section):
     # null means full causal attention.
     sliding_window: int | None = Field(4096, gt=0)
     max_seq_len: int = Field(8192, gt=0)
-    attention_backend: Literal["auto", "flash", "flex", "sdpa"] = "auto"
+    attention_backend: Literal["auto", "cudnn", "flash", "flex", "sdpa"] = "auto"
     document_masking: bool = False
     init_std: float = Field(0.02, gt=0)
 
@@ -233,10 +233,11 @@ class Config(_Section):
                 "model.document_masking=true needs data.tokenizer: its end-of-document token marks where "
                 "documents end; set data.tokenizer or model.document_masking=false"
             )
-        if m.attention_backend == "flash" and self.train.dtype == "float32":
+        if m.attention_backend in ("cudnn", "flash") and self.train.dtype == "float32":
             raise ValueError(
-                "model.attention_backend=flash with train.dtype=float32: FlashAttention-2 computes in float16 or "
-                "bfloat16 only; set train.dtype=bfloat16 (or auto, on GPUs) or attention_backend to flex or sdpa"
+                f"model.attention_backend={m.attention_backend} with train.dtype=float32: its kernels compute in "
+                "float16 or bfloat16 only; set train.dtype=bfloat16 (or auto, on GPUs) or attention_backend to flex "
+                "or sdpa"
             )
         if self.data.seq_len > m.max_seq_len:
             raise ValueError(

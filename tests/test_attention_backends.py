@@ -9,11 +9,11 @@ BATCH, SEQ_LEN, Q_HEADS, KV_HEADS, HEAD_DIM, WINDOW = 2, 48, 4, 2, 8, 16
 CPU_BACKENDS = ["sdpa", "flex"]
 
 
-def random_qkv(seed=0, device="cpu", dtype=torch.float32):
+def random_qkv(seed=0, device="cpu", dtype=torch.float32, head_dim=HEAD_DIM):
     generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(BATCH, SEQ_LEN, Q_HEADS, HEAD_DIM, generator=generator)
-    k = torch.randn(BATCH, SEQ_LEN, KV_HEADS, HEAD_DIM, generator=generator)
-    v = torch.randn(BATCH, SEQ_LEN, KV_HEADS, HEAD_DIM, generator=generator)
+    q = torch.randn(BATCH, SEQ_LEN, Q_HEADS, head_dim, generator=generator)
+    k = torch.randn(BATCH, SEQ_LEN, KV_HEADS, head_dim, generator=generator)
+    v = torch.randn(BATCH, SEQ_LEN, KV_HEADS, head_dim, generator=generator)
     return (t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
@@ -48,27 +48,44 @@ def test_forward_matches_reference(backend, window):
     assert torch.allclose(out, reference_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_window_edge(backend):
-    """Query i attends key i - W + 1 and not key i - W (transformers' rule kv > q - W)."""
-    q, k, _ = random_qkv()
+# Every backend at the window's and the documents' edges: CPU ones in float32, the CUDA kernels in bfloat16 (head
+# dim 16: compiled flex needs at least that).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+EDGE_CASES = ([pytest.param(b, "cpu", torch.float32, id=f"{b}-cpu") for b in CPU_BACKENDS]
+              + [pytest.param(b, "cuda", torch.bfloat16, id=f"{b}-cuda", marks=[pytest.mark.gpu, needs_cuda])
+                 for b in ("cudnn", "flash", "flex")])
+
+
+def keys_seen(marked: int, backend: str, device: str, dtype: torch.dtype, doc_ids=None) -> list[int]:
+    """The query positions whose output sees key `marked`: only that key carries a value (1000), so an output is
+    non-zero iff its query attends it."""
+    q, k, _ = random_qkv(device=device, dtype=dtype, head_dim=16)
+    v = torch.zeros(BATCH, SEQ_LEN, KV_HEADS, 16, device=device, dtype=dtype)
+    v[:, marked] = 1000.0
+    out = attention(q, k, v, WINDOW, backend, doc_ids)
+    return (out[:1].abs().amax(dim=(0, 2, 3)) > 0).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), EDGE_CASES)
+def test_window_edge(backend, device, dtype):
+    """Query i attends key i - W + 1 and not key i - W (transformers' rule kv > q - W), and no later key."""
     marked = 20
-    v = torch.zeros(BATCH, SEQ_LEN, KV_HEADS, HEAD_DIM)
-    v[:, marked] = 1000.0  # only the marked key carries a value: an output is non-zero iff it sees that key
-    out = attention(q, k, v, WINDOW, backend)
-    sees_marked = out.abs().amax(dim=(0, 2, 3)) > 0
-    first, last = marked, marked + WINDOW - 1  # queries whose window holds the marked key
-    assert sees_marked[last], "query i must attend key i - W + 1"
-    assert not sees_marked[last + 1], "query i must not attend key i - W"
-    assert not sees_marked[first - 1], "attention must be causal"
-    assert sees_marked.nonzero().flatten().tolist() == list(range(first, last + 1))
+    assert keys_seen(marked, backend, device, dtype) == list(range(marked, marked + WINDOW))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_gqa_grouping_matches_transformers(backend):
+@pytest.mark.parametrize(("backend", "device", "dtype"), EDGE_CASES)
+def test_document_edge(backend, device, dtype):
+    """Row 0 has an eos at 5 and 30: the eos ends its document, the next token starts one."""
+    doc_ids = document_ids(packed_tokens(), eos_id=0).to(device)
+    assert keys_seen(30, backend, device, dtype, doc_ids) == [30]
+    assert keys_seen(31, backend, device, dtype, doc_ids) == list(range(31, 31 + WINDOW))
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), EDGE_CASES)
+def test_gqa_grouping_matches_transformers(backend, device, dtype):
     """Query head h reads kv head h // (Hq / Hkv): mark kv head 1 and see which query heads change."""
-    q, k, _ = random_qkv()
-    v = torch.zeros(BATCH, SEQ_LEN, KV_HEADS, HEAD_DIM)
+    q, k, _ = random_qkv(device=device, dtype=dtype, head_dim=16)
+    v = torch.zeros(BATCH, SEQ_LEN, KV_HEADS, 16, device=device, dtype=dtype)
     v[:, :, 1] = 1.0
     out = attention(q, k, v, WINDOW, backend)
     heads_reading = out.abs().amax(dim=(0, 1, 3)) > 0
@@ -100,16 +117,18 @@ def test_sdpa_backward_matches_reference():
         assert torch.allclose(grad, reference, atol=1e-4, rtol=1e-4)
 
 
-CUDA_CASES = [("flex", torch.float32), ("flex", torch.bfloat16), ("flash", torch.bfloat16), ("sdpa", torch.bfloat16)]
+CUDA_CASES = [("flex", torch.float32), ("flex", torch.bfloat16), ("flash", torch.bfloat16), ("sdpa", torch.bfloat16),
+              ("cudnn", torch.bfloat16)]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 @pytest.mark.parametrize("with_documents", [False, True])
 @pytest.mark.parametrize(("backend", "dtype"), CUDA_CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CUDA_CASES])
 def test_cuda_kernels_match_the_reference(backend, dtype, with_documents):
-    """The compiled FlexAttention kernel and FlashAttention-2 at a training-like shape (compiled flex needs head dim
-    >= 16; 1000 is not a multiple of the window), forward and backward, against the explicit mask in float32."""
+    """The compiled FlexAttention kernel, FlashAttention-2 and cuDNN's at a training-like shape (compiled flex needs
+    head dim >= 16; 1000 is not a multiple of the window), forward and backward, against the explicit mask in
+    float32."""
     seq_len, window, generator = 1000, 256, torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, seq_len, heads, 128, device="cuda", dtype=dtype, generator=generator).requires_grad_()
                for heads in (8, 2, 2))
@@ -135,5 +154,17 @@ def test_backend_resolution():
     assert resolve_backend("auto", cuda, torch.bfloat16, masked=False) == "sdpa"
     with pytest.raises(ValueError, match="'flash' needs CUDA and float16 or bfloat16"):
         resolve_backend("flash", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="'cudnn' needs CUDA, float16 or bfloat16 .* nvidia-cudnn-frontend"):
+        resolve_backend("cudnn", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="not one of"):
         resolve_backend("xformers", cpu, torch.float32)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_picks_cudnn_on_hopper():
+    """With the gpu extra installed (nvidia-cudnn-frontend), a window or documents go to cuDNN's kernel on Hopper."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU")
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "cudnn"
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16, masked=False) == "sdpa"

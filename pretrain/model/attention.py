@@ -1,10 +1,14 @@
-"""Causal sliding-window attention with grouped-query heads, behind one function and three backends.
+"""Causal sliding-window attention with grouped-query heads, behind one function and four backends.
 
 Window rule (transformers' `sliding_window`): query i sees key j when i - window < j <= i, that is the
 `window` most recent positions including itself. With document ids, a query sees only keys of its own
 document. Query head h reads kv head h // (Hq / Hkv), the grouping of transformers' `repeat_kv`.
 
 Backends:
+- `cudnn`: cuDNN's fused attention through cudnn-frontend's PyTorch ops (package `nvidia-cudnn-frontend`, the `gpu`
+  extra): its own sliding window, grouped-query heads as they are, documents through its variable-length path, and
+  the backward that cudnn-frontend registers for the op (so it also runs inside a compiled layer). CUDA,
+  float16/bfloat16.
 - `flash`: FlashAttention-2 with its own window and variable-length (document) support; the flash-attn package's
   kernels where it is installed, else the FlashAttention-2 kernels PyTorch ships. CUDA, float16/bfloat16.
 - `flex`: FlexAttention with a sliding-window block mask, compiled on CUDA (forward only on CPU: torch has no CPU
@@ -23,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-BACKENDS = ("auto", "flash", "flex", "sdpa")
+BACKENDS = ("auto", "cudnn", "flash", "flex", "sdpa")
+HALF = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -31,30 +36,56 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+@functools.cache
+def cudnn_sdpa_installed() -> bool:
+    """cudnn-frontend is installed and loads (its bindings need the cuDNN library that torch brings); importing its
+    op module registers torch.ops.cudnn.sdpa_fwd / sdpa_bwd."""
+    if importlib.util.find_spec("cudnn") is None:
+        return False
+    try:
+        import cudnn.sdpa.fwd.torch_op  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def cudnn_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in HALF and cudnn_sdpa_installed()
+
+
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     """FlashAttention-2 runs on CUDA in half precision: the flash-attn package's kernels where it is installed,
     else the ones PyTorch ships."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    return (device.type == "cuda" and dtype in HALF
             and (flash_attn_installed() or torch.backends.cuda.is_flash_attention_available()))
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, masked: bool = True) -> str:
     """The concrete backend for `backend` on `device` and `dtype`; raises if an explicit choice cannot run there.
 
-    `auto` on CUDA, as measured on an H100 (benchmarks/RESULTS.md): plain causal attention (`masked` false: no
-    window inside the sequence, no documents) goes to scaled_dot_product_attention's fused kernels, the fastest
-    there; a window or documents go to the flash-attn package where it is installed, else to compiled FlexAttention,
-    which beat the FlashAttention-2 kernels PyTorch ships."""
+    `auto` on CUDA, as measured (benchmarks/RESULTS.md): plain causal attention (`masked` false: no window inside
+    the sequence, no documents) goes to scaled_dot_product_attention's fused kernels, the fastest there; a window
+    or documents go to cuDNN's sliding-window kernel on Hopper where cudnn-frontend is installed (at 32k with
+    window 4096 on an H200: 14.7 ms forward+backward, compiled FlexAttention 19.8 ms), else to the flash-attn
+    package where it is installed, else to compiled FlexAttention, which beat the FlashAttention-2 kernels PyTorch
+    ships."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if backend == "auto":
         if device.type != "cuda" or not masked:
             return "sdpa"
+        if cudnn_available(device, dtype) and torch.cuda.get_device_capability(device)[0] == 9:
+            return "cudnn"
         return "flash" if flash_attn_installed() and flash_available(device, dtype) else "flex"
     if backend == "flash" and not flash_available(device, dtype):
         raise ValueError(
             f"attention backend 'flash' needs CUDA and float16 or bfloat16 (here {device.type}, {dtype}); "
             "use 'flex' or 'sdpa'"
+        )
+    if backend == "cudnn" and not cudnn_available(device, dtype):
+        raise ValueError(
+            f"attention backend 'cudnn' needs CUDA, float16 or bfloat16 (here {device.type}, {dtype}) and the "
+            "nvidia-cudnn-frontend package, importable (pip install '.[gpu]'); use 'flex' or 'sdpa'"
         )
     return backend
 
@@ -78,6 +109,8 @@ def attention(
     backend = resolve_backend(backend, q.device, q.dtype, masked)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    if backend == "cudnn":
+        return _cudnn(q, k, v, window, doc_ids)
     if backend == "flash":
         return _flash(q, k, v, window, doc_ids)
     if backend == "flex":
@@ -191,14 +224,7 @@ def _flash(q, k, v, window, doc_ids):
     batch, seq_len = q.shape[:2]
     # Always the variable-length entry point: packed documents are its sequences, and without documents each row
     # is one. max_seqlen is the row length (an upper bound for documents), which spares a device-to-host sync.
-    if doc_ids is None:
-        starts = torch.arange(0, batch * seq_len, seq_len, device=q.device)
-    else:
-        starts_doc = torch.ones_like(doc_ids, dtype=torch.bool)
-        starts_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        starts = torch.nonzero(starts_doc.flatten()).flatten()
-    total = torch.tensor([batch * seq_len], device=q.device)
-    cu_seqlens = torch.cat([starts, total]).to(torch.int32)
+    cu_seqlens = _cu_seqlens(batch, seq_len, doc_ids, q.device)
     q, k, v = (t.flatten(0, 1) for t in (q, k, v))
     if flash_attn_installed():
         from flash_attn import flash_attn_varlen_func
@@ -208,6 +234,19 @@ def _flash(q, k, v, window, doc_ids):
     else:
         out = _BundledFlash.apply(q, k, v, cu_seqlens, seq_len, left)
     return out.unflatten(0, (batch, seq_len))
+
+
+def _cu_seqlens(batch: int, seq_len: int, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """int32 start offsets of the variable-length sequences in the flattened batch, then its total length: the
+    documents of `doc_ids`, or each row when there are none."""
+    if doc_ids is None:
+        starts = torch.arange(0, batch * seq_len, seq_len, device=device)
+    else:
+        starts_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        starts = torch.nonzero(starts_doc.flatten()).flatten()
+    total = torch.tensor([batch * seq_len], device=device)
+    return torch.cat([starts, total]).to(torch.int32)
 
 
 class _BundledFlash(torch.autograd.Function):
@@ -231,3 +270,25 @@ class _BundledFlash(torch.autograd.Function):
             grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, 0.0,
             True, rng_state, unused, window_size_left=ctx.left, window_size_right=0)
         return dq, dk, dv, None, None, None
+
+
+# ------------------------------------------------------------------------------------------ cudnn
+
+
+def _cudnn(q, k, v, window, doc_ids):
+    # cuDNN's window_left=W lets query i see the W most recent keys including its own, i - W + 1 .. i: transformers'
+    # window as it is (checked against the explicit mask; flash's left counts one fewer). The op's autograd formula
+    # (registered by cudnn-frontend) calls sdpa_bwd with the forward's log-sum-exp.
+    left = -1 if window is None else window
+    scale = q.shape[-1] ** -0.5
+    if doc_ids is None:
+        # BHSD views of the BSHD tensors: the op honours strides, and its output takes q's layout.
+        out, _ = torch.ops.cudnn.sdpa_fwd(*(t.transpose(1, 2) for t in (q, k, v)), scale, is_causal=True,
+                                          window_left=left, return_lse=True)
+        return out.transpose(1, 2)
+    batch, seq_len = q.shape[:2]
+    cu_seqlens = _cu_seqlens(batch, seq_len, doc_ids, q.device)
+    out, _ = torch.ops.cudnn.sdpa_fwd(*(t.flatten(0, 1) for t in (q, k, v)), scale, is_causal=True,
+                                      window_left=left, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                      max_seqlen_q=seq_len, max_seqlen_kv=seq_len, return_lse=True)
+    return out.unflatten(0, (batch, seq_len))
