@@ -3,9 +3,11 @@
     python benchmarks/checkpoint.py                 # 1 GPU: 7B width, 6 layers (19 GB of weights and Adam state)
     python benchmarks/checkpoint.py --smoke         # a tiny float32 run on CPU, to check the script works
 
-Measured in one run: the disk's sequential write speed (dd of zeros, fdatasync at the end); an asynchronous save
-(the training stall, i.e. the copy to host memory, and the background write with fsync and hashing); a
-synchronous save; and the load when a run resumes (verification by sha256, reading, resharding into the engine).
+Measured in one run: the disk's sequential write speed (dd of zeros, fdatasync at the end); on a GPU, the copy
+bandwidth from device to pinned host memory; an asynchronous save (the training stall, i.e. the copy to host memory,
+and the background write with hashing and fsync); a synchronous save; the load when a run resumes (verification by
+sha256, reading, resharding into the engine: the startup's checkpoint phase); and a plain sequential read of the same
+checkpoint files (dd with O_DIRECT, so the page cache does not answer it; without where the file system refuses it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,38 @@ def disk_write_gbps(work: Path, gigabytes: int) -> float:
     # dd's last line: "N bytes (...) copied, S s, R GB/s"
     match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", result.stderr)
     return int(match.group(1)) / float(match.group(2)) / 1e9
+
+
+def disk_read_gbps(files: list[Path]) -> float:
+    """Sequential read of `files`, one after the other, past the page cache where the file system allows."""
+    total, seconds = 0, 0.0
+    for path in files:
+        for flags in (["iflag=direct"], []):
+            result = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M", *flags], capture_output=True,
+                                    text=True)
+            if result.returncode == 0:
+                break
+        match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", result.stderr)
+        total, seconds = total + int(match.group(1)), seconds + float(match.group(2))
+    return total / seconds / 1e9
+
+
+def pinned_copy_gbps(gigabytes: float = 2.0) -> float | None:
+    """Device to pinned host memory, the copy a save's stall is made of (None without a GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    source = torch.empty(int(gigabytes * 1e9) // 4, dtype=torch.float32, device="cuda")
+    target = torch.empty(source.shape, dtype=torch.float32, pin_memory=True)
+    target.copy_(source, non_blocking=True)  # warm-up
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    target.copy_(source, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return source.numel() * 4 / (start.elapsed_time(end) / 1e3) / 1e9
 
 
 def train(args, run_dir: Path, data: Path, steps: int, async_save: bool) -> str:
@@ -79,17 +113,27 @@ def main(argv: list[str] | None = None) -> None:
         # A save happens after steps 4 and 8; the stall is logged with the step after it (the last at the end).
         stall = max(r["checkpoint_stall_s"] for r in records if r["step"] == 5)
         step_s = sorted(r["step_time_s"] for r in records if r["step"] in (2, 3, 4))[1]
-        resumed = train(args, work / "async", data, 9, async_save=True)
-        load_s = float(re.search(r"loaded in ([\d.]+) s", resumed).group(1))
+        train(args, work / "async", data, 9, async_save=True)
+        records = [json.loads(line) for line in (work / "async" / "metrics.jsonl").read_text().splitlines()]
+        load_s = [r["checkpoint_s"] for r in records if r["kind"] == "startup"][-1]
+        newest = work / "async" / "checkpoints" / (work / "async" / "checkpoints" / "latest").read_text().strip()
+        read = disk_read_gbps(sorted(p for p in newest.rglob("*") if p.is_file()))
         sync_log = train(args, work / "sync", data, 4, async_save=False)
+        pinned = pinned_copy_gbps()
     gb, async_write_s = saves(async_log)[0]
     _, sync_write_s = saves(sync_log)[0]
-    print(f"disk: dd sequential write {disk:.2f} GB/s; checkpoint {gb:.2f} GB "
-          f"({args.layers} layers: fp32 weights + Adam moments); training step {step_s:.3f} s")
-    print(f"{'what':<38} {'seconds':>8} {'GB/s':>7} {'vs dd':>6}")
-    for what, seconds in (("async save: training stall", stall), ("async save: background write", async_write_s),
-                          ("sync save: write (all of it stalls)", sync_write_s), ("load on resume", load_s)):
-        print(f"{what:<38} {seconds:>8.2f} {gb / seconds:>7.2f} {gb / seconds / disk:>6.0%}")
+    print(f"disk: dd sequential write {disk:.2f} GB/s, read {read:.2f} GB/s; device to pinned host memory "
+          + (f"{pinned:.2f} GB/s" if pinned else "n/a (no GPU)")
+          + f"; checkpoint {gb:.2f} GB ({args.layers} layers: fp32 weights + Adam moments); training step "
+          f"{step_s:.3f} s")
+    print(f"{'what':<38} {'seconds':>8} {'GB/s':>7} {'vs':>6} {'reference':<18}")
+    rows = (("async save: training stall", stall, pinned, "pinned copy"),
+            ("async save: background write", async_write_s, disk, "dd write"),
+            ("sync save: write (all of it stalls)", sync_write_s, disk, "dd write"),
+            ("load on resume (verify + read)", load_s, read, "sequential read"))
+    for what, seconds, reference, name in rows:
+        share = f"{gb / seconds / reference:>6.0%}" if reference else f"{'n/a':>6}"
+        print(f"{what:<38} {seconds:>8.2f} {gb / seconds:>7.2f} {share} {name:<18}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from pretrain.checkpoint.store import (
     complete_steps,
     mark_rank_done,
     newest_valid,
+    sha256_file,
     step_dir_name,
     verify,
+    write_hashed,
 )
 
 
@@ -25,8 +27,7 @@ def save(store: CheckpointStore, step: int, world: int = 2, payload: bytes = b"w
     for rank in range(world):
         path = tmp / "model" / f"rank{rank}.bin"
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(payload + bytes([rank, step % 256]))
-        mark_rank_done(tmp, rank, [path])
+        mark_rank_done(tmp, rank, {path: write_hashed(path, [payload, bytes([rank, step % 256])])})
     return store.finalize(step, world, {"loss": 1.0 / step})
 
 
@@ -44,8 +45,7 @@ def test_finalize_writes_manifest_last_and_points_latest(tmp_path):
 def test_finalize_refuses_when_a_rank_did_not_report(tmp_path):
     store = CheckpointStore(tmp_path, keep_last=3, keep_every=0)
     tmp = store.prepare(5)
-    (tmp / "a").write_bytes(b"x")
-    mark_rank_done(tmp, 0, [tmp / "a"])
+    mark_rank_done(tmp, 0, {tmp / "a": write_hashed(tmp / "a", [b"x"])})
     with pytest.raises(CheckpointError, match="1 of 2 ranks"):
         store.finalize(5, 2, {})
     assert complete_steps(tmp_path) == []
@@ -106,3 +106,33 @@ def test_leftovers_of_interrupted_saves_are_removed_at_start(tmp_path):
 def test_unwritable_directory_is_reported(mount_tmpfs):
     with pytest.raises(CheckpointError, match="not writable.*Read-only file system"):
         check_writable(mount_tmpfs("1m", read_only=True) / "checkpoints")
+
+
+def test_write_hashed_hashes_what_it_wrote(tmp_path, monkeypatch):
+    """Pieces of any size, split into chunks (a small chunk here) and hashed while written: the file holds their
+    bytes in order and the returned sha256 is the file's."""
+    import pretrain.checkpoint.store as store
+
+    monkeypatch.setattr(store, "WRITE_CHUNK", 1000)
+    pieces = [b"", bytes(range(256)) * 17, memoryview(b"tail"), bytes(2500)]
+    digest = write_hashed(tmp_path / "f", pieces)
+    assert (tmp_path / "f").read_bytes() == b"".join(bytes(p) for p in pieces)
+    assert digest == sha256_file(tmp_path / "f")
+
+
+def test_checkpoint_files_are_safetensors(tmp_path):
+    """The rank files written by write_rank_state load with safetensors itself, tensors and dtypes as they were."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint.state import write_rank_state
+
+    tensors = {"param/b": torch.randn(3, 5), "param/a": torch.arange(7, dtype=torch.bfloat16),
+               "exp_avg/c": torch.randn(4, 6).t(), "exp_avg/empty": torch.zeros(0, 3)}
+    hashes = write_rank_state(tmp_path, 0, {"model/tp00-pp00-dp0000.safetensors": tensors})
+    path = tmp_path / "model" / "tp00-pp00-dp0000.safetensors"
+    assert hashes == {path: sha256_file(path)}
+    loaded = load_file(str(path))
+    assert sorted(loaded) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name

@@ -90,6 +90,7 @@ class Checkpointer:
         self.world = dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self._pending: _PendingSave | None = None
+        self._staging: dict[str, torch.Tensor] = {}  # pinned host buffers of this rank's share, reused by every save
         self.last_stall_s = 0.0  # how long the training loop waited for the last save
         self.last_write_s = 0.0  # how long the slowest rank took to write it (in the background when async)
 
@@ -152,7 +153,7 @@ class Checkpointer:
         # Nobody writes before rank 0 has made a fresh temporary directory, and everybody learns if it could not.
         if self._any_rank(pending.error is not None):
             self._fail(pending, "preparing")
-        snapshot = snapshot_rank_state(self.engine, self.canonical, trainer_state, self.config)
+        snapshot = snapshot_rank_state(self.engine, self.canonical, trainer_state, self.config, self._staging)
         self._pending = pending
         if self.async_save:
             self.last_stall_s = time.perf_counter() - start
