@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from tests.runs import Watched, losses, train, train_command
+from tests.runs import Watched, losses, train, train_command, trained_once
 
 STEPS = 20
 # SDPA: the layouts are under test here, not the attention kernels (tests/test_attention*.py), and it needs no
@@ -55,17 +55,7 @@ FLOAT32_LAYOUTS = {"single": ([], 1), "tp2-sp": (SEQUENCE_PARALLEL, 2), "dp2-zer
 
 @pytest.fixture(scope="module")
 def float32_runs(tiny_data, tmp_path_factory):
-    """Each float32 layout trained once, when a test first asks for it: (run directory, loss per step)."""
-    done = {}
-
-    def run(layout: str):
-        if layout not in done:
-            overrides, nproc = FLOAT32_LAYOUTS[layout]
-            run_dir = tmp_path_factory.mktemp(layout)
-            done[layout] = run_dir, train(run_dir, tiny_data, FLOAT32 + overrides, nproc)
-        return done[layout]
-
-    return run
+    return trained_once(FLOAT32_LAYOUTS, FLOAT32, tiny_data, tmp_path_factory)
 
 
 def test_float32_tp2_sequence_parallel_matches_single_gpu(float32_runs):
