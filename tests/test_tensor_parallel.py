@@ -1,5 +1,5 @@
-"""Tensor parallelism in real processes: tp=2 must compute what tp=1 computes on the same weights, with and (on 2
-GPUs) without sequence parallelism.
+"""Tensor parallelism in real processes: tp=2 must compute what tp=1 computes on the same weights, without and (on 2
+GPUs) with sequence parallelism.
 
 Tolerance: 1e-5 relative. tp changes only the order of float32 sums (row-parallel partial products are
 all-reduced, the vocab-parallel softmax reduces max and sum across ranks), which moves results by a few

@@ -19,7 +19,7 @@ from tests.runs import Watched, losses, train, train_command, trained_once
 
 STEPS = 20
 # SDPA: the layouts are under test here, not the attention kernels (tests/test_attention*.py), and it needs no
-# compilation in each of the four runs.
+# compilation in each of the five runs.
 COMMON = [f"train.steps={STEPS}", "parallel.micro_batch=2", "checkpoint.every_steps=0", "train.dtype=bfloat16",
           "model.attention_backend=sdpa"]
 SEQUENCE_PARALLEL = ["parallel.tp=2", "parallel.sequence_parallel=true"]
