@@ -4,18 +4,23 @@
     python benchmarks/train_step.py --seq-lens 4096 8192 16384 32768 --windows 4096 none
     python benchmarks/train_step.py --nproc 2 --layers 8 --layouts zero1 zero3 tp2 pp2
     python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 pp2 --steps 6 --warmup 2
+    python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 tp2sp --steps 5 --warmup 2 --profile
     python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
 
 Each configuration is `pretrain train` on configs/mistral-7b.yaml (with fewer layers where the whole 7B does not
 fit: one GPU holds 8 of its 32 with their optimizer state), random tokens in real shards, bf16, no checkpoints
 (not even the final one) or evaluation, run to --steps; the first --warmup steps (compilation, allocator warm-up)
 are left out of the averages. A layout is a data-parallel run with ZeRO-1 (zero1) or ZeRO-3 (zero3), or tp=2
-(tp2) or pp=2 (pp2) with data parallelism over the remaining GPUs. "to step 1" is the time from starting
+(tp2), tp=2 with sequence parallelism (tp2sp; GPUs only) or pp=2 (pp2) with data parallelism over the remaining
+GPUs; "mem GiB" is rank 0's peak allocated memory. "to step 1" is the time from starting
 `pretrain train` to the end of the first step, compilation included (each run starts with an empty compilation
 cache, as on a new machine); the trainer's own breakdown of it (model build, DeepSpeed, first step) is printed
 under the table. MFU counts the model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window
 attention) against the GPU's dense bf16 datasheet peak (pretrain.hardware; 989 TFLOP/s on an H100 SXM or H200,
 n/a for a GPU not in its table) and against the bf16 matmul rate measured on the same GPU in the same run.
+--profile prints rank 0's top kernels over 3 steps after the warm-up and their device time per step by kind
+(matmul, attention, NCCL communication, the rest) beside the step time: what the kernels of one kind add up to,
+and, where the kinds add up to more than the step, how much of them overlapped.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline.prepare import MANIFEST, MANIFEST_VERSION, ShardWriter, token_dtype  # noqa: E402
 from pretrain.checkpoint.store import write_json_atomic  # noqa: E402
 from pretrain.hardware import datasheet_peak_tflops  # noqa: E402
+from pretrain.metrics import StepProfiler  # noqa: E402
 from pretrain.plan import flops_per_token  # noqa: E402
+
+PROFILED_STEPS = StepProfiler.STEPS
 
 
 def measured_matmul_tflops(size: int = 8192) -> float:
@@ -66,11 +74,34 @@ def write_random_shards(out: Path, samples: int, seq_len: int, vocab_size: int, 
 
 
 LAYOUTS = {"zero1": ["parallel.zero_stage=1"], "zero3": ["parallel.zero_stage=3"],
-           "tp2": ["parallel.tp=2", "parallel.zero_stage=1"], "pp2": ["parallel.pp=2", "parallel.zero_stage=1"]}
+           "tp2": ["parallel.tp=2", "parallel.zero_stage=1"],
+           "tp2sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"],
+           "pp2": ["parallel.pp=2", "parallel.zero_stage=1"]}
 
 
 def model_parallel_size(layout: str) -> int:
-    return 2 if layout in ("tp2", "pp2") else 1
+    return 2 if layout in ("tp2", "tp2sp", "pp2") else 1
+
+
+# Kernel name fragments (lower case) of each kind; the first kind that matches wins, the rest is "other".
+KERNEL_KINDS = {
+    "communication (NCCL)": ("nccl",),
+    # Compiled Triton templates (triton_tem_*) are FlexAttention's: matmul templates need max-autotune, off here.
+    "attention": ("flash", "fmha", "attention", "flex", "sdpa", "triton_tem_"),
+    "matmul": ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma"),
+}
+
+
+def device_ms_by_kind(trace: Path, steps: int) -> dict[str, float]:
+    """GPU kernel time per step (ms) by kind, from a torch.profiler Chrome trace of `steps` steps."""
+    totals = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for event in json.loads(trace.read_text())["traceEvents"]:
+        if event.get("cat") != "kernel":
+            continue
+        name = event["name"].lower()
+        kind = next((kind for kind, parts in KERNEL_KINDS.items() if any(part in name for part in parts)), "other")
+        totals[kind] += event["dur"] / 1e3 / steps
+    return totals
 
 
 def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) -> dict:
@@ -125,8 +156,10 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
     mean["to_step_1_s"] = startup["time"] - launched
     phases = {key: value for key, value in startup.items() if key.endswith("_s")}
     profile = run_dir / "profile" / "top.txt"
+    traces = sorted((run_dir / "profile").glob("trace-*.json"))
+    by_kind = device_ms_by_kind(traces[0], PROFILED_STEPS) if traces else None
     return {"name": name, "seq_len": seq_len, "window": window, **mean, "phases": phases,
-            "profile": profile.read_text() if profile.exists() else None}
+            "profile": profile.read_text() if profile.exists() else None, "device_ms_by_kind": by_kind}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpointing", default="selective", choices=["none", "selective", "full"])
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--layouts", nargs="+", default=["zero1"], choices=list(LAYOUTS),
-                        help="zero1, zero3: data parallel with that ZeRO stage; tp2, pp2: tp=2 or pp=2 (ZeRO-1)")
+                        help="zero1, zero3: data parallel with that ZeRO stage; tp2, pp2: tp=2 or pp=2 (ZeRO-1); "
+                             "tp2sp: tp=2 with sequence parallelism (ZeRO-1)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-compile", action="store_true")
@@ -193,14 +227,18 @@ def main(argv: list[str] | None = None) -> None:
                           f"{row['tokens_per_s_per_gpu']:>13,.0f} {row['step_time_s']:>8.3f} "
                           f"{row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet} {mfu_measured} "
                           f"{row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
-                    profiles.append((row["name"], row["profile"]))
+                    profiles.append((row["name"], row["profile"], row["device_ms_by_kind"], row["step_time_s"]))
                     phases.append((row["name"], row["phases"]))
     for name, times in phases:
         print(f"startup of {name} (rank 0, from its process start): "
               + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s" for key, value in times.items()))
-    for name, table in profiles:
+    for name, table, by_kind, step_time_s in profiles:
         if table:
             print(f"\nprofile of {name}: {table}")
+        if by_kind and any(by_kind.values()):  # on CPU the trace holds no GPU kernels
+            print(f"device time per step of {name} (rank 0, ms): "
+                  + ", ".join(f"{kind} {ms:.1f}" for kind, ms in by_kind.items())
+                  + f"; sum {sum(by_kind.values()):.1f}; step time {step_time_s * 1e3:.1f}")
 
 
 if __name__ == "__main__":

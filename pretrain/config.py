@@ -73,6 +73,8 @@ class ParallelConfig(_Section):
     dp: int | None = Field(None, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 1
     micro_batch: int = Field(1, ge=1)
+    # With tp > 1: norms and residual adds hold 1/tp of the sequence each (megatron-core's sequence parallelism).
+    sequence_parallel: bool = False
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
     @model_validator(mode="after")
@@ -81,6 +83,14 @@ class ParallelConfig(_Section):
             raise ValueError(
                 f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: DeepSpeed's pipeline engine "
                 "runs only ZeRO 0 or 1; set parallel.zero_stage=1 or parallel.pp=1"
+            )
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1: it splits the sequence over the "
+                             "tensor-parallel ranks; set parallel.tp=2 or more, or sequence_parallel=false")
+        if self.sequence_parallel and self.pp > 1:
+            raise ValueError(
+                f"parallel.sequence_parallel=true with parallel.pp={self.pp}: the pipeline stages do not pass "
+                "sequence-parallel activations on; set parallel.sequence_parallel=false or parallel.pp=1"
             )
         return self
 
@@ -243,6 +253,12 @@ class Config(_Section):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
                 "shorten data.seq_len or raise model.max_seq_len"
+            )
+        if p.sequence_parallel and self.data.seq_len % p.tp:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is not divisible by parallel.tp={p.tp}: with "
+                "parallel.sequence_parallel=true each tensor-parallel rank holds an equal slice of the sequence; "
+                f"set seq_len to a multiple of {p.tp} or sequence_parallel=false"
             )
         if self.train.inject_nonfinite_batches and p.pp > 1:
             raise ValueError("train.inject_nonfinite_batches works with parallel.pp=1 only: set parallel.pp=1 or "

@@ -104,7 +104,8 @@ def build_model(cfg: Config, eos_id: int | None) -> tuple[torch.nn.Module, dict[
     """The (possibly pipelined) module on this rank and its parameters by canonical name, initialized."""
     m, p = cfg.model, cfg.parallel
     if p.pp == 1:
-        model = Mistral(m, eos_id=eos_id, activation_checkpointing=p.activation_checkpointing, seed=cfg.train.seed)
+        model = Mistral(m, eos_id=eos_id, activation_checkpointing=p.activation_checkpointing,
+                        sequence_parallel=p.sequence_parallel, seed=cfg.train.seed)
         return model, dict(model.named_parameters())
     layer_config = megatron_layer_config(torch.float32)
     specs = [LayerSpec(Embedding, m, layer_config)]

@@ -74,11 +74,13 @@ def activation_bytes_per_layer(cfg: Config, bytes_per_value: int) -> float:
     m, p = cfg.model, cfg.parallel
     tokens = cfg.data.seq_len * p.micro_batch
     qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
-    replicated = 4 * m.dim  # two norm inputs, two norm outputs (full width on every tp rank)
+    # Two norm inputs, two norm outputs: full width on every tp rank, 1/tp of the sequence with sequence parallelism
+    # (the column-parallel projections keep their input unsharded and gather it again for backward).
+    replicated = 4 * m.dim / (p.tp if p.sequence_parallel else 1)
     sharded = qkv + m.n_heads * m.head_dim + 3 * m.hidden_dim
     full = tokens * (replicated + sharded / p.tp) * bytes_per_value
     if p.activation_checkpointing == "full":
-        return tokens * m.dim * bytes_per_value
+        return tokens * m.dim * bytes_per_value / (p.tp if p.sequence_parallel else 1)
     if p.activation_checkpointing == "selective":
         # The attention core (q, k, v and its output) is recomputed; the MLP keeps its tensors.
         return full - tokens * (qkv + m.n_heads * m.head_dim) / p.tp * bytes_per_value
@@ -153,7 +155,8 @@ def describe(cfg: Config, mfu: float, peak_tflops: float | None) -> list[tuple[s
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     peak, peak_source = plan_peak_tflops(cfg, peak_tflops)
     return [
-        ("layout", f"tp={p.tp} pp={p.pp} dp={dp} (world {p.tp * p.pp * dp}), ZeRO-{p.zero_stage}, "
+        ("layout", f"tp={p.tp}{' (sequence parallel)' if p.sequence_parallel else ''} pp={p.pp} dp={dp} "
+                   f"(world {p.tp * p.pp * dp}), ZeRO-{p.zero_stage}, "
                    f"micro-batch {p.micro_batch}, grad accumulation {cfg.train.global_batch // (p.micro_batch * dp)}"),
         ("parameters", f"{_count(c['total'])} ({c['total']:,}): embedding {c['embedding']:,}, "
                        f"{m.n_layers} layers x {c['per_layer']:,}, final norm {c['final_norm']:,}, "

@@ -40,6 +40,22 @@ def train(run_dir: Path, data: list[str], overrides: list[str] = (), nproc: int 
     return losses(run_dir)
 
 
+def trained_once(layouts: dict[str, tuple[list[str], int]], common: list[str], data: list[str],
+                 tmp_path_factory) -> Callable[[str], tuple[Path, dict[int, float]]]:
+    """run(layout): the layout (its overrides and process count) trained once, when first asked for, with the
+    `common` overrides; returns (run directory, loss per step)."""
+    done = {}
+
+    def run(layout: str) -> tuple[Path, dict[int, float]]:
+        if layout not in done:
+            overrides, nproc = layouts[layout]
+            run_dir = tmp_path_factory.mktemp(layout)
+            done[layout] = run_dir, train(run_dir, data, common + overrides, nproc)
+        return done[layout]
+
+    return run
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

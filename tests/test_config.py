@@ -163,6 +163,17 @@ def test_zero_2_with_pipeline_is_refused_with_the_reason():
     assert "pipeline engine runs only ZeRO 0 or 1" in message
 
 
+def test_sequence_parallel_combinations_that_cannot_work_are_refused():
+    assert _error(["parallel.sequence_parallel=true"]).startswith(
+        "parallel.sequence_parallel=true needs parallel.tp > 1")
+    assert _error(["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]).endswith(
+        "set parallel.sequence_parallel=false or parallel.pp=1")
+    message = _error(["parallel.tp=4", "parallel.sequence_parallel=true", "data.seq_len=8190"])
+    assert message.startswith("data.seq_len=8190 is not divisible by parallel.tp=4: with parallel.sequence_parallel")
+    cfg = load_config(MISTRAL, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=3"])
+    assert cfg.parallel.sequence_parallel
+
+
 def test_world_size_not_divisible_by_model_parallel_size():
     cfg = load_config(MISTRAL, ["parallel.tp=2", "parallel.pp=2"])
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tp \* parallel.pp = 2 \* 2 = 4"):

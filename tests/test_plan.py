@@ -10,6 +10,7 @@ import torch
 from pretrain.config import load_config, resolve_world
 from pretrain.hardware import datasheet_peak_tflops, peak_flops
 from pretrain.plan import (
+    activation_bytes_per_layer,
     count_parameters,
     flops_per_token,
     mean_attended_keys,
@@ -75,6 +76,16 @@ def test_zero_stages_shard_what_they_should():
     assert (z3.weights, z3.gradients, z3.optimizer) == (2 * n / 8, 2 * n / 8, 12 * n / 8)
     # Full recomputation keeps one bf16 hidden state per layer: 8192 tokens * 4096 * 2 bytes * 32 layers.
     assert z1.activations == 8192 * 4096 * 2 * 32
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_sequence_parallel_splits_the_norm_activations_over_tp(checkpointing):
+    tp2 = load_config(MISTRAL, ["parallel.tp=2", f"parallel.activation_checkpointing={checkpointing}"])
+    sp = load_config(MISTRAL, ["parallel.tp=2", f"parallel.activation_checkpointing={checkpointing}",
+                               "parallel.sequence_parallel=true"])
+    # bf16; 8192 tokens of width 4096: the layer input (full), or the two norm inputs and outputs, halved.
+    kept_whole = 8192 * 4096 * 2 * (1 if checkpointing == "full" else 4)
+    assert activation_bytes_per_layer(tp2, 2) - activation_bytes_per_layer(sp, 2) == kept_whole / 2
 
 
 def test_plan_command_prints_7_24_b():

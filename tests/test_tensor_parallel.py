@@ -1,4 +1,5 @@
-"""Tensor parallelism in real processes: tp=2 must compute what tp=1 computes on the same weights.
+"""Tensor parallelism in real processes: tp=2 must compute what tp=1 computes on the same weights, without and (on 2
+GPUs) with sequence parallelism.
 
 Tolerance: 1e-5 relative. tp changes only the order of float32 sums (row-parallel partial products are
 all-reduced, the vocab-parallel softmax reduces max and sum across ranks), which moves results by a few
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain import parallel
-from pretrain.config import ModelConfig
+from pretrain.config import ConfigError, ModelConfig
 from pretrain.model import mistral
 from pretrain.model.mistral import Mistral
 from pretrain.model.sharding import (
@@ -53,19 +54,24 @@ def reference_full_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return full
 
 
-def tp_worker(tp: int, activation_checkpointing: str) -> dict | None:
-    parallel.init_distributed(tp=tp, pp=1, backend="gloo")
+def tp_worker(tp: int, activation_checkpointing: str, sequence_parallel: bool = False) -> dict | None:
+    """On CPU with gloo, on GPUs with NCCL (one per rank); results come back on the host."""
+    parallel.init_distributed(tp=tp, pp=1)
     init = gather_full_state(Mistral(CFG, eos_id=EOS_ID, seed=3), CFG)
 
     with torch.no_grad():
         weights = reference_full_state(CFG)
-    model = Mistral(CFG, eos_id=EOS_ID, activation_checkpointing=activation_checkpointing)
+    model = Mistral(CFG, eos_id=EOS_ID, activation_checkpointing=activation_checkpointing,
+                    sequence_parallel=sequence_parallel)
     load_full_state(model, weights, CFG)
 
     generator = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
     labels = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
     tokens[0, 12] = tokens[1, [3, 25]] = EOS_ID  # packed documents, so document masking is exercised
+    labels[1, 30:] = mistral.IGNORE_INDEX  # positions left out of the loss (sequence parallel turns the labels)
+    device = model.head.norm.weight.device
+    tokens, labels = tokens.to(device), labels.to(device)
     logits_shard = model(tokens)
     loss = model(tokens, labels)
     loss.backward()
@@ -73,11 +79,11 @@ def tp_worker(tp: int, activation_checkpointing: str) -> dict | None:
     shards = [torch.empty_like(logits_shard) for _ in range(tp)]
     dist.all_gather(shards, logits_shard.detach().contiguous(), group=parallel.tp_group())
     result = {
-        "init": init,
-        "logits": torch.cat(shards, dim=-1),
+        "init": {name: tensor.cpu() for name, tensor in init.items()},
+        "logits": torch.cat(shards, dim=-1).cpu(),
         "logits_shard_shape": tuple(logits_shard.shape),
         "loss": loss.item(),
-        "grads": gather_full_state(model, CFG, grads=True),
+        "grads": {name: grad.cpu() for name, grad in gather_full_state(model, CFG, grads=True).items()},
     }
     return result if parallel.tp_rank() == 0 else None
 
@@ -91,10 +97,7 @@ def one_rank():
     return run_distributed(tp_worker, 1, 1, "none")[0]
 
 
-@pytest.mark.parametrize("activation_checkpointing", ["none", "full"])
-def test_tp2_equals_tp1(one_rank, activation_checkpointing):
-    two_ranks = run_distributed(tp_worker, 2, 2, activation_checkpointing)[0]
-
+def assert_tp2_equals_tp1(two_ranks: dict, one_rank: dict) -> None:
     assert two_ranks["logits_shard_shape"] == (2, 40, CFG.vocab_size // 2)
     assert relative_error(two_ranks["logits"], one_rank["logits"]) < 1e-5
     assert abs(two_ranks["loss"] - one_rank["loss"]) / one_rank["loss"] < 1e-5
@@ -104,6 +107,25 @@ def test_tp2_equals_tp1(one_rank, activation_checkpointing):
     # The seeded initialisation does not depend on the tensor-parallel size.
     for name, tensor in one_rank["init"].items():
         assert torch.equal(two_ranks["init"][name], tensor), name
+
+
+@pytest.mark.parametrize("activation_checkpointing", ["none", "full"])
+def test_tp2_equals_tp1(one_rank, activation_checkpointing):
+    assert_tp2_equals_tp1(run_distributed(tp_worker, 2, 2, activation_checkpointing)[0], one_rank)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("activation_checkpointing", ["none", "selective", "full"])
+def test_tp2_sequence_parallel_equals_tp1(one_rank, activation_checkpointing):
+    """Sequence parallelism runs on GPUs only (megatron-core allocates its gathers on the current CUDA device)."""
+    assert_tp2_equals_tp1(run_distributed(tp_worker, 2, 2, activation_checkpointing, True)[0], one_rank)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_sequence_parallel_without_cuda_is_refused_with_the_reason(single_process_group):
+    with pytest.raises(ConfigError, match=r"^parallel.sequence_parallel=true runs on CUDA GPUs only: megatron-core"):
+        Mistral(CFG, eos_id=EOS_ID, sequence_parallel=True)
 
 
 def test_fused_qkv_shard_holds_whole_heads_of_this_rank():

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.runs import ROOT, losses, metrics, run_train, train, train_command
+from tests.runs import ROOT, losses, metrics, run_train, train, train_command, trained_once
 
 STEPS = 20
 # The step-10 checkpoint of each layout is what the resharding tests load.
@@ -34,17 +34,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
-    """Each layout trained once, when a test first asks for it: (run directory, loss per step)."""
-    done = {}
-
-    def run(layout: str):
-        if layout not in done:
-            overrides, nproc = LAYOUTS[layout]
-            run_dir = tmp_path_factory.mktemp(layout)
-            done[layout] = run_dir, train(run_dir, tiny_data, COMMON + overrides, nproc)
-        return done[layout]
-
-    return run
+    return trained_once(LAYOUTS, COMMON, tiny_data, tmp_path_factory)
 
 
 def assert_close(got: dict[int, float], expected: dict[int, float], what: str) -> None:

@@ -13,6 +13,13 @@ the LM head are sharded over the vocabulary and the loss is megatron's vocab-par
 layer class is the only statement of the layout: `sharding.py` reads it off these modules to shard, merge and
 initialize parameters, and `state_dict_adapter.py` maps the parameters to transformers' names.
 
+Sequence parallelism (`sequence_parallel=True`, tp > 1, megatron-core's own): between the tensor-parallel regions
+(norms, residual adds) each rank holds 1/tp of the sequence, in megatron's sequence-first layout [S / tp, B, D].
+The embedding reduce-scatters instead of all-reducing, the column-parallel projections all-gather the sequence
+before their matmul, the row-parallel ones reduce-scatter after it, and the LM head gathers the whole sequence, so
+the loss is computed as without it. The norms' gains see only this rank's tokens: their gradients are summed over
+the tensor-parallel ranks in the backward pass. Parameters are the same as without it, and so are checkpoints.
+
 `Embedding`, `DecoderLayer` and `OutputHead` are separate modules so a pipeline engine can place
 them on stages. Weights are initialised from a seed independently of the tensor-parallel size.
 
@@ -35,6 +42,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
     set_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,
 )
@@ -42,7 +50,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain import parallel
-from pretrain.config import ModelConfig
+from pretrain.config import ConfigError, ModelConfig
 from pretrain.model.attention import attention, document_ids
 from pretrain.model.kv_cache import LayerCache, RollingKVCache
 from pretrain.model.sharding import full_shape, parameter_layout, shard_parameter
@@ -51,9 +59,14 @@ ActivationCheckpointing = Literal["none", "selective", "full"]
 IGNORE_INDEX = -100
 
 
-def megatron_layer_config(params_dtype: torch.dtype) -> ModelParallelConfig:
+def megatron_layer_config(params_dtype: torch.dtype, sequence_parallel: bool = False) -> ModelParallelConfig:
+    if sequence_parallel and not torch.cuda.is_available():
+        # megatron-core's sequence-parallel gathers and scatters allocate on torch.cuda.current_device().
+        raise ConfigError("parallel.sequence_parallel=true runs on CUDA GPUs only: megatron-core's sequence-parallel "
+                         "communication allocates on the current CUDA device; set parallel.sequence_parallel=false")
     return ModelParallelConfig(
         tensor_model_parallel_size=parallel.tp_size(),
+        sequence_parallel=sequence_parallel,
         # On CPU megatron must allocate on the host; on CUDA it allocates on the current device.
         use_cpu_initialization=not torch.cuda.is_available(),
         # `init_weights` sets every weight itself so that the result does not depend on tp.
@@ -95,6 +108,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, layer_config: ModelParallelConfig):
         super().__init__()
         self.eps = eps
+        self.sequence_parallel = layer_config.sequence_parallel
         self.weight = nn.Parameter(
             torch.ones(dim, dtype=layer_config.params_dtype, device=parameter_device(layer_config))
         )
@@ -103,7 +117,10 @@ class RMSNorm(nn.Module):
         # Normalise in float32 and scale in the input dtype, as transformers' MistralRMSNorm does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Sequence parallel: this rank's gradient covers its slice of the sequence; the identity's backward sums the
+        # slices over the tensor-parallel ranks (as megatron's finalize_model_grads does), whatever the ZeRO stage.
+        weight = copy_to_tensor_model_parallel_region(self.weight) if self.sequence_parallel else self.weight
+        return weight * x32.to(x.dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,6 +152,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.recompute_core = recompute_core
+        self.sequence_first = layer_config.sequence_parallel
         q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv_proj = FusedColumnParallelLinear(cfg.dim, [q_rows, kv_rows, kv_rows], config=layer_config)
         self.out_proj = RowParallelLinear(
@@ -148,9 +166,12 @@ class Attention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: LayerCache | None = None) -> torch.Tensor:
-        batch, seq_len, _ = x.shape
         head_dim = self.cfg.head_dim
-        q, k, v = (t.view(batch, seq_len, -1, head_dim) for t in self.qkv_proj(x))  # [B, S, heads of this rank, D]
+        q, k, v = self.qkv_proj(x)  # [B, S, heads of this rank * D]; sequence parallel: [S, B, ...]
+        if self.sequence_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        batch, seq_len, _ = q.shape
+        q, k, v = (t.view(batch, seq_len, -1, head_dim) for t in (q, k, v))  # [B, S, heads of this rank, D]
         start = 0 if cache is None else cache.start
         cos, sin = rotary_cos_sin(start + seq_len, head_dim, self.cfg.rope_theta, x.device)
         q, k = apply_rotary(q, cos[start:], sin[start:]), apply_rotary(k, cos[start:], sin[start:])
@@ -163,7 +184,8 @@ class Attention(nn.Module):
             out = checkpoint(attention, *core_args, use_reentrant=False)
         else:
             out = attention(*core_args)
-        out, _ = self.out_proj(out.flatten(2))
+        out = out.flatten(2)  # [B, S, heads of this rank * D]
+        out, _ = self.out_proj(out.transpose(0, 1).contiguous() if self.sequence_first else out)
         return out
 
 
@@ -188,12 +210,15 @@ class SwiGLU(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token ids [B, S] -> hidden states [B, S, dim], the table sharded over the vocabulary."""
+    """Token ids [B, S] -> hidden states [B, S, dim], the table sharded over the vocabulary.
+
+    Sequence parallel: this rank's slice of the sequence, sequence first [S / tp, B, dim]."""
 
     def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig):
         super().__init__()
         self.token_embedding = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.dim, init_method=_set_by_init_weights, config=layer_config
+            cfg.vocab_size, cfg.dim, init_method=_set_by_init_weights, config=layer_config,
+            reduce_scatter_embeddings=layer_config.sequence_parallel,
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -232,7 +257,9 @@ class DecoderLayer(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """Final RMSNorm and the untied LM head; returns this rank's logits shard [B, S, vocab / tp]."""
+    """Final RMSNorm and the untied LM head; returns this rank's logits shard [B, S, vocab / tp].
+
+    Sequence parallel: the head gathers the whole sequence, sequence first: [S, B, vocab / tp]."""
 
     def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig):
         super().__init__()
@@ -255,8 +282,9 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """Mean float32 cross entropy over positions whose label is not IGNORE_INDEX.
 
     logits: [B, S, vocab / tp], this rank's shard; labels: [B, S], already shifted (label s is the
-    token that follows position s). float32 logits are overwritten: megatron subtracts the max in place
-    to save a logits-sized buffer, so clone them first if they are needed afterwards.
+    token that follows position s); sequence first ([S, B, vocab / tp] and [S, B]) gives the same loss.
+    float32 logits are overwritten: megatron subtracts the max in place to save a logits-sized buffer, so clone
+    them first if they are needed afterwards.
     """
     valid = labels != IGNORE_INDEX
     per_token = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~valid, 0))
@@ -274,6 +302,7 @@ class Mistral(nn.Module):
         *,
         eos_id: int | None = None,
         activation_checkpointing: ActivationCheckpointing = "none",
+        sequence_parallel: bool = False,
         seed: int = 0,
         params_dtype: torch.dtype = torch.float32,
     ):
@@ -284,7 +313,8 @@ class Mistral(nn.Module):
             )
         self.cfg = cfg
         self.eos_id = eos_id
-        layer_config = megatron_layer_config(params_dtype)
+        self.sequence_first = sequence_parallel
+        layer_config = megatron_layer_config(params_dtype, sequence_parallel)
         self.embedding = Embedding(cfg, layer_config)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, layer_config, activation_checkpointing) for _ in range(cfg.n_layers)
@@ -305,6 +335,8 @@ class Mistral(nn.Module):
         if cache is not None:
             cache.advance(tokens.shape[1])
         logits = self.head(h)
+        if self.sequence_first:  # [S, B, vocab / tp]: the labels are turned rather than the larger logits
+            return logits.transpose(0, 1) if labels is None else vocab_parallel_loss(logits, labels.t().contiguous())
         return logits if labels is None else vocab_parallel_loss(logits, labels)
 
 
