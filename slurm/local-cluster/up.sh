@@ -120,6 +120,9 @@ SlurmdLogFile=$state/log/slurmd-%n.log
 MpiDefault=none
 KillWait=30
 MinJobAge=300
+# A job whose BeginTime (a requeue's hold) has passed starts within 2 s, not at the next pass of the main
+# scheduler a minute later (the passage of time alone does not wake the backfill scheduler).
+SchedulerParameters=sched_interval=2
 CONF
 for i in $(seq 1 "$nodes"); do
   echo "NodeName=node$i NodeAddr=$subnet.$((i + 1)) CPUs=$cpus RealMemory=$mem State=UNKNOWN" >> "$conf"
