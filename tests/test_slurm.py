@@ -1,13 +1,17 @@
-"""Slurm on a real one-node cluster (slurm/local-cluster/up.sh: Debian's slurm-wlm and munge, as root):
-`pretrain submit` and slurm/train.sbatch train to completion; a warning signal, a preemption (`scontrol requeue`)
-and `pretrain cancel` are survived or obeyed with bit-exact resume; a failure that comes back at the same step
-stops requeuing; hostile job names and run paths neither break nor inject into the batch script.
+"""Slurm on a real cluster of two nodes on this machine (slurm/local-cluster/up.sh --nodes 2: Debian's slurm-wlm
+and munge, as root; each node a slurmd in a network and UTS namespace of its own): `pretrain submit` and
+slurm/train.sbatch train to completion; a warning signal, a preemption (`scontrol requeue`) and `pretrain cancel`
+are survived or obeyed with bit-exact resume; a failure that comes back at the same step stops requeuing; hostile
+job names and run paths neither break nor inject into the batch script. Across the two nodes, one task each: the
+loss of one node with two tasks to the last bit, each rank on its own node; a preemption, then a rank killed on
+the second node, resumed exactly from the newest complete checkpoint.
 
-Every job is the tiny model with 2 tasks (gloo on CPU), 24 steps. Jobs run one after the other: each takes both
-cores of this machine; the module takes about 4.5 minutes on 2 cores (10 job starts of ~15 s each dominate). Slurm
-holds a requeued job for two minutes (its BeginTime); `wait_for_end` releases it to start 5 s later with
-`scontrol update starttime=now+5`, as an impatient user would (not at once: a start in the second of the requeue
-finds the node still revoking the previous run's credential, and Slurm fails the job).
+Every job is the tiny model with 2 tasks (gloo on CPU), 24 steps: one node with two tasks, or two nodes with one.
+Jobs run one after the other: each takes both cores of this machine (the nodes share them); 14 job starts dominate
+the module's time (9 minutes on 2 cores under a load of 5 to 15 from other work). Slurm holds a requeued job for
+two minutes (its BeginTime); `wait_for_end` releases it to start 5 s later with `scontrol update starttime=now+5`,
+as an impatient user would (not at once: a start in the second of the requeue finds the node still revoking the
+previous run's credential, and Slurm fails the job); the cluster's scheduler starts it within 2 s of that time.
 
 Without root or apt-get (and Slurm not installed) the tests skip; with PRETRAIN_REQUIRE_SLURM=1 (set by .ci/run)
 or CI=true they fail instead.
@@ -333,6 +337,11 @@ def rank_starts(run_dir: Path) -> list[tuple[str, str, str]]:
     return found
 
 
+def rendezvous(job_id: str) -> str:
+    """Where the ranks of a two-node job meet (launch.rank): the first node, a port from the job id."""
+    return f"node1:{20000 + int(job_id) % 40000}"
+
+
 def test_two_nodes_train_as_one_node_with_two_tasks(reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     job_id = submit(run_dir, tiny_data, *TWO_NODES)
@@ -342,8 +351,7 @@ def test_two_nodes_train_as_one_node_with_two_tasks(reference, tiny_data, tmp_pa
     shown = slurm("scontrol", "show", "job", job_id).stdout
     assert "NumNodes=2 " in shown and " NodeList=node[1-2]" in shown and "NumTasks=2 " in shown
     # Each rank on its own node (its own network namespace and host name); both meet at the first node by name.
-    master = f"node1:{20000 + int(job_id) % 40000}"
-    assert rank_starts(run_dir) == [("0", "node1", master), ("1", "node2", master)]
+    assert rank_starts(run_dir) == [("0", "node1", rendezvous(job_id)), ("1", "node2", rendezvous(job_id))]
     assert losses(run_dir) == reference["losses"]  # gloo across the nodes sums as it does on one
 
 
@@ -383,5 +391,4 @@ def test_two_node_job_resumes_exactly_after_a_preemption_and_a_killed_rank(refer
     saved_on_signal = [int(step) for step in re.findall(r"signal 15: saving step (\d+)", log)]
     resumed = [int(step) for step in re.findall(r"resumed from .* at step (\d+),", log)]
     assert resumed == [*saved_on_signal, failure["step"]] and len(saved_on_signal) == 1, log[-4000:]
-    master = f"node1:{20000 + int(job_id) % 40000}"
-    assert rank_starts(run_dir) == [("0", "node1", master)] * 3 + [("1", "node2", master)] * 3
+    assert rank_starts(run_dir) == [("0", "node1", rendezvous(job_id))] * 3 + [("1", "node2", rendezvous(job_id))] * 3
