@@ -372,7 +372,7 @@ def test_two_node_job_resumes_exactly_after_a_preemption_and_a_killed_rank(refer
     # Preemption: SIGTERM to the ranks on both nodes; they save at their next step boundary and Slurm requeues.
     wait_for_step(run_dir, job_id, 3)
     slurm("scontrol", "requeue", job_id)
-    wait_for_step(run_dir, job_id, 14, restarts=1)
+    wait_for_step(run_dir, job_id, 10, restarts=1)
     # A rank lost on the second node (as with a crash there): the job must fail over to its newest checkpoint.
     rank1 = rank_process(run_dir, 1)
     assert rank1.environ()["SLURMD_NODENAME"] == "node2"
@@ -386,7 +386,7 @@ def test_two_node_job_resumes_exactly_after_a_preemption_and_a_killed_rank(refer
     # The job requeued itself after the failure (Slurm did after the preemption), and resumed from the newest
     # checkpoint complete when it failed.
     [failure] = requeues(run_dir)
-    assert failure["exit_code"] not in (0, 75) and failure["step"] >= saved_before_kill >= 12
+    assert failure["exit_code"] not in (0, 75) and failure["step"] >= saved_before_kill >= 8
     assert f"failed with exit code {failure['exit_code']}: requeuing" in log
     saved_on_signal = [int(step) for step in re.findall(r"signal 15: saving step (\d+)", log)]
     resumed = [int(step) for step in re.findall(r"resumed from .* at step (\d+),", log)]
