@@ -10,7 +10,8 @@ Torch-free until it imports the trainer; first, in this order:
 2. Library noise goes to RUN_DIR/logs/rankNNNNN.log instead of the terminal: Python warnings, logging records
    (megatron-core's, torch's; errors also reach standard error) and standard output, where DeepSpeed logs and
    prints. DeepSpeed warns while it is imported, so this comes before any library is. The project's own messages
-   (`[pretrain] ...`, progress, errors) and tracebacks go to standard error as before.
+   (`[pretrain] ...`, progress, errors) and tracebacks go to standard error as before. The log's first line for
+   each start names the rank, its host and the rendezvous address.
 3. torch.compile's caches go to RUN_DIR/compile-cache/, so a resumed or requeued run reuses what its first start
    compiled.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
     if args.run_dir.is_dir():  # a wrong RUN_DIR gets the trainer's one-line error, not a new directory
         send_library_noise_to(args.run_dir / "logs" / f"rank{int(os.environ.get('RANK', '0')):05d}.log")
+        # Where this rank runs, in its log: on several nodes, the record of which rank ran where.
+        print(f"[pretrain] rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')} on host "
+              f"{socket.gethostname()}, rendezvous at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+              flush=True)
         os.environ.update({**compile_cache_environment(args.run_dir), **os.environ})
     from pretrain.trainer import main as train
 

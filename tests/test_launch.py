@@ -3,6 +3,7 @@ task's torchrun variables and its rendezvous error, the run directory's one sour
 without Slurm."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def test_terminal_shows_the_run_and_each_rank_log_keeps_the_library_noise(tiny_d
         log = (run_dir / "logs" / f"rank{rank:05d}.log").read_text()
         assert log.count("UserWarning: Transformer Engine and Apex are not installed") == 4, log
         assert "[WARNING]" in log and "Setting accelerator to CPU" in log  # DeepSpeed's logger, at its import
+        assert log.startswith(f"[pretrain] rank {rank} of 2 on host {socket.gethostname()}, rendezvous at 127.0.0.1:")
 
 
 def test_srun_task_gets_torchrun_variables_from_slurm():

@@ -1,20 +1,26 @@
-"""Slurm on a real one-node cluster (slurm/local-cluster/up.sh: Debian's slurm-wlm and munge, as root):
-`pretrain submit` and slurm/train.sbatch train to completion; a warning signal, a preemption (`scontrol requeue`)
-and `pretrain cancel` are survived or obeyed with bit-exact resume; a failure that comes back at the same step
-stops requeuing; hostile job names and run paths neither break nor inject into the batch script.
+"""Slurm on a real cluster of two nodes on this machine (slurm/local-cluster/up.sh --nodes 2: Debian's slurm-wlm
+and munge, as root; each node a slurmd in a network and UTS namespace of its own): `pretrain submit` and
+slurm/train.sbatch train to completion; a warning signal, a preemption (`scontrol requeue`) and `pretrain cancel`
+are survived or obeyed with bit-exact resume; a failure that comes back at the same step stops requeuing; hostile
+job names and run paths neither break nor inject into the batch script. Across the two nodes, one task each: the
+loss of one node with two tasks to the last bit, each rank on its own node; a preemption, then a rank killed on
+the second node, resumed exactly from the newest complete checkpoint.
 
-Every job is the tiny model with 2 tasks (gloo on CPU), 24 steps. Jobs run one after the other: each takes both
-cores of this machine; the module takes about 4.5 minutes on 2 cores (10 job starts of ~15 s each dominate). Slurm
-holds a requeued job for two minutes (its BeginTime); `wait_for_end` releases it to start 5 s later with
-`scontrol update starttime=now+5`, as an impatient user would (not at once: a start in the second of the requeue
-finds the node still revoking the previous run's credential, and Slurm fails the job).
+Every job is the tiny model with 2 tasks (gloo on CPU), 24 steps: one node with two tasks, or two nodes with one.
+Jobs run one after the other: each takes both cores of this machine (the nodes share them); 14 job starts dominate
+the module's time (9 minutes on 2 cores under a load of 5 to 15 from other work). Slurm holds a requeued job for
+two minutes (its BeginTime); `wait_for_end` releases it to start 5 s later with `scontrol update starttime=now+5`,
+as an impatient user would (not at once: a start in the second of the requeue finds the node still revoking the
+previous run's credential, and Slurm fails the job); the cluster's scheduler starts it within 2 s of that time.
 
 Without root or apt-get (and Slurm not installed) the tests skip; with PRETRAIN_REQUIRE_SLURM=1 (set by .ci/run)
 or CI=true they fail instead.
 """
 
+import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -22,10 +28,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launch.errors import UserError
 from launch.slurm import job_state
+from pretrain.checkpoint.store import complete_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -38,9 +46,28 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 HOSTILE = "it's \"q\" $(touch PWNED1); `touch PWNED2` ; touch PWNED3 & echo $HOME #"
 
 
+def cluster_processes(state: Path) -> list[int]:
+    """The local cluster's daemons (from their pid files) and every process in its nodes' namespaces."""
+    pids = [int(f.read_text()) for f in state.glob("*.pid") if f.read_text().strip()]
+    names = (state / "netns").read_text().split() if (state / "netns").is_file() else []
+    for name in names:
+        listed = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
+        pids += [int(pid) for pid in listed.split()]
+    return pids
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """A one-node Slurm cluster for the session; its daemons are stopped at the end."""
+    """A Slurm cluster of two nodes (network namespaces of this machine) for the session; every test but the
+    two-node ones runs its job on one of them. Afterwards down.sh must leave none of its processes, namespaces or
+    links behind."""
     required = os.environ.get("PRETRAIN_REQUIRE_SLURM") == "1" or os.environ.get("CI") == "true"
 
     def unavailable(reason: str):
@@ -55,17 +82,21 @@ def slurm_cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm-cluster")
     saved = os.environ.get("SLURM_CONF")
     try:
-        up = subprocess.run(["bash", str(ROOT / "slurm/local-cluster/up.sh"), str(state)], capture_output=True,
-                            text=True, timeout=600)
+        up = subprocess.run(["bash", str(ROOT / "slurm/local-cluster/up.sh"), "--nodes", "2", str(state)],
+                            capture_output=True, text=True, timeout=600)
         assert up.returncode == 0, f"slurm/local-cluster/up.sh failed:\n{up.stdout}\n{up.stderr[-3000:]}"
         os.environ["SLURM_CONF"] = str(state / "slurm.conf")
         yield state
     finally:
+        processes = cluster_processes(state)
         subprocess.run(["bash", str(ROOT / "slurm/local-cluster/down.sh"), str(state)], timeout=120)
         if saved is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = saved
+    assert [pid for pid in processes if running(pid)] == []
+    assert "pretrain-" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "pretrain-" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -292,3 +323,72 @@ def test_failure_at_the_same_step_stops_requeuing(slurm_cluster, tiny_data, tmp_
     assert log.count("error: shard") >= 3  # every run failed on the broken shard...
     assert log.count("requeuing, it resumes from checkpoint step 2") == 2 and "not requeuing" in log
     assert max(losses(run_dir)) == 3
+
+
+TWO_NODES = ["slurm.nodes=2", "slurm.tasks_per_node=1"]
+
+
+def rank_starts(run_dir: Path) -> list[tuple[str, str, str]]:
+    """(rank, host, rendezvous address) of every start of every rank, from the lines the ranks log first."""
+    found = []
+    for log in sorted((run_dir / "logs").glob("rank*.log")):
+        found += re.findall(r"^\[pretrain\] rank (\d+) of 2 on host (\S+), rendezvous at (\S+)$", log.read_text(),
+                            re.MULTILINE)
+    return found
+
+
+def rendezvous(job_id: str) -> str:
+    """Where the ranks of a two-node job meet (launch.rank): the first node, a port from the job id."""
+    return f"node1:{20000 + int(job_id) % 40000}"
+
+
+def test_two_nodes_train_as_one_node_with_two_tasks(reference, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = submit(run_dir, tiny_data, *TWO_NODES)
+    state = wait_for_end(job_id)
+    log = job_log(run_dir, job_id)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "0", log[-4000:]
+    shown = slurm("scontrol", "show", "job", job_id).stdout
+    assert "NumNodes=2 " in shown and " NodeList=node[1-2]" in shown and "NumTasks=2 " in shown
+    # Each rank on its own node (its own network namespace and host name); both meet at the first node by name.
+    assert rank_starts(run_dir) == [("0", "node1", rendezvous(job_id)), ("1", "node2", rendezvous(job_id))]
+    assert losses(run_dir) == reference["losses"]  # gloo across the nodes sums as it does on one
+
+
+def rank_process(run_dir: Path, rank: int) -> psutil.Process:
+    """The trainer process of `rank` in the run (started by srun, in its node's namespace)."""
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "launch.rank" in cmdline and str(run_dir) in cmdline:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if process.environ().get("SLURM_PROCID") == str(rank):
+                    return process
+    raise AssertionError(f"no process of rank {rank} runs for {run_dir}")
+
+
+def test_two_node_job_resumes_exactly_after_a_preemption_and_a_killed_rank(reference, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = submit(run_dir, tiny_data, *TWO_NODES, "checkpoint.every_steps=4")
+    # Preemption: SIGTERM to the ranks on both nodes; they save at their next step boundary and Slurm requeues.
+    wait_for_step(run_dir, job_id, 3)
+    slurm("scontrol", "requeue", job_id)
+    wait_for_step(run_dir, job_id, 10, restarts=1)
+    # A rank lost on the second node (as with a crash there): the job must fail over to its newest checkpoint.
+    rank1 = rank_process(run_dir, 1)
+    assert rank1.environ()["SLURMD_NODENAME"] == "node2"
+    saved_before_kill = complete_steps(run_dir / "checkpoints")[-1]
+    rank1.kill()
+    state = wait_for_end(job_id)
+    log = job_log(run_dir, job_id)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "2", log[-4000:]
+    assert losses(run_dir) == reference["losses"]  # every step, the ones trained again after the kill too
+
+    # The job requeued itself after the failure (Slurm did after the preemption), and resumed from the newest
+    # checkpoint complete when it failed.
+    [failure] = requeues(run_dir)
+    assert failure["exit_code"] not in (0, 75) and failure["step"] >= saved_before_kill >= 8
+    assert f"failed with exit code {failure['exit_code']}: requeuing" in log
+    saved_on_signal = [int(step) for step in re.findall(r"signal 15: saving step (\d+)", log)]
+    resumed = [int(step) for step in re.findall(r"resumed from .* at step (\d+),", log)]
+    assert resumed == [*saved_on_signal, failure["step"]] and len(saved_on_signal) == 1, log[-4000:]
+    assert rank_starts(run_dir) == [("0", "node1", rendezvous(job_id))] * 3 + [("1", "node2", rendezvous(job_id))] * 3
