@@ -251,8 +251,9 @@ class OutputHead(nn.Module):
         return logits
 
 
-def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean float32 cross entropy over positions whose label is not IGNORE_INDEX.
+def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, divisor: float | None = None) -> torch.Tensor:
+    """Float32 cross entropy summed over positions whose label is not IGNORE_INDEX, divided by `divisor`, or by
+    their count when it is None (the mean; 0 when there are none).
 
     logits: [B, S, vocab / tp], this rank's shard; labels: [B, S], already shifted (label s is the
     token that follows position s). float32 logits are overwritten: megatron subtracts the max in place
@@ -260,7 +261,7 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """
     valid = labels != IGNORE_INDEX
     per_token = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~valid, 0))
-    return (per_token * valid).sum() / valid.sum().clamp(min=1)
+    return (per_token * valid).sum() / (valid.sum().clamp(min=1) if divisor is None else divisor)
 
 
 class Mistral(nn.Module):
@@ -296,7 +297,7 @@ class Mistral(nn.Module):
         return document_ids(tokens, self.eos_id) if self.cfg.document_masking else None
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: RollingKVCache | None = None) -> torch.Tensor:
+                cache: RollingKVCache | None = None, loss_divisor: float | None = None) -> torch.Tensor:
         # Decoding continues one document, so the cache path has no document masking.
         doc_ids = self.document_ids(tokens) if cache is None else None
         h = self.embedding(tokens)
@@ -305,7 +306,7 @@ class Mistral(nn.Module):
         if cache is not None:
             cache.advance(tokens.shape[1])
         logits = self.head(h)
-        return logits if labels is None else vocab_parallel_loss(logits, labels)
+        return logits if labels is None else vocab_parallel_loss(logits, labels, loss_divisor)
 
 
 @torch.no_grad()
