@@ -234,6 +234,11 @@ class Config(_Section):
                 f"model.document_masking=true with parallel.pp={p.pp}: the pipeline stages do not pass document "
                 "boundaries on; set model.document_masking=false or parallel.pp=1"
             )
+        if m.document_masking and self.data.loss_mask:
+            raise ValueError(
+                "model.document_masking=true with data.loss_mask=true: in chat data every answer ends with </s>, so "
+                "each turn would be cut off from the conversation before it; set model.document_masking=false"
+            )
         if m.document_masking and self.data.tokenizer is None:
             raise ValueError(
                 "model.document_masking=true needs data.tokenizer: its end-of-document token marks where "

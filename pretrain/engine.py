@@ -112,8 +112,9 @@ def _stage_prefix(index: int, n_layers: int) -> str:
 
 
 def build_model(cfg: Config, eos_id: int | None,
-                loss_fn: PipelineLoss | None = None) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
-    """The (possibly pipelined) module on this rank and its parameters by canonical name, initialized."""
+                pipeline_loss: PipelineLoss | None) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    """The (possibly pipelined, with `pipeline_loss` as its loss) module on this rank and its parameters by canonical
+    name, initialized."""
     m, p = cfg.model, cfg.parallel
     if p.pp == 1:
         model = Mistral(m, eos_id=eos_id, activation_checkpointing=p.activation_checkpointing, seed=cfg.train.seed)
@@ -123,7 +124,7 @@ def build_model(cfg: Config, eos_id: int | None,
     specs += [LayerSpec(DecoderLayer, m, layer_config, p.activation_checkpointing) for _ in range(m.n_layers)]
     specs += [LayerSpec(OutputHead, m, layer_config)]
     topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=p.dp)
-    model = PipelineModule(layers=specs, topology=topology, loss_fn=loss_fn or PipelineLoss(),
+    model = PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
                            partition_method="type:DecoderLayer")
     named = {}
     for name, param in model.named_parameters():

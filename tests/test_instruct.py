@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from data_pipeline.chat import GUARDRAIL_PROMPT, chat_template, encode
 from data_pipeline.errors import DataError
-from pretrain.config import load_config
+from pretrain.config import ConfigError, check_paths, load_config
 from tests.runs import QUICK, ROOT, losses, metrics, run_train
 from tests.test_export import cli
 from tests.test_training import TOLERANCE
@@ -132,6 +132,11 @@ def test_masked_and_unmasked_data_do_not_mix(tiny_data, tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"carries no loss mask, data.loss_mask is true: prepare the data with "
                                         r"`pretrain data prepare --chat`"):
         build_loader(cfg.data, dp_rank=0, dp_size=1, micro_batch=1)
+    with pytest.raises(ConfigError, match="model.document_masking=true with data.loss_mask=true"):
+        load_config(ROOT / "configs" / "tiny-instruct.yaml", ["model.document_masking=true"])
+    with pytest.raises(ConfigError, match="train.init_from=nowhere is not a directory"):
+        check_paths(load_config(ROOT / "configs" / "tiny-instruct.yaml", [*tiny_data, "train.init_from=nowhere"]),
+                    need_data=False)
 
 
 def test_a_batch_without_answers_gives_zero_loss_and_gradient(single_process_group):
