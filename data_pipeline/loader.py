@@ -533,7 +533,7 @@ def build_loader(data_cfg, *, dp_rank: int, dp_size: int, micro_batch: int, voca
                          vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha)
     if loader.options.loss_mask != data_cfg.loss_mask:
         raise DataError(
-            f"{sources[0][0]} {'carries' if loader.options.loss_mask else 'carries no'} loss mask, data.loss_mask is "
+            f"{sources[0][0]} {'carries a' if loader.options.loss_mask else 'carries no'} loss mask, data.loss_mask is "
             f"{str(data_cfg.loss_mask).lower()}: "
             + ("set data.loss_mask=true to train on chat data" if loader.options.loss_mask else
                "prepare the data with `pretrain data prepare --chat`, or set data.loss_mask=false"))
