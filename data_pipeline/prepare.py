@@ -15,6 +15,7 @@ comes last, so an interrupted run leaves a directory that no reader accepts.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -305,6 +306,21 @@ class _Progress:
 # ---------------------------------------------------------------- prepare
 
 
+@contextlib.contextmanager
+def _writing(writer: ShardWriter, meter: _Progress) -> Iterator[None]:
+    """Closes the writer's last shard when the block succeeds; otherwise drops the shard being written. The progress
+    meter stops either way."""
+    finished = False
+    try:
+        yield
+        writer.close()
+        finished = True
+    finally:
+        meter.close(finished)
+        if not finished:
+            writer.abort()
+
+
 def prepare(
     inputs: Sequence[str],
     tokenizer: str | os.PathLike | Tokenizer,
@@ -329,8 +345,7 @@ def prepare(
     counts = {"documents": 0, "tokens": 0, "dropped_tokens": 0}
     carry = np.zeros(0, dtype=np.uint32)
     meter = _Progress(sum(os.path.getsize(f) for f in files), progress)
-    finished = False
-    try:
+    with _writing(writer, meter):
         for documents, nbytes in _tokenized(files, tok, workers or os.cpu_count() or 1):
             counts["documents"] += len(documents)
             ntokens = sum(len(d) for d in documents)
@@ -349,12 +364,6 @@ def prepare(
                 carry = stream[whole:]
             meter.update(nbytes, ntokens)
         counts["dropped_tokens"] += len(carry)
-        writer.close()
-        finished = True
-    finally:
-        meter.close(finished)
-        if not finished:
-            writer.abort()
     if counts["documents"] == 0:
         raise DataError(f"inputs {_names(files)} hold no documents (empty files or empty texts): "
                         "pass files with text in them")
@@ -449,8 +458,7 @@ def prepare_chat(
 
     meter = _Progress(sum(os.path.getsize(f) for f in files), progress)
     bad: list[str] = []
-    finished = False
-    try:
+    with _writing(writer, meter):
         for path in files:
             tokens_before = counts["tokens"]
             for messages in iter_conversations(path, skip_bad, bad):
@@ -469,12 +477,6 @@ def prepare_chat(
             meter.update(os.path.getsize(path), counts["tokens"] - tokens_before)
         if tokens:
             flush()
-        writer.close()
-        finished = True
-    finally:
-        meter.close(finished)
-        if not finished:
-            writer.abort()
     counts["bad_lines"] = len(bad)
     if writer.samples_written == 0:
         raise DataError(f"inputs {_names(files)} hold no conversation of at most seq_len+1={sample_tokens} tokens "
