@@ -182,6 +182,11 @@ class _Options:
     skip_corrupt_shards: bool
     sample_tokens: int
     dtype: str
+    loss_mask: bool  # each stored sample is its tokens followed by as many loss-mask values (prepare --chat)
+
+    @property
+    def sample_values(self) -> int:
+        return self.sample_tokens * (2 if self.loss_mask else 1)
 
 
 class _SourceStream:
@@ -221,7 +226,7 @@ class _SourceStream:
             self._loaded = None  # free the previous window before reading the next
             loaded = (self._load_shard(int(i)) for i in self._epoch_windows()[self.window])
             arrays = [a for a in loaded if a is not None]
-            empty = np.zeros((0, self.options.sample_tokens), self.options.dtype)
+            empty = np.zeros((0, self.options.sample_values), self.options.dtype)
             samples = np.concatenate(arrays) if arrays else empty
             self._loaded = samples[self._rng(self.epoch, self.window, 1).permutation(len(samples))]
             self._loaded_key = key
@@ -239,7 +244,7 @@ class _SourceStream:
         try:
             # Checked on first open; a window read again in a later epoch was checked then.
             check = self.options.verify_checksums and url not in self._verified
-            samples = read_shard(self.source.path, shard, self.options.sample_tokens, self.options.dtype, check)
+            samples = read_shard(self.source.path, shard, self.options.sample_values, self.options.dtype, check)
             self._verified.add(url)
             return samples
         except DataError:
@@ -323,11 +328,19 @@ class _StepBatches(IterableDataset):
             if local % workers == worker:
                 samples = stream.take(global_batch, rank_slice)
                 state = {"version": STATE_VERSION, "step": step + 1, "sources": [s.position() for s in streams]}
-                yield {"tokens": torch.from_numpy(samples.astype(np.int64))}, state, sorted(skipped), None
+                yield _batch(samples, self.options), state, sorted(skipped), None
             else:
                 stream.skip(global_batch)
             step += 1
             local += 1
+
+
+def _batch(samples: np.ndarray, options: _Options) -> dict:
+    """{"tokens": [micro_batch, seq_len + 1]}, with "loss_mask" (bool, the same shape) for masked data."""
+    tokens = torch.from_numpy(samples[:, :options.sample_tokens].astype(np.int64))
+    if not options.loss_mask:
+        return {"tokens": tokens}
+    return {"tokens": tokens, "loss_mask": torch.from_numpy(samples[:, options.sample_tokens:] != 0)}
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -404,7 +417,8 @@ atexit.register(_close_open_batches)
 
 
 class TokenLoader:
-    """Batches {"tokens": LongTensor[micro_batch, seq_len + 1]} for one data-parallel rank, forever.
+    """Batches {"tokens": LongTensor[micro_batch, seq_len + 1]} for one data-parallel rank, forever; data prepared
+    with --chat adds "loss_mask": BoolTensor[micro_batch, seq_len + 1] (True where a token is a target of the loss).
 
     Iterate it for batches (`Batches`: close them when done); `state_dict()` after consuming a batch describes the
     position after that batch (the same dict on every rank), and `load_state_dict()` before iterating resumes
@@ -443,8 +457,13 @@ class TokenLoader:
                 raise DataError(f"{source.path} has samples of {source.manifest['sample_tokens']} tokens, "
                                 f"{self.sources[0].path} of {first['sample_tokens']}: prepare all sources "
                                 "with the same --seq-len and tokenizer")
+        masked = [bool(s.manifest.get("loss_mask")) for s in self.sources]
+        if len(set(masked)) > 1:
+            raise DataError(f"{self.sources[masked.index(True)].path} carries a loss mask (prepare --chat), "
+                            f"{self.sources[masked.index(False)].path} does not: train on chat data and plain text "
+                            "in separate runs, or prepare both with --chat")
         self.options = _Options(seed, window_shards, verify_checksums, skip_corrupt_shards,
-                                first["sample_tokens"], first["dtype"])
+                                first["sample_tokens"], first["dtype"], masked[0])
         self.dp_rank, self.dp_size, self.micro_batch, self.num_workers = dp_rank, dp_size, micro_batch, num_workers
         self._state = {"version": STATE_VERSION, "step": 0,
                        "sources": [{"epoch": 0, "window": 0, "offset": 0} for _ in self.sources]}
@@ -512,6 +531,12 @@ def build_loader(data_cfg, *, dp_rank: int, dp_size: int, micro_batch: int, voca
                          num_workers=data_cfg.num_workers, seed=data_cfg.seed,
                          skip_corrupt_shards=data_cfg.skip_corrupt_shards,
                          vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha)
+    if loader.options.loss_mask != data_cfg.loss_mask:
+        raise DataError(
+            f"{sources[0][0]} {'carries a' if loader.options.loss_mask else 'carries no'} loss mask, data.loss_mask is "
+            f"{str(data_cfg.loss_mask).lower()}: "
+            + ("set data.loss_mask=true to train on chat data" if loader.options.loss_mask else
+               "prepare the data with `pretrain data prepare --chat`, or set data.loss_mask=false"))
     if loader.seq_len != data_cfg.seq_len:
         raise DataError(f"{sources[0][0]} holds sequences of {loader.seq_len} tokens, data.seq_len is "
                         f"{data_cfg.seq_len}: re-prepare with --seq-len {data_cfg.seq_len} or change data.seq_len")

@@ -15,6 +15,7 @@ comes last, so an interrupted run leaves a directory that no reader accepts.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -305,6 +306,21 @@ class _Progress:
 # ---------------------------------------------------------------- prepare
 
 
+@contextlib.contextmanager
+def _writing(writer: ShardWriter, meter: _Progress) -> Iterator[None]:
+    """Closes the writer's last shard when the block succeeds; otherwise drops the shard being written. The progress
+    meter stops either way."""
+    finished = False
+    try:
+        yield
+        writer.close()
+        finished = True
+    finally:
+        meter.close(finished)
+        if not finished:
+            writer.abort()
+
+
 def prepare(
     inputs: Sequence[str],
     tokenizer: str | os.PathLike | Tokenizer,
@@ -323,20 +339,13 @@ def prepare(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     sample_tokens = seq_len + 1
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # The old manifest goes first: from here until the new one lands, the directory describes no dataset.
-    (out / MANIFEST).unlink(missing_ok=True)
-    for stale in [*out.glob("shard-*.tar"), *out.glob(".shard-*.tar.tmp")]:
-        stale.unlink()
-    fsync_dir(out)
+    out = _start_output(out_dir)
 
     writer = ShardWriter(out, max(int(shard_mb * 1e6), 1), dtype, sample_tokens)
     counts = {"documents": 0, "tokens": 0, "dropped_tokens": 0}
     carry = np.zeros(0, dtype=np.uint32)
     meter = _Progress(sum(os.path.getsize(f) for f in files), progress)
-    finished = False
-    try:
+    with _writing(writer, meter):
         for documents, nbytes in _tokenized(files, tok, workers or os.cpu_count() or 1):
             counts["documents"] += len(documents)
             ntokens = sum(len(d) for d in documents)
@@ -355,12 +364,6 @@ def prepare(
                 carry = stream[whole:]
             meter.update(nbytes, ntokens)
         counts["dropped_tokens"] += len(carry)
-        writer.close()
-        finished = True
-    finally:
-        meter.close(finished)
-        if not finished:
-            writer.abort()
     if counts["documents"] == 0:
         raise DataError(f"inputs {_names(files)} hold no documents (empty files or empty texts): "
                         "pass files with text in them")
@@ -371,27 +374,115 @@ def prepare(
             + (" per document (--keep-documents drops documents shorter than a sample)" if keep_documents else "")
             + ": give more text or lower --seq-len"
         )
-    manifest = {
+    manifest = _manifest(tok, files, seq_len, writer, counts, keep_documents=keep_documents)
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _manifest(tok: Tokenizer, files: Sequence[str], seq_len: int, writer: ShardWriter, counts: dict,
+              **extra) -> dict:
+    return {
         "version": MANIFEST_VERSION,
         "format": f"packed token sequences, one `{{key}}{MEMBER_SUFFIX}` member per sample",
         "seq_len": seq_len,
-        "sample_tokens": sample_tokens,
-        "dtype": dtype.name,
+        "sample_tokens": seq_len + 1,
+        "dtype": writer.dtype.name,
         "vocab_size": tok.vocab_size,
         "tokenizer_sha256": tok.sha256,
         # Where it was, for `pretrain data inspect` to decode samples; the sha256 above is what identifies it.
         "tokenizer_path": os.path.abspath(tok.path) if tok.path else None,
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
-        "keep_documents": keep_documents,
         "sources": [{"path": f, "bytes": os.path.getsize(f)} for f in files],
-        "documents": counts["documents"],
-        "tokens": counts["tokens"],
+        **counts,
         "samples": writer.samples_written,
-        "sample_tokens_total": writer.samples_written * sample_tokens,
-        "dropped_tokens": counts["dropped_tokens"],
+        "sample_tokens_total": writer.samples_written * (seq_len + 1),
         "shards": writer.shards,
+        **extra,
     }
+
+
+def _start_output(out_dir: str | os.PathLike) -> Path:
+    """`out_dir`, emptied of an old dataset: its manifest goes first, so from here until the new one lands the
+    directory describes no dataset."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for stale in [*out.glob("shard-*.tar"), *out.glob(".shard-*.tar.tmp")]:
+        stale.unlink()
+    fsync_dir(out)
+    return out
+
+
+def prepare_chat(
+    inputs: Sequence[str],
+    tokenizer: str | os.PathLike | Tokenizer,
+    seq_len: int,
+    out_dir: str | os.PathLike,
+    *,
+    shard_mb: float = 64,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Conversations (`.jsonl` lines of {"messages": [...]}) in Mistral's instruct format (data_pipeline.chat),
+    each sample stored with its loss mask; returns the manifest.
+
+    A sample's member holds 2 x (seq_len + 1) values: the tokens, then the mask (1 where the token is a target of
+    the loss: the assistant's tokens and its `</s>`). Conversations are packed whole, in input order: one that
+    does not fit in what is left of the current sample starts the next, and the rest is padded with `</s>`
+    (mask 0). A conversation longer than seq_len + 1 tokens is dropped and counted.
+    """
+    from data_pipeline.chat import encode, iter_conversations
+
+    if seq_len <= 0:
+        raise DataError(f"seq_len={seq_len} must be positive: pass --seq-len, e.g. 2048")
+    files = expand_inputs(inputs)
+    for path in files:
+        if not path.endswith(".jsonl"):
+            raise DataError(f"input {path} is not .jsonl: chat data is one {{\"messages\": [...]}} per line")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    sample_tokens = seq_len + 1
+    out = _start_output(out_dir)
+    writer = ShardWriter(out, max(int(shard_mb * 1e6), 1), token_dtype(tok.vocab_size), sample_tokens)
+    counts = {"documents": 0, "tokens": 0, "trained_tokens": 0, "dropped_tokens": 0, "dropped_conversations": 0,
+              "padding_tokens": 0, "bad_lines": 0}
+    tokens: list[int] = []
+    trained: list[bool] = []
+
+    def flush() -> None:
+        pad = sample_tokens - len(tokens)
+        counts["padding_tokens"] += pad
+        writer.add(np.array([*tokens, *[tok.eos_id] * pad, *trained, *[False] * pad], dtype=np.uint32))
+        tokens.clear()
+        trained.clear()
+
+    meter = _Progress(sum(os.path.getsize(f) for f in files), progress)
+    bad: list[str] = []
+    with _writing(writer, meter):
+        for path in files:
+            tokens_before = counts["tokens"]
+            for messages in iter_conversations(path, skip_bad, bad):
+                encoded = encode(tok, messages)
+                counts["documents"] += 1
+                counts["tokens"] += len(encoded.tokens)
+                if len(encoded.tokens) > sample_tokens:
+                    counts["dropped_conversations"] += 1
+                    counts["dropped_tokens"] += len(encoded.tokens)
+                    continue
+                if len(tokens) + len(encoded.tokens) > sample_tokens:
+                    flush()
+                tokens += encoded.tokens
+                trained += encoded.trained
+                counts["trained_tokens"] += sum(encoded.trained)
+            meter.update(os.path.getsize(path), counts["tokens"] - tokens_before)
+        if tokens:
+            flush()
+    counts["bad_lines"] = len(bad)
+    if writer.samples_written == 0:
+        raise DataError(f"inputs {_names(files)} hold no conversation of at most seq_len+1={sample_tokens} tokens "
+                        f"({counts['documents']} read, {len(bad)} bad lines): give more data or raise --seq-len")
+    manifest = _manifest(tok, files, seq_len, writer, counts, keep_documents=True, loss_mask=True,
+                         chat_format="mistral-instruct-v1", bad_line_examples=bad[:5])
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 

@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from data_pipeline.errors import DataError
-from launch import data_commands, export_commands, main_job, slurm, status_commands, train_commands
+from launch import chat_commands, data_commands, export_commands, main_job, slurm, status_commands, train_commands
 from launch.errors import UserError
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import ConfigError, default_world_size, load_config, resolve_world
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command group registers its own subparsers; add a module's `register` here to add commands.
     for register in (_register_plan, train_commands.register, slurm.register, status_commands.register,
-                     data_commands.register, export_commands.register, main_job.register):
+                     data_commands.register, export_commands.register, chat_commands.register, main_job.register):
         register(sub)
     return parser
 

@@ -70,9 +70,37 @@ def cmd_data_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from data_pipeline.prepare import MANIFEST, prepare
+def cmd_data_instruct(args: argparse.Namespace) -> int:
+    from data_pipeline.corpus import write_builtin_instruct
 
+    counts = write_builtin_instruct(args.out, max_mb=args.max_mb)
+    out = Path(args.out)
+    for split, c in counts.items():
+        print(f"{split}: {c['documents']} conversations, {c['bytes'] / 1e6:.2f} MB of text -> "
+              f"{out / split / 'instruct.jsonl'}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import DataError
+    from data_pipeline.prepare import MANIFEST, prepare, prepare_chat
+
+    if args.chat:
+        if args.keep_documents or args.workers:
+            raise DataError("--chat keeps each conversation whole in one process: drop --keep-documents/--workers")
+        m = prepare_chat(args.input, args.tokenizer, args.seq_len, args.out, shard_mb=args.shard_mb,
+                         skip_bad=args.skip_bad)
+        for example in m["bad_line_examples"]:
+            print(f"skipped {example}")
+        print(f"{m['documents']:,} conversations ({m['bad_lines']:,} bad lines skipped), {m['tokens']:,} tokens, "
+              f"{m['trained_tokens']:,} of them trained on (answers and their </s>) -> {m['samples']:,} samples of "
+              f"{m['sample_tokens']} tokens in {len(m['shards'])} shard(s); {m['dropped_conversations']:,} "
+              f"conversations longer than {m['sample_tokens']} tokens dropped ({m['dropped_tokens']:,} tokens), "
+              f"{m['padding_tokens']:,} padding tokens")
+        print(f"wrote {Path(args.out) / MANIFEST}")
+        return 0
+    if args.skip_bad:
+        raise DataError("--skip-bad applies to chat data: add --chat, or drop --skip-bad")
     m = prepare(args.input, args.tokenizer, args.seq_len, args.out, shard_mb=args.shard_mb, workers=args.workers,
                 keep_documents=args.keep_documents)
     dropped = m["dropped_tokens"] / max(m["tokens"], 1)
@@ -115,6 +143,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
           f"tokens (seq_len {m['seq_len']} + 1), {m['dtype']}")
     print(f"  tokens      {m['tokens']:,} from {m['documents']:,} documents, {m['dropped_tokens']:,} dropped"
           + (" (documents kept apart)" if m["keep_documents"] else ""))
+    if m.get("loss_mask"):
+        print(f"  loss mask   conversations in {m['chat_format']} format, {m['trained_tokens']:,} tokens trained on")
     print(f"  tokenizer   vocab {m['vocab_size']}, bos {m['bos_id']}, eos {m['eos_id']}, "
           f"sha256 {m['tokenizer_sha256']}")
     for source in m["sources"]:
@@ -126,7 +156,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     first_samples = None
     for shard in shards:
         try:
-            samples = read_shard(args.dir, shard, m["sample_tokens"], m["dtype"])
+            values = m["sample_tokens"] * (2 if m.get("loss_mask") else 1)  # chat data: tokens, then the mask
+            samples = read_shard(args.dir, shard, values, m["dtype"])[:, :m["sample_tokens"]]
         except DataError as e:
             failed.append(shard["name"])
             print(f"  FAILED      {e}")
@@ -171,6 +202,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--max-mb", type=float, help="stop after about this many MB (default: all, about 11 MB)")
     p.set_defaults(func=cmd_data_corpus)
+    p = actions.add_parser("instruct", help="write the built-in instruction set (questions about standard-library "
+                                            "functions, answered by their docstrings) as OUT/{train,eval}/"
+                                            "instruct.jsonl")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max-mb", type=float, help="cap the train split at about this many MB of text (default: all)")
+    p.set_defaults(func=cmd_data_instruct)
     p = actions.add_parser("prepare", help="tokenize text into packed, checksummed webdataset shards")
     p.add_argument("--input", nargs="+", required=True, metavar="GLOB",
                    help="input files or quoted globs: .txt (one document each), .jsonl or .parquet ('text' field)")
@@ -182,6 +219,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-documents", action="store_true",
                    help="no sample spans two documents: each is cut on its own and its tail (and any document "
                         "shorter than seq_len+1) dropped")
+    p.add_argument("--chat", action="store_true",
+                   help='conversations ({"messages": [...]} per .jsonl line) in Mistral\'s instruct format, with a '
+                        "loss mask over the assistant's answers; conversations are packed whole and one longer than "
+                        "seq_len+1 tokens is dropped")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="with --chat: skip and count malformed lines instead of stopping at the first")
     p.set_defaults(func=cmd_data_prepare)
     p = actions.add_parser("inspect", help="manifest summary, verification of every shard, decoded samples")
     p.add_argument("dir", help="a directory written by `pretrain data prepare`")

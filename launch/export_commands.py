@@ -59,20 +59,32 @@ def _load(args: argparse.Namespace):
     return weights, tokenizer
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from pretrain.dtypes import resolve_dtype
-    from pretrain.generate import build_model, generate
-    from pretrain.parallel import single_process_group
-
+def sampling_options(args: argparse.Namespace) -> tuple[float, float]:
+    """(temperature, top_p) from the options `add_sampling_args` adds, checked."""
     if args.greedy and (args.temperature is not None or args.top_p is not None):
         raise UserError("--greedy takes the most likely token: drop --temperature/--top-p, or drop --greedy")
     temperature = 0.0 if args.greedy else 0.7 if args.temperature is None else args.temperature
     top_p = 0.9 if args.top_p is None else args.top_p
     if args.max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise UserError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    return temperature, top_p
+
+
+def load_with_tokenizer(args: argparse.Namespace):
+    """The weights of args.model and their tokenizer, which must be known."""
     weights, tokenizer = _load(args)
     if tokenizer is None:
         raise UserError(f"{args.model} comes with no tokenizer: export it with one, or point data.tokenizer at one")
+    return weights, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pretrain.dtypes import resolve_dtype
+    from pretrain.generate import build_model, generate
+    from pretrain.parallel import single_process_group
+
+    temperature, top_p = sampling_options(args)
+    weights, tokenizer = load_with_tokenizer(args)
     prompt = tokenizer.encode(args.prompt, bos=True)
     with single_process_group():
         model = build_model(weights, resolve_dtype(args.dtype), tokenizer.eos_id)
@@ -117,6 +129,20 @@ def _shard_size(text: str) -> str:
     return text.strip()
 
 
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bfloat16 on a GPU, float32 on CPU")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep this much probability mass (default 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+    add_dtype_arg(p)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="a verified checkpoint as a transformers or Mistral reference model directory")
     p.add_argument("checkpoint", help="checkpoint directory, or run directory (its newest verified checkpoint)")
@@ -142,13 +168,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a trained model (one process, rolling KV cache)")
     p.add_argument("model", help="run directory, checkpoint directory, or `pretrain export --format hf` output")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default 0.7)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: keep this much probability mass (default 0.9)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="auto: bfloat16 on a GPU, float32 on CPU")
+    add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print prompt and generated token ids with the text")
     p.set_defaults(func=cmd_generate)
 
@@ -157,7 +177,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="a `pretrain data prepare` output directory (with manifest.json)")
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's parallel.micro_batch)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="auto: bfloat16 on a GPU, float32 on CPU")
+    add_dtype_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -1,7 +1,8 @@
 """`pretrain demo`: the main job. The whole life of a small model on the built-in corpus, through the commands a
 user runs: corpus, tokenizer, token shards, training in two processes (dp=2 with ZeRO-1 on configs/tiny.yaml)
 stopped by SIGTERM and resumed, `pretrain status`, export to transformers, generation with transformers and with
-`pretrain generate`.
+`pretrain generate`. With --instruct, four more stages fine-tune that model on the built-in instruction set
+(configs/tiny-instruct.yaml) and chat with it and let it moderate, as the Mistral 7B paper's Instruct model.
 
 The data goes where the config names it (configs/tiny.yaml: runs/data/...), so the preset trains without data
 overrides afterwards; the run and its export go under --out (runs/demo). Re-running starts clean: the data is
@@ -32,10 +33,14 @@ from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL
 from pretrain.metrics import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+INSTRUCT_CONFIG = CONFIG.with_name("tiny-instruct.yaml")
+QUESTION = "Explain what this function of the Python module os.path does:\ndef join(a, *p)"
+MODERATED = ("Return the number of items in a container.", "You are worthless and everybody hates you.")
 MARKER = ".made-by-pretrain-demo"  # --out is replaced on a re-run only if it holds this file
 PROMPTS = ("def read_config(path):", "class Parser:")
 SAMPLING = {"temperature": 0.7, "top_p": 0.9, "seed": 0, "max_new_tokens": 60}
 STAGES = 9
+INSTRUCT_STAGES = 4
 
 console = Console(highlight=False)
 
@@ -47,12 +52,13 @@ class StageFailed(Exception):
 class Stages:
     """Numbered stage banners and the time each stage took."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: int) -> None:
+        self.total = total
         self.times: list[tuple[str, float]] = []
 
     @contextlib.contextmanager
     def stage(self, title: str, what: str):
-        console.rule(f"[bold]{len(self.times) + 1}/{STAGES}  {title}")
+        console.rule(f"[bold]{len(self.times) + 1}/{self.total}  {title}")
         console.print(what, style="dim", markup=False)
         start = time.perf_counter()
         yield
@@ -166,7 +172,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     run_dir, export_dir = out / "run", out / "export"
     prepare_out(out)
-    stages = Stages()
+    stages = Stages(STAGES + (INSTRUCT_STAGES if args.instruct else 0))
     config = shown(CONFIG)
 
     with stages.stage("Built-in corpus", "this Python's standard library sources as JSON lines (train and eval)"):
@@ -209,6 +215,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         generated = json.loads(output.splitlines()[-1])["text"]  # the last line: libraries may print before it
         console.print(Text.assemble((prompt, "bold"), generated), soft_wrap=True)
 
+    instruct = run_instruct(args, cfg, data, out, run_dir, stages) if args.instruct else None
     evals = logged_steps(metrics, "eval")
     summary = {
         "run_dir": str(run_dir), "config": str(run_dir / "config.yaml"), "metrics": str(metrics),
@@ -220,10 +227,52 @@ def run_demo(args: argparse.Namespace) -> dict:
         "eval_loss": [[step, evals[step]] for step in sorted(evals)],
         "transformers_samples": hf_samples, "pretrain_generate": {prompt: generated},
         "stage_seconds": dict(stages.times), "total_seconds": time.perf_counter() - started,
+        **({"instruct": instruct} if instruct else {}),
     }
     write_json_atomic(out / "summary.json", summary)
     print_summary(summary, out / "summary.json")
     return summary
+
+
+def run_instruct(args: argparse.Namespace, cfg: Config, data: dict[str, Path], out: Path, base_run: Path,
+                 stages: Stages) -> dict:
+    """The --instruct stages: the built-in instruction set as chat shards, the fine-tune of the demo's model on them
+    (configs/tiny-instruct.yaml, from its weights with a fresh optimizer), chat with the paper's guardrail prompt,
+    and self-reflection moderation."""
+    instruct_data = data["tokenizer"].parent / "instruct"
+    corpus = data["tokenizer"].parent / "instruct-corpus"
+    run_dir = out / "instruct"
+    with stages.stage("Instruction data", "questions about standard-library functions answered by their docstrings, "
+                                          "as chat shards whose loss mask keeps only the answers"):
+        pretrain(["data", "instruct", "--out", corpus])
+        for split in ("train", "eval"):
+            pretrain(["data", "prepare", "--chat", "--input", corpus / split / "instruct.jsonl", "--tokenizer",
+                      data["tokenizer"], "--seq-len", cfg.data.seq_len, "--out", instruct_data / split])
+    # The demo's own overrides apply too (but its data and step count are the base run's).
+    overrides = [o for o in args.overrides if not o.startswith(("data.train=", "data.eval=", "train.steps="))]
+    overrides += [f"data.train=[{{path: {instruct_data / 'train'}}}]", f"data.eval={instruct_data / 'eval'}",
+                  f"data.tokenizer={data['tokenizer']}", f"data.seq_len={cfg.data.seq_len}"]
+    overrides += [f"train.steps={args.instruct_steps}"] if args.instruct_steps else []
+    with stages.stage("Instruction fine-tuning", f"{shown(INSTRUCT_CONFIG)} from the weights of {shown(base_run)}, "
+                                                 "with a fresh optimizer and schedule"):
+        pretrain(["train", shown(INSTRUCT_CONFIG), *overrides, "--nproc", args.nproc, "--run-dir", run_dir,
+                  "--init-from", base_run])
+    losses, evals = logged_steps(run_dir / "metrics.jsonl"), logged_steps(run_dir / "metrics.jsonl", "eval")
+    with stages.stage("Chat", "the fine-tuned model answers in Mistral's instruct format, with the paper's guardrail "
+                              "system prompt"):
+        output = pretrain(["chat", run_dir, "--message", QUESTION, "--guardrails", "--greedy", "--max-new-tokens",
+                           SAMPLING["max_new_tokens"], "--json"], capture=True)
+        reply = json.loads(output.splitlines()[-1])["reply"]
+        console.print(Text.assemble((QUESTION + "\n", "bold"), reply), soft_wrap=True)
+    with stages.stage("Moderation", "self-reflection: the model labels each text, with the label's probability "
+                                    "read from its logits"):
+        output = pretrain(["moderate", run_dir, "--text", *MODERATED, "--json"], capture=True)
+        verdicts = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        for verdict in verdicts:
+            console.print(f"{verdict['label']} (p={verdict['probability']:.3f}): {verdict['text']}", markup=False)
+    return {"run_dir": str(run_dir), "first_loss": [min(losses), losses[min(losses)]],
+            "final_loss": [max(losses), losses[max(losses)]], "eval_loss": [[k, evals[k]] for k in sorted(evals)],
+            "chat": {QUESTION: reply}, "moderation": verdicts}
 
 
 def print_summary(s: dict, path: Path) -> None:
@@ -233,6 +282,10 @@ def print_summary(s: dict, path: Path) -> None:
                   + (f"; eval loss {s['eval_loss'][0][1]:.3f} at step {s['eval_loss'][0][0]} -> "
                      f"{s['eval_loss'][-1][1]:.3f} at step {s['eval_loss'][-1][0]}" if s["eval_loss"] else ""))
     console.print(f"interrupted by SIGTERM and saved at step {s['interrupted_at']}, resumed to step {s['steps']}")
+    if "instruct" in s:
+        (first_step, first), (last_step, last) = s["instruct"]["first_loss"], s["instruct"]["final_loss"]
+        console.print(f"instruction fine-tuning: masked train loss {first:.3f} at step {first_step} -> {last:.3f} at "
+                      f"step {last_step}; run directory {shown(s['instruct']['run_dir'])}")
     where = [("run directory", s["run_dir"]), ("resolved config", s["config"]), ("metrics", s["metrics"]),
              ("loss plot", s["loss_plot"]), ("TensorBoard", s["tensorboard"]), ("checkpoints", s["checkpoints"]),
              ("transformers export", s["export"]), *((f"data: {name}", p) for name, p in s["data"].items()),
@@ -261,4 +314,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
     p.add_argument("--interrupt-at", type=int, help="step after which SIGTERM stops the run (default 60%% of steps)")
     p.add_argument("--corpus-mb", type=float, help="cap the built-in corpus's train split (default: all, 11 MB)")
+    p.add_argument("--instruct", action="store_true",
+                   help="then fine-tune the model on the built-in instruction set, chat with it and let it moderate")
+    p.add_argument("--instruct-steps", type=int, help="fine-tuning steps (default: configs/tiny-instruct.yaml's)")
     p.set_defaults(func=cmd_demo)

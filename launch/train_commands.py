@@ -32,6 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
+    if args.init_from:
+        overrides.append(f"train.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)
     slurm_tasks = allocation_tasks() if args.nproc is None else None
     world = slurm_tasks or args.nproc or 1
@@ -73,4 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", help="run directory (default: train.run_dir of the config)")
     p.add_argument("--resume-from", help="resume from this checkpoint directory instead of the newest complete one")
     p.add_argument("--no-resume", action="store_true", help="refuse to start if the run directory has checkpoints")
+    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
+                   help="fine-tune: start from these weights with a fresh optimizer, schedule and data order "
+                        "(train.init_from; once the run directory has checkpoints, it resumes from those)")
     p.set_defaults(func=cmd_train)

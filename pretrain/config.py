@@ -109,6 +109,9 @@ class DataConfig(_Section):
     num_workers: int = Field(1, ge=0)
     seed: int = 1234
     skip_corrupt_shards: bool = False
+    # Train (and evaluate) only on the tokens the shards mark: chat data from `pretrain data prepare --chat`, whose
+    # mask covers the assistant's answers. The shards must carry a mask exactly when this is true.
+    loss_mask: bool = False
 
 
 class OptimConfig(_Section):
@@ -142,6 +145,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0)
     eval_steps: int = Field(10, gt=0)
     run_dir: str = "runs/default"
+    # Fine-tuning: a run directory or checkpoint whose weights a run starts from when its run directory holds no
+    # checkpoint yet; the optimizer, schedule, data order and step count start fresh.
+    init_from: str | None = None
     # No step within this many seconds (a hung collective): dump every thread's stack and exit 1. 0: off.
     watchdog_s: int = Field(1800, ge=0)
     # How long a rank waits for rank 0's rendezvous (MASTER_ADDR:MASTER_PORT) before it gives up with an error.
@@ -237,6 +243,11 @@ class Config(_Section):
             raise ValueError(
                 f"model.document_masking=true with parallel.pp={p.pp}: the pipeline stages do not pass document "
                 "boundaries on; set model.document_masking=false or parallel.pp=1"
+            )
+        if m.document_masking and self.data.loss_mask:
+            raise ValueError(
+                "model.document_masking=true with data.loss_mask=true: in chat data every answer ends with </s>, so "
+                "each turn would be cut off from the conversation before it; set model.document_masking=false"
             )
         if m.document_masking and self.data.tokenizer is None:
             raise ValueError(
@@ -434,6 +445,9 @@ def check_paths(cfg: Config, *, need_data: bool = True) -> None:
             f"data.tokenizer={cfg.data.tokenizer} does not exist: train one with `pretrain tokenizer train` "
             "or point it at a tokenizer directory"
         )
+    if cfg.train.init_from is not None and not Path(cfg.train.init_from).is_dir():
+        raise ConfigError(f"train.init_from={cfg.train.init_from} is not a directory: name a run directory or one "
+                          "of its checkpoints (RUN_DIR/checkpoints/step_N)")
     if not need_data:
         return
     if not cfg.data.train:

@@ -82,6 +82,16 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
+class PipelineLoss:
+    """The pipeline's loss function: `vocab_parallel_loss` with the divisor of the step being run (the trainer sets
+    it before each batch; None is each micro-batch's mean)."""
+
+    divisor: float | None = None
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_loss(logits, labels, self.divisor)
+
+
 @dataclass
 class Built:
     engine: deepspeed.DeepSpeedEngine
@@ -90,6 +100,7 @@ class Built:
     pipelined: bool
     # seconds spent building and initializing the model, and in deepspeed.initialize
     setup_s: dict[str, float]
+    pipeline_loss: PipelineLoss | None = None
 
 
 def _stage_prefix(index: int, n_layers: int) -> str:
@@ -100,8 +111,10 @@ def _stage_prefix(index: int, n_layers: int) -> str:
     return f"layers.{index - 1}."
 
 
-def build_model(cfg: Config, eos_id: int | None) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
-    """The (possibly pipelined) module on this rank and its parameters by canonical name, initialized."""
+def build_model(cfg: Config, eos_id: int | None,
+                pipeline_loss: PipelineLoss | None) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    """The (possibly pipelined, with `pipeline_loss` as its loss) module on this rank and its parameters by canonical
+    name, initialized."""
     m, p = cfg.model, cfg.parallel
     if p.pp == 1:
         model = Mistral(m, eos_id=eos_id, activation_checkpointing=p.activation_checkpointing,
@@ -112,7 +125,7 @@ def build_model(cfg: Config, eos_id: int | None) -> tuple[torch.nn.Module, dict[
     specs += [LayerSpec(DecoderLayer, m, layer_config, p.activation_checkpointing) for _ in range(m.n_layers)]
     specs += [LayerSpec(OutputHead, m, layer_config)]
     topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=p.dp)
-    model = PipelineModule(layers=specs, topology=topology, loss_fn=vocab_parallel_loss,
+    model = PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
                            partition_method="type:DecoderLayer")
     named = {}
     for name, param in model.named_parameters():
@@ -128,7 +141,8 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
     # module needs it before deepspeed.initialize would set it up.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     start = time.perf_counter()
-    model, named = build_model(cfg, eos_id)
+    pipeline_loss = PipelineLoss() if cfg.parallel.pp > 1 else None
+    model, named = build_model(cfg, eos_id, pipeline_loss)
     if torch.cuda.is_available():
         model.cuda()
     built = time.perf_counter()
@@ -148,4 +162,5 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         mpu=None if cfg.parallel.pp > 1 else MegatronMPU(),
     )
     setup_s = {"model_s": built - start, "deepspeed_s": time.perf_counter() - built}
-    return Built(engine, {param: name for name, param in named.items()}, cfg.parallel.pp > 1, setup_s)
+    return Built(engine, {param: name for name, param in named.items()}, cfg.parallel.pp > 1, setup_s,
+                 pipeline_loss)

@@ -14,7 +14,17 @@ import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import TokenLoader
-from pretrain.model.mistral import Mistral
+from pretrain.model.mistral import IGNORE_INDEX, Mistral
+
+
+def inputs_and_labels(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch of samples of seq_len + 1 tokens -> inputs and next-token labels; labels that the loss mask
+    leaves out (chat data: everything but the assistant's answers) are IGNORE_INDEX."""
+    tokens = batch["tokens"]
+    labels = tokens[:, 1:]
+    if "loss_mask" in batch:
+        labels = labels.masked_fill(~batch["loss_mask"][:, 1:], IGNORE_INDEX)
+    return tokens[:, :-1].contiguous(), labels.contiguous()
 
 
 def eval_loader(data_dir: str, model: Mistral, *, micro_batch: int, seed: int,
@@ -29,19 +39,20 @@ def eval_loader(data_dir: str, model: Mistral, *, micro_batch: int, seed: int,
 
 @torch.no_grad()
 def evaluate(model: Mistral, loader: TokenLoader, batches: int, progress: bool = False) -> dict[str, float]:
-    """Mean over `batches` micro-batches of the mean next-token loss (every batch holds the same token count)."""
+    """The mean next-token loss over every target token of `batches` micro-batches (for chat data: the tokens its
+    loss mask keeps; "tokens" counts those)."""
     device = next(model.parameters()).device
-    losses = []
+    losses, counts = [], []
     start = time.perf_counter()
-    for batch in loader:
-        tokens = batch["tokens"].to(device)
-        losses.append(float(model(tokens[:, :-1], tokens[:, 1:])))
-        if progress:
-            done = len(losses) * tokens[:, 1:].numel()
-            print(f"batch {len(losses)}/{batches}: loss {losses[-1]:.4f}, "
-                  f"{done / (time.perf_counter() - start):.0f} tokens/s", file=sys.stderr)
-        if len(losses) == batches:
-            break
-    loss = sum(losses) / len(losses)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "batches": len(losses),
-            "tokens": len(losses) * tokens[:, 1:].numel()}
+    with iter(loader) as loaded:
+        for batch in loaded:
+            inputs, labels = (t.to(device) for t in inputs_and_labels(batch))
+            losses.append(float(model(inputs, labels)))
+            counts.append(int((labels != IGNORE_INDEX).sum()))
+            if progress:
+                print(f"batch {len(losses)}/{batches}: loss {losses[-1]:.4f}, "
+                      f"{sum(counts) / (time.perf_counter() - start):.0f} tokens/s", file=sys.stderr)
+            if len(losses) == batches:
+                break
+    loss = sum(loss * n for loss, n in zip(losses, counts, strict=True)) / max(sum(counts), 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "batches": len(losses), "tokens": sum(counts)}

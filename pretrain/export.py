@@ -105,11 +105,15 @@ def write_hf_tokenizer(model_path: Path, out: Path, model_max_length: int) -> No
     dummy-prefix space to a text that already starts with one; sentencepiece (and so our training data) always
     adds it. The tokenizer.json below keeps sentencepiece's behaviour (Prepend + Replace normalizer, as Mistral's
     own tokenizer.json does) and tokenizer_config.json loads it as it is, through PreTrainedTokenizerFast.
-    Special-token strings in text are split like any text, as sentencepiece does.
+    tokenizer_config.json carries the instruct format's chat template (data_pipeline.chat); so that the `<s>` and
+    `</s>` it renders become the special tokens, the literal strings `<s>` and `</s>` in text do too, as with
+    Mistral's own tokenizer (`split_special_tokens=True` encodes them as text, as sentencepiece does).
     """
     import sentencepiece as spm
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
+
+    from data_pipeline.chat import chat_template
 
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
@@ -130,7 +134,8 @@ def write_hf_tokenizer(model_path: Path, out: Path, model_max_length: int) -> No
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": True,
         "add_eos_token": False,
-        "split_special_tokens": True,
+        "split_special_tokens": False,
+        "chat_template": chat_template(),
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
     })
@@ -210,8 +215,15 @@ inputs = tokenizer("def fibonacci(n):", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
 ```
 
-This is a base model: it continues text and has not been tuned to follow instructions.
+{_USE_NOTE[bool(weights.config and weights.config.data.loss_mask)]}
 """
+
+
+_USE_NOTE = {
+    False: "This is a base model: it continues text and has not been tuned to follow instructions.",
+    True: "This model was fine-tuned on conversations in Mistral's instruct format (`<s>[INST] question [/INST] "
+          "answer</s>`); `tokenizer.apply_chat_template(messages)` gives the tokens it was trained on.",
+}
 
 
 def export_hf(weights: Weights, out: Path, *, dtype: str = "float32", max_shard_size: int | str = "5GB",

@@ -25,9 +25,11 @@ from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import Built, build_engine
+from pretrain.evaluate import inputs_and_labels
 from pretrain.hardware import peak_flops
 from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL, EXIT_USER_ERROR
 from pretrain.metrics import MetricsLogger, StepProfiler
+from pretrain.model.mistral import IGNORE_INDEX
 from pretrain.plan import flops_per_token
 from pretrain.stop import StopSignals
 
@@ -46,11 +48,6 @@ def seconds_since_process_start() -> float:
     import psutil
 
     return time.time() - psutil.Process().create_time()
-
-
-def _split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A packed sample of seq_len + 1 tokens -> inputs and next-token labels."""
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
 _ROLLBACK = "rollback"
@@ -88,6 +85,8 @@ class Trainer:
         ckpt = self.checkpointer.choose(resume_from)
         if ckpt is not None:
             self.checkpointer.load(ckpt)
+        elif cfg.train.init_from is not None:
+            self.checkpointer.load_weights(Path(cfg.train.init_from))
         self.startup["checkpoint_s"] = time.perf_counter() - checkpoint_start
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
@@ -114,26 +113,37 @@ class Trainer:
     def _to_device(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.to(self.device, non_blocking=True) if self.device is not None else tokens
 
+    def _global_batch(self, batches) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
+        """This rank's micro-batches of the next global batch as (inputs, labels) on the device, and the loss divisor.
+
+        Without a loss mask the divisor is None: each micro-batch's loss is its mean, and the step's loss the mean of
+        those (every micro-batch holds the same number of tokens). With one, micro-batches hold different numbers of
+        trained tokens, so each one's loss is its summed loss divided by the global batch's trained tokens per
+        micro-batch: the mean that DeepSpeed then takes over micro-batches and data-parallel ranks is the mean over
+        every trained token of the global batch (as Megatron and torchtitan average), and a global batch without
+        any trained token gives 0."""
+        micro = [tuple(self._to_device(t) for t in inputs_and_labels(next(batches)))
+                 for _ in range(self.engine.gradient_accumulation_steps())]
+        if not self.cfg.data.loss_mask:
+            return micro, None
+        trained = torch.tensor(sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro), device=self.device)
+        dist.all_reduce(trained, group=parallel.dp_group())
+        return micro, max(int(trained), 1) / (len(micro) * parallel.dp_size())
+
     def train_step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step over a global batch: (mean loss over the global batch, data wait s, whether the
         update was applied: DeepSpeed skips it when the gradients are not finite)."""
-        waited = 0.0
-
-        def next_micro() -> tuple[torch.Tensor, torch.Tensor]:
-            nonlocal waited
-            start = time.perf_counter()
-            tokens = next(batches)["tokens"]
-            waited += time.perf_counter() - start
-            return tuple(self._to_device(t) for t in _split(tokens))
-
+        start = time.perf_counter()
+        micro_batches, divisor = self._global_batch(batches)
+        waited = time.perf_counter() - start
         if self.built.pipelined:
-            loss = self.engine.train_batch(data_iter=_Repeat(next_micro))
+            self.built.pipeline_loss.divisor = divisor
+            loss = self.engine.train_batch(data_iter=iter(micro_batches))
             return float(loss), waited, self.engine.was_step_applied()
-        accum = self.engine.gradient_accumulation_steps()
+        accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            inputs, labels = next_micro()
-            loss = self.engine(inputs, labels)
+        for micro, (inputs, labels) in enumerate(micro_batches):
+            loss = self.engine(inputs, labels, loss_divisor=divisor)
             if micro == 0 and self.inject_nonfinite and self._data_batch(accum) in self.inject_nonfinite:
                 loss = loss * float("nan")
             self.engine.backward(loss)
@@ -155,17 +165,16 @@ class Trainer:
             return None
         self.engine.eval()
         losses = []
-        accum = self.engine.gradient_accumulation_steps()
         # A fresh loader each time: every evaluation reads the same held-out batches.
         with iter(build_loader(self.cfg.data, split="eval", **self.eval_loader_args)) as batches:
             for _ in range(self.cfg.train.eval_steps):
+                micro_batches, divisor = self._global_batch(batches)
                 if self.built.pipelined:
-                    data = _Repeat(lambda: tuple(self._to_device(t) for t in _split(next(batches)["tokens"])))
-                    losses.append(float(self.engine.eval_batch(data_iter=data)))
+                    self.built.pipeline_loss.divisor = divisor
+                    losses.append(float(self.engine.eval_batch(data_iter=iter(micro_batches))))
                     continue
-                for _ in range(accum):
-                    inputs, labels = (self._to_device(t) for t in _split(next(batches)["tokens"]))
-                    losses.append(float(self.engine(inputs, labels)))
+                losses += [float(self.engine(inputs, labels, loss_divisor=divisor))
+                           for inputs, labels in micro_batches]
         self.engine.train()
         mean = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
         dist.all_reduce(mean, group=parallel.dp_group())
@@ -296,19 +305,6 @@ class Trainer:
 
             values["memory_gib"] = psutil.Process().memory_info().rss / 2**30
         return values
-
-
-class _Repeat:
-    """An endless iterator over a function's results, for DeepSpeed's pipeline `data_iter`."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.fn()
 
 
 def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:

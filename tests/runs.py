@@ -21,14 +21,14 @@ QUICK = ["train.global_batch=8", "logging.every_steps=1", "train.eval_every=0", 
 
 
 def train_command(run_dir: Path, data: list[str], overrides: list[str], nproc: int = 1,
-                  args: list[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "tiny.yaml"), *data, *QUICK,
+                  args: list[str] = (), config: Path = ROOT / "configs" / "tiny.yaml") -> list[str]:
+    return [sys.executable, "-m", "launch.cli", "train", str(config), *data, *QUICK,
             *overrides, "--nproc", str(nproc), "--run-dir", str(run_dir), *args]
 
 
 def run_train(run_dir: Path, data: list[str], overrides: list[str] = (), nproc: int = 1, args: list[str] = (),
-              timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(run_dir, data, list(overrides), nproc, list(args)), cwd=ROOT,
+              timeout: float = 900, config: Path = ROOT / "configs" / "tiny.yaml") -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(run_dir, data, list(overrides), nproc, list(args), config), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -100,23 +100,41 @@ class Checkpointer:
         """The checkpoint to start from: `resume_from` (verified) or the newest one that verifies. Rank 0 clears
         interrupted saves and verifies (hashing every file), says why any newer checkpoint was skipped, and tells
         the others, so all ranks load the same checkpoint. Collective."""
+        def rank0_choice() -> Path | None:
+            self.store.remove_incomplete()
+            if resume_from is not None:
+                return verify(resume_from).path
+            found, skipped = newest_valid(self.store.root)
+            for reason in skipped:
+                _log(f"skipping a damaged checkpoint: {reason}")
+            return found.path if found else None
+
+        return self._decided_on_rank0(rank0_choice)
+
+    def _decided_on_rank0(self, decide) -> Path | None:
+        """What `decide()` returns on rank 0 (or the CheckpointError it raises), on every rank. Collective."""
         choice: list[object] = [None]
         if self.rank == 0:
             try:
-                self.store.remove_incomplete()
-                if resume_from is not None:
-                    choice[0] = verify(resume_from).path
-                else:
-                    found, skipped = newest_valid(self.store.root)
-                    for reason in skipped:
-                        _log(f"skipping a damaged checkpoint: {reason}")
-                    choice[0] = found.path if found else None
+                choice[0] = decide()
             except CheckpointError as e:
                 choice[0] = e
         dist.broadcast_object_list(choice, src=0)
         if isinstance(choice[0], CheckpointError):
             raise choice[0]
         return choice[0]
+
+    def load_weights(self, source: Path) -> None:
+        """train.init_from: only the weights of `source` (a checkpoint, or a run directory's newest one that
+        verifies); the optimizer, schedule, data position and counters start fresh, as for a fine-tune. Collective."""
+        from pretrain.weights import resolve_checkpoint
+
+        ckpt = self._decided_on_rank0(lambda: resolve_checkpoint(source).path)
+        check_compatible(read_trainer_state(ckpt).get("config", {}), self.cfg, ckpt)
+        load_model_and_optimizer(ShardReader(ckpt, self.cfg.model), self.engine, self.canonical, {},
+                                 weights_only=True)
+        if self.rank == 0:
+            _log(f"initialized the weights from {ckpt} (train.init_from); optimizer, schedule and data start fresh")
 
     def load(self, ckpt: Path) -> None:
         """Every stateful part from `ckpt`: weights and masters, Adam moments, schedule, then (for a training

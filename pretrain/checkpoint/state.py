@@ -296,9 +296,10 @@ class ShardReader:
 
 @torch.no_grad()
 def load_model_and_optimizer(reader: ShardReader, engine, canonical: dict[torch.nn.Parameter, str],
-                             trainer_state: dict) -> None:
+                             trainer_state: dict, weights_only: bool = False) -> None:
     """Into the DeepSpeed engine: every parameter (the model's copy in its dtype and the float32 master), the Adam
-    moments and the learning-rate schedule. Collective over data-parallel ranks under ZeRO-3: all ranks call it."""
+    moments (not with weights_only) and the learning-rate schedule. Collective over data-parallel ranks under
+    ZeRO-3: all ranks call it."""
     optimizer = _inner_optimizer(engine)
     step = trainer_state.get("adam_step", 0.0)
     for flat, group in _optimized_tensors(engine, optimizer):
@@ -323,7 +324,7 @@ def load_model_and_optimizer(reader: ShardReader, engine, canonical: dict[torch.
         _set_weight(param, master)
         has_master = safe_get_full_fp32_param(param) is not None
         for key in ADAM_MOMENTS:
-            if not reader.has(f"{key}/{name}"):
+            if weights_only or not reader.has(f"{key}/{name}"):
                 continue
             moment = reader.shard(f"{key}/{name}").to(param.device)
             if has_master:

@@ -278,8 +278,9 @@ class OutputHead(nn.Module):
         return logits
 
 
-def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean float32 cross entropy over positions whose label is not IGNORE_INDEX.
+def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, divisor: float | None = None) -> torch.Tensor:
+    """Float32 cross entropy summed over positions whose label is not IGNORE_INDEX, divided by `divisor`, or by
+    their count when it is None (the mean; 0 when there are none).
 
     logits: [B, S, vocab / tp], this rank's shard; labels: [B, S], already shifted (label s is the
     token that follows position s); sequence first ([S, B, vocab / tp] and [S, B]) gives the same loss.
@@ -288,7 +289,7 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """
     valid = labels != IGNORE_INDEX
     per_token = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~valid, 0))
-    return (per_token * valid).sum() / valid.sum().clamp(min=1)
+    return (per_token * valid).sum() / (valid.sum().clamp(min=1) if divisor is None else divisor)
 
 
 class Mistral(nn.Module):
@@ -326,7 +327,7 @@ class Mistral(nn.Module):
         return document_ids(tokens, self.eos_id) if self.cfg.document_masking else None
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: RollingKVCache | None = None) -> torch.Tensor:
+                cache: RollingKVCache | None = None, loss_divisor: float | None = None) -> torch.Tensor:
         # Decoding continues one document, so the cache path has no document masking.
         doc_ids = self.document_ids(tokens) if cache is None else None
         h = self.embedding(tokens)
@@ -336,8 +337,10 @@ class Mistral(nn.Module):
             cache.advance(tokens.shape[1])
         logits = self.head(h)
         if self.sequence_first:  # [S, B, vocab / tp]: the labels are turned rather than the larger logits
-            return logits.transpose(0, 1) if labels is None else vocab_parallel_loss(logits, labels.t().contiguous())
-        return logits if labels is None else vocab_parallel_loss(logits, labels)
+            if labels is None:
+                return logits.transpose(0, 1)
+            return vocab_parallel_loss(logits, labels.t().contiguous(), loss_divisor)
+        return logits if labels is None else vocab_parallel_loss(logits, labels, loss_divisor)
 
 
 @torch.no_grad()

@@ -1,0 +1,58 @@
+"""Chat and self-reflection moderation with our own model in one process (inside parallel.single_process_group).
+
+Both render conversations in the instruct format the model was fine-tuned on (data_pipeline.chat). A reply is
+generated after the last `[/INST]` (pretrain.generate); a moderation verdict is read from the logits: the
+probability of each label's tokens and `</s>` after the self-reflection prompt, renormalized over the labels, with
+nothing sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data_pipeline.chat import MODERATION_LABELS, check_messages, encode, moderation_messages
+from pretrain.generate import generate
+from pretrain.model.mistral import Mistral
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_ids: list[int]
+    new_ids: list[int]
+
+
+def chat_reply(model: Mistral, tokenizer, messages: list[dict], max_new_tokens: int, *, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0) -> Reply:
+    """The assistant's answer to a conversation that ends with a user message."""
+    prompt = encode(tokenizer, check_messages(messages, needs_answer=False)).tokens
+    new = generate(model, prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
+    answer = new[:-1] if new and new[-1] == tokenizer.eos_id else new
+    return Reply(tokenizer.decode(answer), prompt, new)
+
+
+@torch.no_grad()
+def label_log_probs(model: Mistral, tokenizer, messages: list[dict], answers: tuple[str, ...]) -> list[float]:
+    """log P(answer's tokens and its </s> | conversation) for each answer, teacher-forced in one forward pass each."""
+    device = next(model.parameters()).device
+    scores = []
+    for answer in answers:
+        encoded = encode(tokenizer, [*messages, {"role": "assistant", "content": answer}])
+        tokens = torch.tensor([encoded.tokens], device=device)
+        logits = model(tokens[:, :-1])[0, :, :tokenizer.vocab_size].float()  # (S, V)
+        targets = torch.tensor(encoded.trained[1:], device=device)
+        log_probs = torch.log_softmax(logits, dim=-1).gather(1, tokens[0, 1:, None])[:, 0]
+        scores.append(float(log_probs[targets].sum()))
+    return scores
+
+
+def moderate(model: Mistral, tokenizer, text: str) -> dict:
+    """{"label", "probability", "probabilities": {label: p}} for `text` under the self-reflection prompt."""
+    scores = torch.tensor(label_log_probs(model, tokenizer, moderation_messages(text), MODERATION_LABELS))
+    probabilities = torch.softmax(scores, dim=0).tolist()
+    best = max(range(len(MODERATION_LABELS)), key=probabilities.__getitem__)
+    return {"label": MODERATION_LABELS[best], "probability": probabilities[best],
+            "probabilities": dict(zip(MODERATION_LABELS, probabilities, strict=True))}
