@@ -5,8 +5,9 @@ Torch-free until it imports the trainer; first, in this order:
 1. An srun task has Slurm's variables only: it gets torchrun's, which are all that pretrain/ reads. RANK,
    WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE come from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the step's
    tasks on this node; the ranks meet at the first host of SLURM_JOB_NODELIST (as `scontrol show hostnames`
-   expands it), port 20000 + job id % 40000, unless MASTER_ADDR / MASTER_PORT are set. A local launcher's ranks
-   have torchrun's variables already.
+   expands it), port 20000 + job id % 40000, unless MASTER_ADDR / MASTER_PORT are set (the batch step of
+   `pretrain train` clears any it inherited from the submitting shell). A local launcher's ranks have torchrun's
+   variables already.
 2. Library noise goes to RUN_DIR/logs/rankNNNNN.log instead of the terminal: Python warnings, logging records
    (megatron-core's, torch's; errors also reach standard error) and standard output, where DeepSpeed logs and
    prints. DeepSpeed warns while it is imported, so this comes before any library is. The project's own messages

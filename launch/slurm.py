@@ -92,9 +92,10 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
         command.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
     # Each task's threads: the CPUs Slurm gave it (one without --cpus-per-task, Slurm's default).
     env = rank_environment(threads=int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
-    # Every task takes its rank from Slurm (launch.rank): a RANK inherited from the submitting shell would give
-    # them all the same.
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+    # Every task takes its rank and rendezvous from Slurm (launch.rank): a RANK inherited from the submitting shell
+    # would give them all the same, and an inherited MASTER_ADDR (127.0.0.1, say) would send the ranks of other
+    # nodes to their own machine, where nobody listens.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     step = subprocess.Popen(command + rank_command(run_dir, resume_from), env=env)
     ending = False
