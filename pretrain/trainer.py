@@ -126,7 +126,8 @@ class Trainer:
                  for _ in range(self.engine.gradient_accumulation_steps())]
         if not self.cfg.data.loss_mask:
             return micro, None
-        trained = torch.tensor(sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro), device=self.device)
+        # Counted on the device and read once, after the reduction: one host sync per step, not one per micro-batch.
+        trained = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro]).sum()
         dist.all_reduce(trained, group=parallel.dp_group())
         return micro, max(int(trained), 1) / (len(micro) * parallel.dp_size())
 
