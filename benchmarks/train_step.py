@@ -5,6 +5,7 @@
     python benchmarks/train_step.py --nproc 2 --layers 8 --layouts zero1 zero3 tp2 pp2
     python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 pp2 --steps 6 --warmup 2
     python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 tp2sp --steps 5 --warmup 2 --profile
+    python benchmarks/train_step.py --peer                   # and transformers' MistralForCausalLM at the same shape
     python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
 
 Each configuration is `pretrain train` on configs/mistral-7b.yaml (with fewer layers where the whole 7B does not
@@ -21,6 +22,8 @@ n/a for a GPU not in its table) and against the bf16 matmul rate measured on the
 --profile prints rank 0's top kernels over 3 steps after the warm-up and their device time per step by kind
 (matmul, attention, NCCL communication, the rest) beside the step time: what the kernels of one kind add up to,
 and, where the kinds add up to more than the step, how much of them overlapped.
+--peer (one GPU) also runs benchmarks/peer_transformers.py, the plain compiled transformers loop a user would
+write instead, at each row's shape, and prints the trainer's tokens/s over the peer's.
 """
 
 from __future__ import annotations
@@ -162,6 +165,22 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
             "profile": profile.read_text() if profile.exists() else None, "device_ms_by_kind": by_kind}
 
 
+def run_peer(args, seq_len: int, window: int | None) -> dict:
+    """benchmarks/peer_transformers.py at this run's shape: its JSON line, or {"error": ...}."""
+    micro_batch = args.tokens_per_micro_batch // seq_len if args.tokens_per_micro_batch else args.micro_batch
+    command = [sys.executable, str(ROOT / "benchmarks" / "peer_transformers.py"), "--layers", str(args.layers),
+               "--vocab", str(args.vocab), "--seq-len", str(seq_len), "--window", str(window or 0),
+               "--micro-batch", str(micro_batch), "--accum", str(args.accum), "--steps", str(args.steps),
+               "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"not finished within --timeout {args.timeout} s"}
+    if done.returncode != 0:
+        return {"error": f"exit {done.returncode}: " + "\n".join(done.stderr.splitlines()[-10:])}
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny float32 model on CPU, to check the script")
@@ -183,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one configuration may take")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of 3 steps after the warm-up")
+    parser.add_argument("--peer", action="store_true",
+                        help="also run transformers' MistralForCausalLM at each row's shape (one GPU) and print the ratio")
     parser.add_argument("--work-dir", type=Path, help="where shards and runs go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides after --")
     args = parser.parse_args(argv)
@@ -195,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.smoke:
         parser.error("the benchmark needs CUDA GPUs; use --smoke on CPU")
+    if args.peer and args.nproc != 1:
+        parser.error("--peer compares one GPU with one GPU: use it with --nproc 1")
     matmul = measured_matmul_tflops() if on_gpu else None
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     sheet = datasheet_peak_tflops(device, "bfloat16")
@@ -209,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'GFLOP/token':>11} {'MFU(sheet)':>10} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
     print(header)
     print("-" * len(header))
-    profiles, phases = [], []
+    profiles, phases, peers = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         for layout in args.layouts:
@@ -229,9 +252,20 @@ def main(argv: list[str] | None = None) -> None:
                           f"{row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
                     profiles.append((row["name"], row["profile"], row["device_ms_by_kind"], row["step_time_s"]))
                     phases.append((row["name"], row["phases"]))
+                    if args.peer:
+                        peers.append((row, run_peer(args, seq_len, window)))
     for name, times in phases:
         print(f"startup of {name} (rank 0, from its process start): "
               + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s" for key, value in times.items()))
+    for row, peer in peers:
+        if "error" in peer:
+            print(f"peer at {row['name']}: FAILED {peer['error']}")
+            continue
+        memory = f", {peer['memory_gib']:.1f} GiB" if peer["memory_gib"] is not None else ""
+        print(f"peer at {row['name']} (transformers MistralForCausalLM, compiled, flex, gradient checkpointing, "
+              f"fused AdamW): {peer['tokens_per_s']:,.0f} tokens/s, step {peer['step_time_s']:.3f} s, first step "
+              f"{peer['first_step_s']:.1f} s{memory}; pretrain train / peer = "
+              f"{row['tokens_per_s_per_gpu'] / peer['tokens_per_s']:.2f}x")
     for name, table, by_kind, step_time_s in profiles:
         if table:
             print(f"\nprofile of {name}: {table}")

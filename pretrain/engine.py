@@ -74,7 +74,10 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # With bf16, a non-finite gradient norm skips the step (float32 ZeRO always does; optim.py covers stage 0).
-        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
+        # ZeRO 0-1 accumulate each micro-batch's bf16 gradient into float32 as soon as autograd has it and free it:
+        # the same sums as DeepSpeed's default, which keeps the bf16 gradients all step (zeroing them before, and
+        # adding into them during, every micro-batch's backward).
+        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True, "immediate_grad_update": True},
         # Keep the gradient reduction in float32 whatever the compute dtype.
         "data_types": {"grad_accum_dtype": "fp32"} if dtype == torch.bfloat16 else {},
         "steps_per_print": 10**12,
