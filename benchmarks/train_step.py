@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=int, default=900, help="seconds one configuration may take")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of 3 steps after the warm-up")
     parser.add_argument("--peer", action="store_true",
-                        help="also run transformers' MistralForCausalLM at each row's shape (one GPU) and print the ratio")
+                        help="also run transformers' MistralForCausalLM at each row's shape (1 GPU), print the ratio")
     parser.add_argument("--work-dir", type=Path, help="where shards and runs go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides after --")
     args = parser.parse_args(argv)
