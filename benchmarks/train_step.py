@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --seq-lens 4096 8192 16384 32768 --windows 4096 none
     python benchmarks/train_step.py --nproc 2 --layers 8 --layouts zero1 zero3 tp2 pp2
     python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 pp2 --steps 6 --warmup 2
-    python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 tp2sp --steps 5 --warmup 2 --profile
+    python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 tp2sp --steps 7 --warmup 2 --profile
     python benchmarks/train_step.py --peer                   # and transformers' MistralForCausalLM at the same shape
     python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
 
@@ -120,12 +120,14 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
         f"model.sliding_window={'null' if window is None else min(window, seq_len)}",
         f"data.train=[{{path: {data}}}]", "data.eval=null", "data.tokenizer=null", f"data.seq_len={seq_len}",
         *LAYOUTS[layout], f"parallel.micro_batch={micro_batch}",
-        f"parallel.activation_checkpointing={args.checkpointing}", f"train.global_batch={global_batch}",
+        f"train.global_batch={global_batch}",
         f"train.steps={args.steps}", "train.eval_every=0", f"train.compile={str(not args.no_compile).lower()}",
         "checkpoint.every_steps=0", "checkpoint.save_final=false", "logging.every_steps=1",
         "logging.tensorboard=false", "optim.warmup_steps=1",
         f"logging.profile_step={args.warmup + 1 if args.profile else 0}",
     ]
+    if args.checkpointing:
+        overrides.append(f"parallel.activation_checkpointing={args.checkpointing}")
     if args.smoke:
         overrides += ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
                       "model.hidden_dim=128", "train.dtype=float32", "data.num_workers=0"]
@@ -148,7 +150,9 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
         return {"name": name, "error": f"exit {code}: {tail} (whole log: {log})"}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     startup = next(r for r in records if r["kind"] == "startup")
-    timed = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
+    # The profiled steps run slower under the profiler: left out of the averages.
+    profiled = range(args.warmup + 1, args.warmup + 1 + PROFILED_STEPS) if args.profile else range(0)
+    timed = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup and r["step"] not in profiled]
     mean = {key: float(np.mean([r[key] for r in timed])) for key in ("tokens_per_s_per_gpu", "step_time_s")}
     mean["memory_gib"] = max(r["memory_gib"] for r in timed)
     mean["loss"] = timed[-1]["loss"]
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-per-micro-batch", type=int, default=0,
                         help="micro-batch = this / seq_len for each sequence length (same tokens per step for all)")
     parser.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step per replica")
-    parser.add_argument("--checkpointing", default="selective", choices=["none", "selective", "full"])
+    parser.add_argument("--checkpointing", choices=["none", "selective", "full"],
+                        help="activation checkpointing (default: the preset's)")
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--layouts", nargs="+", default=["zero1"], choices=list(LAYOUTS),
                         help="zero1, zero3: data parallel with that ZeRO stage; tp2, pp2: tp=2 or pp=2 (ZeRO-1); "
@@ -207,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, help="where shards and runs go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides after --")
     args = parser.parse_args(argv)
+    if args.profile and args.steps < args.warmup + PROFILED_STEPS + 1:
+        parser.error(f"--profile needs --steps of at least --warmup + {PROFILED_STEPS + 1}: the profiled steps are "
+                     "left out of the averages")
     if args.smoke:
         args.layers, args.vocab, args.seq_lens, args.windows = 2, 256, [128], ["64"]
         args.accum, args.steps, args.warmup, args.no_compile = 2, 4, 1, True
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
           + (f"; datasheet peak ({sheet[0]}, dense bf16) {sheet[1]:g} TFLOP/s" if sheet else "; datasheet peak n/a"))
     micro = f"{args.tokens_per_micro_batch} tokens" if args.tokens_per_micro_batch else f"{args.micro_batch}"
     print(f"model: Mistral 7B width, {args.layers} layers, vocab {args.vocab}; micro-batch {micro} x "
-          f"{args.accum} accumulation per replica, {args.checkpointing} activation checkpointing, "
+          f"{args.accum} accumulation per replica, activation checkpointing {args.checkpointing or 'as the preset'}, "
           f"compile={'off' if args.no_compile else 'on'} {' '.join(args.overrides)}")
     header = (f"{'layout':>6} {'seq':>6} {'window':>6} {'to step 1 s':>11} {'tokens/s/GPU':>13} {'step s':>8} "
               f"{'GFLOP/token':>11} {'MFU(sheet)':>10} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")

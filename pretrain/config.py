@@ -75,6 +75,9 @@ class ParallelConfig(_Section):
     micro_batch: int = Field(1, ge=1)
     # With tp > 1: norms and residual adds hold 1/tp of the sequence each (megatron-core's sequence parallelism).
     sequence_parallel: bool = False
+    # selective recomputes the attention core in backward: it saves memory only where the kernel would keep the
+    # S x S scores (SDPA with an explicit mask, the CPU path); the fused GPU kernels keep q, k, v and the output,
+    # which the layer keeps anyway. full recomputes the whole decoder layer and keeps only its input.
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
     @model_validator(mode="after")

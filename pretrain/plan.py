@@ -81,9 +81,8 @@ def activation_bytes_per_layer(cfg: Config, bytes_per_value: int) -> float:
     full = tokens * (replicated + sharded / p.tp) * bytes_per_value
     if p.activation_checkpointing == "full":
         return tokens * m.dim * bytes_per_value / (p.tp if p.sequence_parallel else 1)
-    if p.activation_checkpointing == "selective":
-        # The attention core (q, k, v and its output) is recomputed; the MLP keeps its tensors.
-        return full - tokens * (qkv + m.n_heads * m.head_dim) / p.tp * bytes_per_value
+    # selective keeps the same tensors: the recomputed attention core's inputs (q, k, v) are kept for it, and its
+    # output is the output projection's input.
     return full
 
 
