@@ -95,6 +95,11 @@ def saves(log: str) -> list[tuple[float, float]]:
                                                           log)]
 
 
+def progress(text: str) -> None:
+    """Each figure as soon as it is measured: a run cut short still shows what it had."""
+    print(f"measured: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
@@ -105,9 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.layers, args.seq_len, args.dd_gb = 2, 64, 1
+    if args.work_dir:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         work = Path(tmp)
         disk = disk_write_gbps(work, args.dd_gb)
+        progress(f"dd sequential write {disk:.2f} GB/s")
         data = work / "data"
         write_random_shards(data, 16, args.seq_len, 256 if args.smoke else 32000)
         async_log = train(args, work / "async", data, 8, async_save=True)
@@ -115,12 +123,16 @@ def main(argv: list[str] | None = None) -> None:
         # A save happens after steps 4 and 8; the stall is logged with the step after it (the last at the end).
         stall = max(r["checkpoint_stall_s"] for r in records if r["step"] == 5)
         step_s = sorted(r["step_time_s"] for r in records if r["step"] in (2, 3, 4))[1]
+        progress("async save: stall {:.2f} s, background write of {:.2f} GB in {:.2f} s".format(stall, *saves(async_log)[0]))
         train(args, work / "async", data, 9, async_save=True)
         records = [json.loads(line) for line in (work / "async" / "metrics.jsonl").read_text().splitlines()]
         load_s = [r["checkpoint_s"] for r in records if r["kind"] == "startup"][-1]
+        progress(f"load on resume {load_s:.2f} s")
         newest = work / "async" / "checkpoints" / (work / "async" / "checkpoints" / "latest").read_text().strip()
         read = disk_read_gbps(sorted(p for p in newest.rglob("*") if p.is_file()))
+        progress(f"sequential read of the checkpoint {read:.2f} GB/s")
         sync_log = train(args, work / "sync", data, 4, async_save=False)
+        progress("sync save: {:.2f} GB in {:.2f} s".format(*saves(sync_log)[0]))
         pinned = pinned_copy_gbps()
     gb, async_write_s = saves(async_log)[0]
     _, sync_write_s = saves(sync_log)[0]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -140,10 +141,14 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
     log = run_dir / "stderr.log"
     launched = time.time()
     with open(log, "w") as stderr:
+        # Its own process group: a run past --timeout is ended with its ranks and their data workers, which would
+        # otherwise hold the GPUs (and wait in collectives) through the next run.
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stderr, stderr=stderr, start_new_session=True)
         try:
-            code = subprocess.run(command, cwd=ROOT, env=env, stdout=stderr, stderr=stderr,
-                                  timeout=args.timeout).returncode
+            code = process.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             code = f"not finished within --timeout {args.timeout} s"
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
