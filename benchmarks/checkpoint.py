@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         # A save happens after steps 4 and 8; the stall is logged with the step after it (the last at the end).
         stall = max(r["checkpoint_stall_s"] for r in records if r["step"] == 5)
         step_s = sorted(r["step_time_s"] for r in records if r["step"] in (2, 3, 4))[1]
-        progress("async save: stall {:.2f} s, background write of {:.2f} GB in {:.2f} s".format(stall, *saves(async_log)[0]))
+        progress("async save: stall {:.2f} s, background write of {:.2f} GB in {:.2f} s".format(
+            stall, *saves(async_log)[0]))
         train(args, work / "async", data, 9, async_save=True)
         records = [json.loads(line) for line in (work / "async" / "metrics.jsonl").read_text().splitlines()]
         load_s = [r["checkpoint_s"] for r in records if r["kind"] == "startup"][-1]
