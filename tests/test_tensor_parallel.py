@@ -171,3 +171,24 @@ def test_layer_without_a_tensor_parallel_rule_is_refused(monkeypatch):
     cfg = CFG.model_copy(update={"init_std": 0.01})  # not in the layout cache
     with pytest.raises(TypeError, match=r"layers\.0\.mlp\.proj\.weight \(Linear\.weight\) has no tensor-parallel"):
         shard_parameter("layers.0.mlp.proj.weight", torch.zeros(CFG.dim, CFG.dim), cfg, rank=0, size=2)
+
+
+def compiled_layer_graphs_worker() -> tuple[int, int]:
+    """(graph breaks, compiled graphs) of a tp=2 decoder layer compiled as the trainer compiles it, forward and
+    backward twice."""
+    from torch._dynamo.utils import counters
+
+    parallel.init_distributed(tp=2, pp=1)
+    layer = mistral.DecoderLayer(CFG, mistral.megatron_layer_config(torch.float32))
+    layer.compile_computation()
+    x = torch.randn(2, 40, CFG.dim, requires_grad=True)
+    for _ in range(2):
+        layer(x).sum().backward()
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+
+def test_compiled_layer_splits_the_same_way_on_every_rank():
+    """megatron-core warns on rank 0 alone when a layer passes it no group (RowParallelLinear does); a warning cannot
+    be traced, so it used to split rank 0's compiled layer where the other ranks' stayed whole."""
+    rank0, rank1 = run_distributed(compiled_layer_graphs_worker, 2)
+    assert rank0 == rank1

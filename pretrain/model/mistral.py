@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import zlib
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -46,6 +48,7 @@ from megatron.core.tensor_parallel import (
     set_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,
 )
+from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -86,6 +89,20 @@ def parameter_device(layer_config: ModelParallelConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+@torch._dynamo.substitute_in_graph(get_tensor_model_parallel_group_if_none)
+def _tensor_parallel_group_or_default(tp_group, is_expert=False, check_initialized=True):
+    """What megatron-core's lookup of the default tensor-parallel group returns, for compiled layers: its deprecation
+    warning (RowParallelLinear passes no group) cannot be traced and is issued on rank 0 alone, so it split rank 0's
+    compiled layer and no other rank's."""
+    if not torch.distributed.is_initialized():
+        return None
+    if tp_group is not None or not parallel_state.is_initialized():
+        return tp_group
+    if is_expert:
+        return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+    return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+
 class FusedColumnParallelLinear(ColumnParallelLinear):
     """A column-parallel projection whose output concatenates blocks ([q; k; v], [gate; up]) and returns them apart.
 
@@ -119,7 +136,9 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         # Sequence parallel: this rank's gradient covers its slice of the sequence; the identity's backward sums the
         # slices over the tensor-parallel ranks (as megatron's finalize_model_grads does), whatever the ZeRO stage.
-        weight = copy_to_tensor_model_parallel_region(self.weight) if self.sequence_parallel else self.weight
+        # The group is passed: without it megatron warns on rank 0 alone, which splits rank 0's compiled graph only.
+        weight = (copy_to_tensor_model_parallel_region(self.weight, group=parallel.tp_group())
+                  if self.sequence_parallel else self.weight)
         return weight * x32.to(x.dtype)
 
 
@@ -252,7 +271,9 @@ class DecoderLayer(nn.Module):
     def compile_computation(self) -> None:
         """torch.compile the layer's computation but not its call: hooks on the layer (ZeRO-3 gathers and frees
         its parameters in them) stay eager, outside the graph, so they neither break it nor make it recompile.
-        Every layer has the same shapes, so one compiled graph serves them all."""
+        Every layer has the same shapes, so one compiled graph serves them all. A warning megatron-core's layers
+        issue from inside the computation (once) goes out after the graph rather than splitting it."""
+        torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
         self._forward = torch.compile(self._forward)
 
 
