@@ -71,7 +71,8 @@ def test_zero_stages_shard_what_they_should():
     cfg = resolve_world(load_config(MISTRAL, ["parallel.activation_checkpointing=full"]), 8)
     n = 7_241_732_096
     z1 = memory_per_gpu(cfg, 8)
-    assert (z1.weights, z1.gradients, z1.optimizer) == (2 * n, 2 * n, 12 * n / 8)
+    # ZeRO-1 in bf16 accumulates every gradient in float32 (DeepSpeed's bf16 optimizer).
+    assert (z1.weights, z1.gradients, z1.optimizer) == (2 * n, 4 * n, 12 * n / 8)
     z3 = memory_per_gpu(resolve_world(load_config(MISTRAL, ["parallel.zero_stage=3"]), 8), 8)
     assert (z3.weights, z3.gradients, z3.optimizer) == (2 * n / 8, 2 * n / 8, 12 * n / 8)
     # Full recomputation keeps one bf16 hidden state per layer: 8192 tokens * 4096 * 2 bytes * 32 layers.
