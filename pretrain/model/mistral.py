@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 import zlib
 from collections.abc import Sequence
 from typing import Literal
@@ -271,9 +270,7 @@ class DecoderLayer(nn.Module):
     def compile_computation(self) -> None:
         """torch.compile the layer's computation but not its call: hooks on the layer (ZeRO-3 gathers and frees
         its parameters in them) stay eager, outside the graph, so they neither break it nor make it recompile.
-        Every layer has the same shapes, so one compiled graph serves them all. A warning megatron-core's layers
-        issue from inside the computation (once) goes out after the graph rather than splitting it."""
-        torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
+        Every layer has the same shapes, so one compiled graph serves them all."""
         self._forward = torch.compile(self._forward)
 
 
