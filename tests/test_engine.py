@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-import pretrain.engine
 from pretrain.config import load_config, resolve_world
 from tests.runs import ROOT
 
@@ -13,15 +14,19 @@ def _train_bf16(deepspeed_default: bool, monkeypatch) -> tuple[list[float], list
     """3 bf16 ZeRO-1 steps of 2 micro-batches on the tiny model, configured as the trainer does or with DeepSpeed's
     default accumulation: losses, final weights, and per step whether every bf16 gradient was gone after the first
     micro-batch's backward."""
+    # Imported here with DS_ACCELERATOR set for this test only: the module sets it in os.environ when missing, which
+    # every later subprocess of the suite would inherit (DeepSpeed then no longer warns at import in a rank's log).
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    engine_module = importlib.import_module("pretrain.engine")
     cfg = resolve_world(load_config(ROOT / "configs" / "tiny.yaml", [
         "train.dtype=bfloat16", "train.global_batch=4", "parallel.micro_batch=2", "parallel.zero_stage=1",
         "data.tokenizer=null", "model.attention_backend=sdpa"]), 1)
-    configured = pretrain.engine.deepspeed_config(cfg)
+    configured = engine_module.deepspeed_config(cfg)
     if deepspeed_default:
         configured["bf16"].pop("immediate_grad_update", None)
-    monkeypatch.setattr(pretrain.engine, "deepspeed_config", lambda _: configured)
+    monkeypatch.setattr(engine_module, "deepspeed_config", lambda _: configured)
     monkeypatch.setenv("LOCAL_RANK", "0")
-    engine = pretrain.engine.build_engine(cfg, eos_id=None).engine
+    engine = engine_module.build_engine(cfg, eos_id=None).engine
     generator = torch.Generator().manual_seed(0)
     losses, freed = [], []
     for _ in range(3):
