@@ -30,7 +30,7 @@ from pretrain.evaluate import inputs_and_labels
 from pretrain.hardware import peak_flops
 from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL, EXIT_USER_ERROR
 from pretrain.metrics import MetricsLogger, StepProfiler
-from pretrain.model.attention import resolve_backend
+from pretrain.model.attention import needs_mask, resolve_backend
 from pretrain.model.mistral import IGNORE_INDEX
 from pretrain.plan import flops_per_token
 from pretrain.stop import StopSignals
@@ -95,9 +95,9 @@ class Trainer:
         self.peak_flops = peak_flops(cfg, torch.cuda.get_device_name(self.device) if self.device is not None else None,
                                      self.log_rank0)
         m = cfg.model
-        masked = m.document_masking or (m.sliding_window is not None and m.sliding_window < cfg.data.seq_len)
         kernel = resolve_backend(m.attention_backend, self.device or torch.device("cpu"),
-                                 resolve_dtype(cfg.train.dtype), masked)
+                                 resolve_dtype(cfg.train.dtype),
+                                 needs_mask(cfg.data.seq_len, m.sliding_window, m.document_masking))
         self.log_rank0(f"attention: {kernel}" + (" (auto)" if m.attention_backend == "auto" else ""))
         self.inject_nonfinite = set(cfg.train.inject_nonfinite_batches)
         if self.inject_nonfinite:

@@ -60,6 +60,11 @@ def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
             and (flash_attn_installed() or torch.backends.cuda.is_flash_attention_available()))
 
 
+def needs_mask(seq_len: int, window: int | None, documents: bool) -> bool:
+    """Whether attention over `seq_len` positions is more than plain causal: a window inside it, or documents."""
+    return documents or (window is not None and window < seq_len)
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, masked: bool = True) -> str:
     """The concrete backend for `backend` on `device` and `dtype`; raises if an explicit choice cannot run there.
 
@@ -105,7 +110,7 @@ def attention(
     doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention. q: [B, S, Hq, D]; k, v: [B, S, Hkv, D]; doc_ids: [B, S] or None. Returns [B, S, Hq, D]."""
-    masked = doc_ids is not None or (window is not None and window < q.shape[1])
+    masked = needs_mask(q.shape[1], window, doc_ids is not None)
     backend = resolve_backend(backend, q.device, q.dtype, masked)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
