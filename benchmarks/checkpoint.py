@@ -13,7 +13,6 @@ checkpoint files (dd with O_DIRECT, so the page cache does not answer it; withou
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -21,9 +20,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from train_step import write_random_shards  # noqa: E402
+
+from pretrain.metrics import read_metrics  # noqa: E402
 
 
 def dd(*operands: str) -> tuple[int, float]:
@@ -119,24 +120,23 @@ def main(argv: list[str] | None = None) -> None:
         data = work / "data"
         write_random_shards(data, 16, args.seq_len, 256 if args.smoke else 32000)
         async_log = train(args, work / "async", data, 8, async_save=True)
-        records = [json.loads(line) for line in (work / "async" / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(work / "async" / "metrics.jsonl")
         # A save happens after steps 4 and 8; the stall is logged with the step after it (the last at the end).
         stall = max(r["checkpoint_stall_s"] for r in records if r["step"] == 5)
         step_s = sorted(r["step_time_s"] for r in records if r["step"] in (2, 3, 4))[1]
-        progress("async save: stall {:.2f} s, background write of {:.2f} GB in {:.2f} s".format(
-            stall, *saves(async_log)[0]))
+        gb, async_write_s = saves(async_log)[0]
+        progress(f"async save: stall {stall:.2f} s, background write of {gb:.2f} GB in {async_write_s:.2f} s")
         train(args, work / "async", data, 9, async_save=True)
-        records = [json.loads(line) for line in (work / "async" / "metrics.jsonl").read_text().splitlines()]
-        load_s = [r["checkpoint_s"] for r in records if r["kind"] == "startup"][-1]
+        load_s = [r["checkpoint_s"] for r in read_metrics(work / "async" / "metrics.jsonl")
+                  if r["kind"] == "startup"][-1]
         progress(f"load on resume {load_s:.2f} s")
         newest = work / "async" / "checkpoints" / (work / "async" / "checkpoints" / "latest").read_text().strip()
         read = disk_read_gbps(sorted(p for p in newest.rglob("*") if p.is_file()))
         progress(f"sequential read of the checkpoint {read:.2f} GB/s")
         sync_log = train(args, work / "sync", data, 4, async_save=False)
-        progress("sync save: {:.2f} GB in {:.2f} s".format(*saves(sync_log)[0]))
+        sync_gb, sync_write_s = saves(sync_log)[0]
+        progress(f"sync save: {sync_gb:.2f} GB in {sync_write_s:.2f} s")
         pinned = pinned_copy_gbps()
-    gb, async_write_s = saves(async_log)[0]
-    _, sync_write_s = saves(sync_log)[0]
     print(f"disk: dd sequential write {disk:.2f} GB/s, read {read:.2f} GB/s; device to pinned host memory "
           + (f"{pinned:.2f} GB/s" if pinned else "n/a (no GPU)")
           + f"; checkpoint {gb:.2f} GB ({args.layers} layers: fp32 weights + Adam moments); training step "

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline.prepare import MANIFEST, MANIFEST_VERSION, ShardWriter, token_dtype  # noqa: E402
 from pretrain.checkpoint.store import write_json_atomic  # noqa: E402
 from pretrain.hardware import datasheet_peak_tflops  # noqa: E402
-from pretrain.metrics import StepProfiler  # noqa: E402
+from pretrain.metrics import StepProfiler, read_metrics  # noqa: E402
 from pretrain.plan import flops_per_token  # noqa: E402
 
 PROFILED_STEPS = StepProfiler.STEPS
@@ -108,11 +108,16 @@ def device_ms_by_kind(trace: Path, steps: int) -> dict[str, float]:
     return totals
 
 
+def micro_batch_size(args, seq_len: int) -> int:
+    """Sequences per micro-batch at `seq_len`: --micro-batch, or --tokens-per-micro-batch / seq_len."""
+    return args.tokens_per_micro_batch // seq_len if args.tokens_per_micro_batch else args.micro_batch
+
+
 def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) -> dict:
     """One `pretrain train` run; returns its averaged metrics after the warm-up steps."""
     name = f"{layout}-seq{seq_len}-w{window or 'full'}"
     data = work / f"data-{seq_len}"
-    micro_batch = args.tokens_per_micro_batch // seq_len if args.tokens_per_micro_batch else args.micro_batch
+    micro_batch = micro_batch_size(args, seq_len)
     global_batch = micro_batch * args.accum * (args.nproc // model_parallel_size(layout))
     if not (data / "manifest.json").exists():
         write_random_shards(data, global_batch * args.steps, seq_len, args.vocab)
@@ -153,7 +158,7 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         return {"name": name, "error": f"exit {code}: {tail} (whole log: {log})"}
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     startup = next(r for r in records if r["kind"] == "startup")
     # The profiled steps run slower under the profiler: left out of the averages.
     profiled = range(args.warmup + 1, args.warmup + 1 + PROFILED_STEPS) if args.profile else range(0)
@@ -176,7 +181,7 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
 
 def run_peer(args, seq_len: int, window: int | None) -> dict:
     """benchmarks/peer_transformers.py at this run's shape: its JSON line, or {"error": ...}."""
-    micro_batch = args.tokens_per_micro_batch // seq_len if args.tokens_per_micro_batch else args.micro_batch
+    micro_batch = micro_batch_size(args, seq_len)
     command = [sys.executable, str(ROOT / "benchmarks" / "peer_transformers.py"), "--layers", str(args.layers),
                "--vocab", str(args.vocab), "--seq-len", str(seq_len), "--window", str(window or 0),
                "--micro-batch", str(micro_batch), "--accum", str(args.accum), "--steps", str(args.steps),
