@@ -74,13 +74,15 @@ def activation_bytes_per_layer(cfg: Config, bytes_per_value: int) -> float:
     m, p = cfg.model, cfg.parallel
     tokens = cfg.data.seq_len * p.micro_batch
     qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+    # Sequence parallelism splits what lies between the tensor-parallel regions (norms, the layer's input) over tp.
+    sequence_split = p.tp if p.sequence_parallel else 1
     # Two norm inputs, two norm outputs: full width on every tp rank, 1/tp of the sequence with sequence parallelism
     # (the column-parallel projections keep their input unsharded and gather it again for backward).
-    replicated = 4 * m.dim / (p.tp if p.sequence_parallel else 1)
+    replicated = 4 * m.dim / sequence_split
     sharded = qkv + m.n_heads * m.head_dim + 3 * m.hidden_dim
     full = tokens * (replicated + sharded / p.tp) * bytes_per_value
     if p.activation_checkpointing == "full":
-        return tokens * m.dim * bytes_per_value / (p.tp if p.sequence_parallel else 1)
+        return tokens * m.dim * bytes_per_value / sequence_split
     # selective keeps the same tensors: the recomputed attention core's inputs (q, k, v) are kept for it, and its
     # output is the output projection's input.
     return full
