@@ -100,10 +100,14 @@ class Built:
     engine: deepspeed.DeepSpeedEngine
     # parameter -> canonical name (as in the tp=1, pp=1 Mistral)
     canonical_names: dict[torch.nn.Parameter, str]
-    pipelined: bool
     # seconds spent building and initializing the model, and in deepspeed.initialize
     setup_s: dict[str, float]
-    pipeline_loss: PipelineLoss | None = None
+    # the pipeline's loss function (pp > 1), whose divisor the trainer sets per batch
+    pipeline_loss: PipelineLoss | None
+
+    @property
+    def pipelined(self) -> bool:
+        return self.pipeline_loss is not None
 
 
 def _stage_prefix(index: int, n_layers: int) -> str:
@@ -165,5 +169,4 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         mpu=None if cfg.parallel.pp > 1 else MegatronMPU(),
     )
     setup_s = {"model_s": built - start, "deepspeed_s": time.perf_counter() - built}
-    return Built(engine, {param: name for name, param in named.items()}, cfg.parallel.pp > 1, setup_s,
-                 pipeline_loss)
+    return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss)
