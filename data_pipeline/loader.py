@@ -144,6 +144,11 @@ def decode_shard(data: bytes, where: str, samples: int, sample_tokens: int, dtyp
     return raw[:, TAR_BLOCK:TAR_BLOCK + sample_bytes].copy().view(dtype).reshape(samples, sample_tokens)
 
 
+def values_per_sample(sample_tokens: int, loss_mask: bool) -> int:
+    """Values a shard stores per sample: its tokens, then, for chat data (prepare --chat), as many loss-mask values."""
+    return sample_tokens * (2 if loss_mask else 1)
+
+
 def read_shard(source: str, shard: dict, sample_tokens: int, dtype: str, verify_checksum: bool = True) -> np.ndarray:
     """[samples, sample_tokens] tokens of a shard listed in `source`'s manifest: size, sha256 and tar layout checked."""
     url = shard_url(source, shard["name"])
@@ -186,7 +191,7 @@ class _Options:
 
     @property
     def sample_values(self) -> int:
-        return self.sample_tokens * (2 if self.loss_mask else 1)
+        return values_per_sample(self.sample_tokens, self.loss_mask)
 
 
 class _SourceStream:

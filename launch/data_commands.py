@@ -136,7 +136,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from rich.progress import track
 
     from data_pipeline.errors import DataError
-    from data_pipeline.loader import read_manifest, read_shard
+    from data_pipeline.loader import read_manifest, read_shard, values_per_sample
 
     m = read_manifest(args.dir)
     print(f"dataset {args.dir}: {len(m['shards'])} shard(s), {m['samples']:,} samples of {m['sample_tokens']} "
@@ -156,8 +156,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     first_samples = None
     for shard in shards:
         try:
-            values = m["sample_tokens"] * (2 if m.get("loss_mask") else 1)  # chat data: tokens, then the mask
-            samples = read_shard(args.dir, shard, values, m["dtype"])[:, :m["sample_tokens"]]
+            values = values_per_sample(m["sample_tokens"], bool(m.get("loss_mask")))
+            samples = read_shard(args.dir, shard, values, m["dtype"])[:, :m["sample_tokens"]]  # the tokens
         except DataError as e:
             failed.append(shard["name"])
             print(f"  FAILED      {e}")
