@@ -187,8 +187,7 @@ def compiled_layer_graphs_worker() -> tuple[int, int]:
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
-def test_compiled_layer_splits_the_same_way_on_every_rank():
-    """megatron-core warns on rank 0 alone when a layer passes it no group (RowParallelLinear does); a warning cannot
-    be traced, so it used to split rank 0's compiled layer where the other ranks' stayed whole."""
-    rank0, rank1 = run_distributed(compiled_layer_graphs_worker, 2)
-    assert rank0 == rank1
+def test_compiled_tensor_parallel_layer_is_one_graph_on_every_rank():
+    """Nothing in megatron-core's layers splits the compiled layer: not its rank-0-only warning when a layer passes
+    no group (RowParallelLinear does), not the async collectives of its linear backward, not its one-time advice."""
+    assert run_distributed(compiled_layer_graphs_worker, 2) == [(0, 1), (0, 1)]

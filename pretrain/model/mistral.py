@@ -37,7 +37,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -47,12 +46,12 @@ from megatron.core.tensor_parallel import (
     set_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,
 )
-from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain import parallel
 from pretrain.config import ConfigError, ModelConfig
+from pretrain.model import traceable_megatron  # noqa: F401  (how compiled layers trace megatron-core)
 from pretrain.model.attention import attention, document_ids
 from pretrain.model.kv_cache import LayerCache, RollingKVCache
 from pretrain.model.sharding import full_shape, parameter_layout, shard_parameter
@@ -86,20 +85,6 @@ def parameter_device(layer_config: ModelParallelConfig) -> torch.device:
     if layer_config.use_cpu_initialization:
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
-
-
-@torch._dynamo.substitute_in_graph(get_tensor_model_parallel_group_if_none)
-def _tensor_parallel_group_or_default(tp_group, is_expert=False, check_initialized=True):
-    """What megatron-core's lookup of the default tensor-parallel group returns, for compiled layers: its deprecation
-    warning (RowParallelLinear passes no group) cannot be traced and is issued on rank 0 alone, so it split rank 0's
-    compiled layer and no other rank's."""
-    if not torch.distributed.is_initialized():
-        return None
-    if tp_group is not None or not parallel_state.is_initialized():
-        return tp_group
-    if is_expert:
-        return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
-    return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
 
 
 class FusedColumnParallelLinear(ColumnParallelLinear):

@@ -1,0 +1,64 @@
+"""How torch.compile traces megatron-core's tensor-parallel layers inside a compiled decoder layer.
+
+Each rule replaces, for dynamo's tracing only, a piece of megatron-core that dynamo cannot trace and would split the
+compiled layer at; eager code is unchanged. With all of them a tensor-parallel layer (with or without sequence
+parallelism) compiles to one graph, forward and backward, its collectives inside it for inductor to schedule.
+Importing this module installs them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import layers
+from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+
+@torch._dynamo.substitute_in_graph(get_tensor_model_parallel_group_if_none)
+def _tensor_parallel_group_or_default(tp_group, is_expert=False, check_initialized=True):
+    """megatron-core's lookup of the default tensor-parallel group without its deprecation warning (RowParallelLinear
+    passes no group): the warning cannot be traced and is issued on rank 0 alone, so it split rank 0's compiled
+    layer and no other rank's."""
+    if not dist.is_initialized():
+        return None
+    if tp_group is not None or not parallel_state.is_initialized():
+        return tp_group
+    if is_expert:
+        return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+    return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+
+class _Completed:
+    """The handle of a collective that has already run (in the graph, where inductor orders it)."""
+
+    def wait(self) -> None:
+        return None
+
+
+# megatron's linear backward starts its collectives with async_op=True and waits before it needs their results, to
+# overlap them with the gradient GEMMs; dynamo refuses async_op=True. In the graph the same collective runs as a
+# functional one, and inductor does the overlapping.
+@torch._dynamo.substitute_in_graph(dist.all_gather_into_tensor)
+def _all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+    funcol.all_gather_tensor_inplace(output_tensor, input_tensor, group)
+    return _Completed() if async_op else None
+
+
+@torch._dynamo.substitute_in_graph(dist.reduce_scatter_tensor)
+def _reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    funcol.reduce_scatter_tensor_inplace(output, input, funcol.REDUCE_OP_TO_STR[op], group)
+    return _Completed() if async_op else None
+
+
+@torch._dynamo.substitute_in_graph(dist.all_reduce)
+def _all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    funcol.all_reduce_inplace(tensor, funcol.REDUCE_OP_TO_STR[op], group)
+    return _Completed() if async_op else None
+
+
+# megatron advises CUDA_DEVICE_MAX_CONNECTIONS=1 once, for its eager overlap of those collectives; the flag that
+# makes it once cannot be set inside a graph, so the advice split the first compiled layer and then recompiled it.
+# Compiled layers schedule their collectives themselves: mark the advice as given.
+layers.linear_with_grad_accumulation_and_async_allreduce.warned = True
