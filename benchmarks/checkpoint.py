@@ -5,9 +5,11 @@
 
 Measured in one run: the disk's sequential write speed (dd of zeros, fdatasync at the end); on a GPU, the copy
 bandwidth from device to pinned host memory; an asynchronous save (the training stall, i.e. the copy to host memory,
-and the background write with hashing and fsync); a synchronous save; the load when a run resumes (verification by
-sha256, reading, resharding into the engine: the startup's checkpoint phase); and a plain sequential read of the same
-checkpoint files (dd with O_DIRECT, so the page cache does not answer it; without where the file system refuses it).
+and the background write with hashing and fsync), after enough steps for its pinned host buffers to be allocated in
+the background, as in a real run (the allocation's time is shown too); a synchronous save; the load when a run resumes
+(verification by sha256, reading, resharding into the engine: the startup's checkpoint phase); and a plain sequential
+read of the same checkpoint files (dd with O_DIRECT, so the page cache does not answer it; without where the file
+system refuses it).
 """
 
 from __future__ import annotations
@@ -71,12 +73,14 @@ def pinned_copy_gbps(gigabytes: float = 2.0) -> float | None:
     return source.numel() * 4 / (start.elapsed_time(end) / 1e3) / 1e9
 
 
-def train(args, run_dir: Path, data: Path, steps: int, async_save: bool) -> str:
+def train(args, run_dir: Path, data: Path, steps: int, every_steps: int, async_save: bool,
+          save_final: bool = True) -> str:
     overrides = [
         f"model.n_layers={args.layers}", f"data.train=[{{path: {data}}}]", "data.eval=null", "data.tokenizer=null",
         f"data.seq_len={args.seq_len}", f"model.max_seq_len={args.seq_len}", f"model.sliding_window={args.seq_len}",
         "parallel.micro_batch=1", "train.global_batch=1", f"train.steps={steps}", "train.eval_every=0",
-        "checkpoint.every_steps=4", "checkpoint.keep_last=1", f"checkpoint.async_save={str(async_save).lower()}",
+        f"checkpoint.every_steps={every_steps}", f"checkpoint.save_final={str(save_final).lower()}",
+        "checkpoint.keep_last=1", f"checkpoint.async_save={str(async_save).lower()}",
         "logging.every_steps=1", "logging.tensorboard=false", "train.compile=false",
     ]
     if args.smoke:
@@ -96,6 +100,13 @@ def saves(log: str) -> list[tuple[float, float]]:
                                                           log)]
 
 
+def staging_allocation(log: str) -> tuple[float, float] | None:
+    """(GB, seconds) of the pinned host buffers for asynchronous saves (None where none were allocated: on CPU)."""
+    match = re.search(r"checkpoint: ([\d.]+) GB of pinned host memory for asynchronous saves ready in ([\d.]+) s",
+                      log)
+    return (float(match.group(1)), float(match.group(2))) if match else None
+
+
 def progress(text: str) -> None:
     """Each figure as soon as it is measured: a run cut short still shows what it had."""
     print(f"measured: {text}", file=sys.stderr, flush=True)
@@ -107,10 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dd-gb", type=int, default=8, help="size of the dd write test")
+    parser.add_argument("--save-after", type=int, default=40,
+                        help="steps before the asynchronous save (its pinned buffers are allocated meanwhile)")
     parser.add_argument("--work-dir", type=Path, help="on the disk to measure (default: a temporary directory)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.layers, args.seq_len, args.dd_gb = 2, 64, 1
+        args.layers, args.seq_len, args.dd_gb, args.save_after = 2, 64, 1, 4
     if args.work_dir:
         args.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
@@ -119,26 +132,32 @@ def main(argv: list[str] | None = None) -> None:
         progress(f"dd sequential write {disk:.2f} GB/s")
         data = work / "data"
         write_random_shards(data, 16, args.seq_len, 256 if args.smoke else 32000)
-        async_log = train(args, work / "async", data, 8, async_save=True)
+        n = args.save_after
+        # One save, after step n; its stall is logged with the step after it.
+        async_log = train(args, work / "async", data, n + 1, n, async_save=True, save_final=False)
+        staging = staging_allocation(async_log)
+        if staging:
+            progress(f"pinned staging buffers: {staging[0]:.1f} GB allocated in {staging[1]:.2f} s in the background")
         records = read_metrics(work / "async" / "metrics.jsonl")
-        # A save happens after steps 4 and 8; the stall is logged with the step after it (the last at the end).
-        stall = max(r["checkpoint_stall_s"] for r in records if r["step"] == 5)
-        step_s = sorted(r["step_time_s"] for r in records if r["step"] in (2, 3, 4))[1]
+        stall = max(r["checkpoint_stall_s"] for r in records if r["step"] == n + 1)
+        step_s = sorted(r["step_time_s"] for r in records if r["step"] in (n - 2, n - 1, n))[1]
         gb, async_write_s = saves(async_log)[0]
         progress(f"async save: stall {stall:.2f} s, background write of {gb:.2f} GB in {async_write_s:.2f} s")
-        train(args, work / "async", data, 9, async_save=True)
+        train(args, work / "async", data, n + 1, n, async_save=True)  # resumes from step n, saves step n + 1
         load_s = [r["checkpoint_s"] for r in read_metrics(work / "async" / "metrics.jsonl")
                   if r["kind"] == "startup"][-1]
         progress(f"load on resume {load_s:.2f} s")
         newest = work / "async" / "checkpoints" / (work / "async" / "checkpoints" / "latest").read_text().strip()
         read = disk_read_gbps(sorted(p for p in newest.rglob("*") if p.is_file()))
         progress(f"sequential read of the checkpoint {read:.2f} GB/s")
-        sync_log = train(args, work / "sync", data, 4, async_save=False)
+        sync_log = train(args, work / "sync", data, 4, 4, async_save=False)
         sync_gb, sync_write_s = saves(sync_log)[0]
         progress(f"sync save: {sync_gb:.2f} GB in {sync_write_s:.2f} s")
         pinned = pinned_copy_gbps()
     print(f"disk: dd sequential write {disk:.2f} GB/s, read {read:.2f} GB/s; device to pinned host memory "
           + (f"{pinned:.2f} GB/s" if pinned else "n/a (no GPU)")
+          + (f"; pinned staging buffers {staging[0]:.1f} GB allocated in {staging[1]:.2f} s (in the background, "
+             f"before the save after step {n})" if staging else "")
           + f"; checkpoint {gb:.2f} GB ({args.layers} layers: fp32 weights + Adam moments); training step "
           f"{step_s:.3f} s")
     print(f"{'what':<38} {'seconds':>8} {'GB/s':>7} {'vs':>6} {'reference':<18}")

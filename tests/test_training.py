@@ -76,13 +76,55 @@ def checkpoint_shards(run_dir) -> dict[str, tuple[set[str], int]]:
 
 @pytest.mark.parametrize("layout", ["dp2-zero1", "dp2-zero3"])
 def test_data_parallel_ranks_share_a_checkpoint(layout, runs):
-    """Each parameter is written once, by one data-parallel rank, and the two ranks write about equal shares."""
+    """Each parameter is written once, by the data-parallel rank that `rank_share` names from the parameter's
+    whole shape (what the pinned staging buffers are allocated for, ZeRO-3 included), and the two ranks write
+    about equal shares."""
+    import torch
+    from safetensors import safe_open
+
+    from pretrain.checkpoint.state import rank_share
+
     got = checkpoint_shards(runs(layout)[0])
     assert list(got) == ["tp00-pp00-dp0000.safetensors", "tp00-pp00-dp0001.safetensors"]
     (first, first_size), (second, second_size) = got.values()
     assert not first & second
     assert first | second == checkpoint_shards(runs("single")[0])["tp00-pp00-dp0000.safetensors"][0]
     assert max(first_size, second_size) < 1.5 * min(first_size, second_size), (first_size, second_size)
+    single = safe_open(str(runs("single")[0] / "checkpoints" / "step_00000010" / "model" /
+                           "tp00-pp00-dp0000.safetensors"), framework="pt")
+    canonical = {torch.nn.Parameter(torch.empty(single.get_slice(key).get_shape())): key.removeprefix("param/")
+                 for key in single.keys() if key.startswith("param/")}
+    for dp_rank, keys in enumerate((first, second)):
+        assert {key.split("/", 1)[1] for key in keys} == {name for name, _ in rank_share(canonical, dp_rank, 2)}
+
+
+def test_rank_share_splits_a_checkpoint_over_data_parallel_ranks():
+    """Every parameter to exactly one rank, each share in name order, the same shares whatever order a rank lists
+    its parameters in, balanced by size; a ZeRO-3 parameter (empty `.shape`) counts at its whole size."""
+    import torch
+
+    from pretrain.checkpoint.state import full_shape, rank_share
+
+    def parameter(shape, zero3=False):
+        param = torch.nn.Parameter(torch.empty(0 if zero3 else shape))
+        if zero3:
+            param.ds_shape = torch.Size(shape)
+        return param
+
+    canonical = {parameter((8 * (i % 5 + 1), 16), zero3=i % 3 == 0): f"layers.{i}.w" for i in range(20)}
+    reordered = dict(reversed(canonical.items()))
+    largest = max(full_shape(param).numel() for param in canonical)
+    for dp_size in (1, 2, 3, 4):
+        shares = [rank_share(canonical, dp_rank, dp_size) for dp_rank in range(dp_size)]
+        assert shares == [rank_share(reordered, dp_rank, dp_size) for dp_rank in range(dp_size)]
+        names = [[name for name, _ in share] for share in shares]
+        assert all(share == sorted(share) for share in names)
+        assert sorted(sum(names, [])) == sorted(canonical.values())
+        loads = [sum(full_shape(param).numel() for _, param in share) for share in shares]
+        assert max(loads) - min(loads) <= largest, loads
+    # Counted at 0, the ZeRO-3 parameter "a" would leave "b" on rank 0 too.
+    canonical = {parameter((100,), zero3=True): "a", parameter((60,)): "b", parameter((40,)): "c"}
+    assert [[name for name, _ in rank_share(canonical, dp_rank, 2)] for dp_rank in (0, 1)] == [["a"], ["b", "c"]]
 
 
 RESHARDS = [("dp2-zero1", "single"), ("single", "dp2-zero3"), ("tp2", "single"), ("pp2", "single"),

@@ -11,7 +11,9 @@ writes it into `.tmp-step_N/`. Then the ranks *settle* it together: they agree w
 rank 0 finalizes (manifest last, rename, `latest`), or, if any rank failed (a full disk, say), the partial directory
 is removed and every rank raises the same CheckpointError, so the previous checkpoint stays the newest. With
 `async_save` the writing runs in a background thread while training continues, and the trainer settles once its
-per-step poll shows every rank's writer finished (or at the next save, a stop, or the end of the run).
+per-step poll shows every rank's writer finished (or at the next save, a stop, or the end of the run); the pinned
+host buffers the snapshot copies into are allocated in another background thread as training starts, so that
+no save waits for the seconds that pinning tens of gigabytes takes.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pretrain import parallel
 from pretrain.checkpoint.state import (
     ShardReader,
+    allocate_staging,
     check_compatible,
     load_model_and_optimizer,
     load_rng_state,
+    rank_share,
     read_trainer_state,
     snapshot_rank_state,
     write_rank_state,
@@ -90,7 +95,15 @@ class Checkpointer:
         self.world = dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self._pending: _PendingSave | None = None
-        self._staging: dict[str, torch.Tensor] = {}  # pinned host buffers of this rank's share, reused by every save
+        # Pinned host buffers of this rank's share, reused by every asynchronous save; synchronous saves copy into
+        # pageable memory. Allocated by a background thread that the first save waits for.
+        self._staging: dict[str, torch.Tensor] | None = {} if self.async_save else None
+        self._staging_thread: threading.Thread | None = None
+        self._staging_error: BaseException | None = None
+        if self.async_save:
+            share = rank_share(canonical, parallel.dp_rank(), parallel.dp_size())
+            self._staging_thread = threading.Thread(target=self._allocate_staging, args=(share,), daemon=True)
+            self._staging_thread.start()
         self.last_stall_s = 0.0  # how long the training loop waited for the last save
         self.last_write_s = 0.0  # how long the slowest rank took to write it (in the background when async)
 
@@ -155,11 +168,40 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ saving
 
+    def _allocate_staging(self, share: list[tuple[str, torch.nn.Parameter]]) -> None:
+        """In a background thread: no collectives here, and a failure is raised by `_staging_ready`."""
+        start = time.perf_counter()
+        try:
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0
+            size = allocate_staging(share, self._staging)
+        except BaseException as e:
+            self._staging_error = e
+            return
+        if self.rank == 0:
+            _log(f"checkpoint: {size / 1e9:.1f} GB of pinned host memory for asynchronous saves ready in "
+                 f"{time.perf_counter() - start:.1f} s (rank 0's share)")
+
+    def _staging_ready(self) -> None:
+        """Collective at the first asynchronous save: wait for the staging buffers; if any rank could not allocate
+        its own, every rank raises (one rank alone would leave the others waiting in the save's collectives)."""
+        if self._staging_thread is None:
+            return
+        self._staging_thread.join()
+        self._staging_thread = None
+        if self._any_rank(self._staging_error is not None):
+            error = self._staging_error
+            cause = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+            raise CheckpointError(
+                f"allocating pinned host memory for asynchronous checkpoint saves failed ({cause}): free host memory "
+                "on the nodes or set checkpoint.async_save=false (synchronous saves pin no memory)"
+            )
+
     def save(self, loss: float) -> None:
         """Checkpoint the current step (collective); returns once this rank's state is in host memory, or written
         too without async_save."""
         self.settle()
         start = time.perf_counter()
+        self._staging_ready()
         step = self.train_state.step
         trainer_state = {**self.train_state.state_dict(), "loss": loss, "loader": self.loader.state_dict()}
         pending = _PendingSave(step, {"tokens": self.train_state.tokens, "loss": loss})

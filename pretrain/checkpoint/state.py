@@ -94,27 +94,64 @@ def _full_master(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer, st
     return {"param": master, **{key: safe_get_full_optimizer_state(param, key) for key in ADAM_MOMENTS}}
 
 
-def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], trainer_state: dict,
-                        config: dict, staging: dict[str, torch.Tensor]) -> dict[str, object]:
-    """Every rank, at a step boundary: this rank's share of the checkpoint copied to host memory, ready for
-    `write_rank_state`. Gathers over data-parallel ranks (collectives), so all ranks call it together.
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """The shape of this tensor-parallel rank's whole parameter: ZeRO-3 leaves each rank an empty `.shape` and
+    keeps the whole one in `ds_shape`."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
 
-    From a GPU the copies go into `staging`: pinned host buffers kept from one save to the next (allocated at the
-    first), filled by asynchronous copies with one synchronization at the end. Pinned memory copies several times
-    faster than pageable memory, and this copy is all the training loop waits for. The caller must not reuse
-    `staging` while an earlier snapshot is still being written."""
+
+def _by_name(canonical: dict[torch.nn.Parameter, str]) -> list[tuple[str, torch.nn.Parameter]]:
+    """The order every rank goes through the parameters in: the same on all, so that their collectives pair up
+    and their shares agree."""
+    return sorted(((name, param) for param, name in canonical.items()), key=lambda item: item[0])
+
+
+def rank_share(canonical: dict[torch.nn.Parameter, str], dp_rank: int,
+               dp_size: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """The (canonical name, parameter) pairs whose checkpoint values data-parallel rank `dp_rank` writes, by name:
+    each parameter goes to the rank least loaded so far, by size. Computed from shapes alone, so every rank gets
+    the same shares without a collective (and it may run in a background thread)."""
+    load = [0] * dp_size
+    share = []
+    for name, param in _by_name(canonical):
+        owner = load.index(min(load))
+        load[owner] += full_shape(param).numel()
+        if owner == dp_rank:
+            share.append((name, param))
+    return share
+
+
+def allocate_staging(share: list[tuple[str, torch.nn.Parameter]], staging: dict[str, torch.Tensor]) -> int:
+    """Fill `staging` with the pinned host buffers that `snapshot_rank_state` copies `share` into (the float32
+    master and Adam moments of each parameter); returns their bytes. Allocating pinned memory takes seconds per
+    ten gigabytes, so it is done once, ahead of the first save."""
+    size = 0
+    for name, param in share:
+        for key in ("param", *ADAM_MOMENTS):
+            buffer = staging[f"{key}/{name}"] = _pinned(full_shape(param))
+            size += buffer.numel() * buffer.element_size()
+    return size
+
+
+def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], trainer_state: dict,
+                        config: dict, staging: dict[str, torch.Tensor] | None) -> dict[str, object]:
+    """Every rank, at a step boundary: this rank's share of the checkpoint (`rank_share`) copied to host memory,
+    ready for `write_rank_state`. Gathers over data-parallel ranks (collectives), so all ranks call it together.
+
+    With `staging` (asynchronous saves from a GPU) the copies go into its pinned host buffers, kept from one save
+    to the next (see `allocate_staging`), asynchronously with one synchronization at the end: pinned memory copies
+    several times faster than pageable memory, and this copy is all the training loop waits for. The caller must
+    not reuse `staging` while an earlier snapshot is still being written. Without it the copies go into fresh
+    pageable memory: a synchronous save waits for the write anyway, and no host memory stays pinned."""
     optimizer = _inner_optimizer(engine)
     _relink_optimizer_state(engine)
     tensors: dict[str, torch.Tensor] = {}
     stepped = _adam_step(optimizer) > 0
     dp_rank = parallel.dp_rank()
-    bytes_per_dp_rank = [0] * parallel.dp_size()
-    for param, name in sorted(canonical.items(), key=lambda item: item[1]):
-        values = _full_master(param, optimizer, stepped)
-        # Every dp rank holds the same full values, so each computes the same owner: the least loaded so far.
-        owner = bytes_per_dp_rank.index(min(bytes_per_dp_rank))
-        bytes_per_dp_rank[owner] += sum(value.numel() for value in values.values())
-        if owner == dp_rank:
+    mine = {name for name, _ in rank_share(canonical, dp_rank, parallel.dp_size())}
+    for name, param in _by_name(canonical):
+        values = _full_master(param, optimizer, stepped)  # collective: every rank, every parameter
+        if name in mine:
             for key, value in values.items():
                 tensors[f"{key}/{name}"] = _to_host(f"{key}/{name}", value.detach(), staging)
     if any(t.is_pinned() for t in tensors.values()):
@@ -135,15 +172,19 @@ def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], traine
     return snapshot
 
 
-def _to_host(key: str, value: torch.Tensor, staging: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A float32 host copy of `value`: into its pinned staging buffer, asynchronously, when it is on a GPU."""
-    if value.device.type != "cuda":
-        return value.to(torch.float32, copy=True).contiguous()
+def _to_host(key: str, value: torch.Tensor, staging: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """A float32 host copy of `value`: into its pinned staging buffer, asynchronously, when staging a GPU tensor."""
+    if staging is None or value.device.type != "cuda":
+        return value.to("cpu", torch.float32, copy=True).contiguous()
     buffer = staging.get(key)
-    if buffer is None or buffer.shape != value.shape:
-        buffer = staging[key] = torch.empty(value.shape, dtype=torch.float32, pin_memory=True)
+    if buffer is None or buffer.shape != value.shape:  # one that allocate_staging did not foresee
+        buffer = staging[key] = _pinned(value.shape)
     buffer.copy_(value, non_blocking=True)
     return buffer
+
+
+def _pinned(shape: torch.Size) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32, pin_memory=True)
 
 
 def write_rank_state(tmp_dir: Path, rank: int, snapshot: dict[str, object]) -> dict[Path, str]:
@@ -313,9 +354,9 @@ def load_model_and_optimizer(reader: ShardReader, engine, canonical: dict[torch.
         else:
             optimizer.state[flat]["step"].fill_(step)
     _relink_optimizer_state(engine)
-    for param, name in sorted(canonical.items(), key=lambda item: item[1]):
+    for name, param in _by_name(canonical):
         master = reader.shard(f"param/{name}").to(param.device)
-        wanted = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the shape of the whole parameter
+        wanted = tuple(full_shape(param))
         if tuple(master.shape) != wanted:
             raise CheckpointError(
                 f"checkpoint parameter {name} has shape {tuple(master.shape)} for this rank, the model wants "
