@@ -103,7 +103,7 @@ def test_rank_share_splits_a_checkpoint_over_data_parallel_ranks():
     its parameters in, balanced by size; a ZeRO-3 parameter (empty `.shape`) counts at its whole size."""
     import torch
 
-    from pretrain.checkpoint.state import full_shape, rank_share
+    from pretrain.checkpoint.state import rank_share, unpartitioned_shape
 
     def parameter(shape, zero3=False):
         param = torch.nn.Parameter(torch.empty(0 if zero3 else shape))
@@ -113,14 +113,14 @@ def test_rank_share_splits_a_checkpoint_over_data_parallel_ranks():
 
     canonical = {parameter((8 * (i % 5 + 1), 16), zero3=i % 3 == 0): f"layers.{i}.w" for i in range(20)}
     reordered = dict(reversed(canonical.items()))
-    largest = max(full_shape(param).numel() for param in canonical)
+    largest = max(unpartitioned_shape(param).numel() for param in canonical)
     for dp_size in (1, 2, 3, 4):
         shares = [rank_share(canonical, dp_rank, dp_size) for dp_rank in range(dp_size)]
         assert shares == [rank_share(reordered, dp_rank, dp_size) for dp_rank in range(dp_size)]
         names = [[name for name, _ in share] for share in shares]
         assert all(share == sorted(share) for share in names)
         assert sorted(sum(names, [])) == sorted(canonical.values())
-        loads = [sum(full_shape(param).numel() for _, param in share) for share in shares]
+        loads = [sum(unpartitioned_shape(param).numel() for _, param in share) for share in shares]
         assert max(loads) - min(loads) <= largest, loads
     # Counted at 0, the ZeRO-3 parameter "a" would leave "b" on rank 0 too.
     canonical = {parameter((100,), zero3=True): "a", parameter((60,)): "b", parameter((40,)): "c"}

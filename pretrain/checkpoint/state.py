@@ -94,7 +94,7 @@ def _full_master(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer, st
     return {"param": master, **{key: safe_get_full_optimizer_state(param, key) for key in ADAM_MOMENTS}}
 
 
-def full_shape(param: torch.nn.Parameter) -> torch.Size:
+def unpartitioned_shape(param: torch.nn.Parameter) -> torch.Size:
     """The shape of this tensor-parallel rank's whole parameter: ZeRO-3 leaves each rank an empty `.shape` and
     keeps the whole one in `ds_shape`."""
     return torch.Size(getattr(param, "ds_shape", param.shape))
@@ -115,7 +115,7 @@ def rank_share(canonical: dict[torch.nn.Parameter, str], dp_rank: int,
     share = []
     for name, param in _by_name(canonical):
         owner = load.index(min(load))
-        load[owner] += full_shape(param).numel()
+        load[owner] += unpartitioned_shape(param).numel()
         if owner == dp_rank:
             share.append((name, param))
     return share
@@ -128,7 +128,7 @@ def allocate_staging(share: list[tuple[str, torch.nn.Parameter]], staging: dict[
     size = 0
     for name, param in share:
         for key in ("param", *ADAM_MOMENTS):
-            buffer = staging[f"{key}/{name}"] = _pinned(full_shape(param))
+            buffer = staging[f"{key}/{name}"] = _pinned(unpartitioned_shape(param))
             size += buffer.numel() * buffer.element_size()
     return size
 
@@ -356,7 +356,7 @@ def load_model_and_optimizer(reader: ShardReader, engine, canonical: dict[torch.
     _relink_optimizer_state(engine)
     for name, param in _by_name(canonical):
         master = reader.shard(f"param/{name}").to(param.device)
-        wanted = tuple(full_shape(param))
+        wanted = tuple(unpartitioned_shape(param))
         if tuple(master.shape) != wanted:
             raise CheckpointError(
                 f"checkpoint parameter {name} has shape {tuple(master.shape)} for this rank, the model wants "
