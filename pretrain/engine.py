@@ -19,6 +19,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 
 import deepspeed  # noqa: E402
 from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
 from deepspeed.utils import set_z3_leaf_modules  # noqa: E402
 
@@ -35,6 +36,28 @@ from pretrain.model.mistral import (  # noqa: E402
     vocab_parallel_loss,
 )
 from pretrain.optim import build_optimizer, build_scheduler  # noqa: E402
+
+_deepspeed_update_hp_grad = BF16_Optimizer._update_hp_grad
+
+
+@torch.no_grad()
+def _add_bf16_grad_into_float32(self, lp, group_idx, param_idx, clear_lp_grads):
+    """DeepSpeed's `BF16_Optimizer._update_hp_grad` without its float32 copy of each bf16 gradient: the add reads
+    the bf16 values and widens them itself (the same float32 sums, bit for bit), one pass over the gradient where
+    the copy and the add made two and wrote a temporary. It runs once per parameter per micro-batch: on one H200,
+    8 layers of the 7B at seq 8192, such copies took about 67 ms of a 1.54 s step. Expert-parallel folding is left to
+    DeepSpeed's own."""
+    if lp.grad is None or self.autoep_folding_tp_group is not None:
+        return _deepspeed_update_hp_grad(self, lp, group_idx, param_idx, clear_lp_grads)
+    hp_grad = self.fp32_groups_gradients[group_idx][param_idx]
+    hp_grad.add_(lp.grad.view(hp_grad.shape))
+    lp._hp_grad = hp_grad
+    self.fp32_groups_has_gradients[group_idx][param_idx] = True
+    if clear_lp_grads:
+        lp.grad.zero_()
+
+
+BF16_Optimizer._update_hp_grad = _add_bf16_grad_into_float32
 
 
 class MegatronMPU:
