@@ -232,6 +232,7 @@ class Trainer:
                         metrics.log(state.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
                 stop, writers_done = self._poll()
                 self.stop.first_step_done()  # every rank is past step 1: a stop signal now means saving
+                self.checkpointer.start_staging()
                 if writers_done:
                     self.checkpointer.settle()
                 if stop:
