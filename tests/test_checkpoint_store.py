@@ -1,12 +1,15 @@
 """The checkpoint store on its own: atomic finalize, verification, retention, leftovers, unwritable directories."""
 
+import hashlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from pretrain.checkpoint.store import (
+    HASH_BLOCK,
     MANIFEST,
     CheckpointError,
     CheckpointStore,
@@ -14,7 +17,7 @@ from pretrain.checkpoint.store import (
     complete_steps,
     mark_rank_done,
     newest_valid,
-    sha256_file,
+    sha256_blocks,
     step_dir_name,
     verify,
     write_hashed,
@@ -109,15 +112,43 @@ def test_unwritable_directory_is_reported(mount_tmpfs):
 
 
 def test_write_hashed_hashes_what_it_wrote(tmp_path, monkeypatch):
-    """Pieces of any size, split into chunks (a small chunk here) and hashed while written: the file holds their
-    bytes in order and the returned sha256 is the file's."""
+    """Pieces of any size, written in chunks and hashed in blocks (both small here, neither aligned with the pieces):
+    the file holds their bytes in order, and each returned sha256 is that of its block of the file."""
     import pretrain.checkpoint.store as store
 
     monkeypatch.setattr(store, "WRITE_CHUNK", 1000)
+    monkeypatch.setattr(store, "HASH_BLOCK", 1536)
     pieces = [b"", bytes(range(256)) * 17, memoryview(b"tail"), bytes(2500)]
-    digest = write_hashed(tmp_path / "f", pieces)
-    assert (tmp_path / "f").read_bytes() == b"".join(bytes(p) for p in pieces)
-    assert digest == sha256_file(tmp_path / "f")
+    blocks = write_hashed(tmp_path / "f", pieces)
+    data = (tmp_path / "f").read_bytes()
+    assert data == b"".join(bytes(p) for p in pieces)
+    assert blocks == [hashlib.sha256(data[i:i + 1536]).hexdigest() for i in range(0, len(data), 1536)]
+    with ThreadPoolExecutor(3) as pool:
+        assert sha256_blocks(tmp_path / "f", 1536, pool) == blocks
+    assert write_hashed(tmp_path / "empty", [b""]) == [hashlib.sha256(b"").hexdigest()]
+
+
+def test_a_changed_byte_in_any_block_is_found(tmp_path, monkeypatch):
+    """Verification hashes every block (here the last of three), and still checks checkpoints written before
+    block hashes, whose manifest holds each file's whole sha256."""
+    import pretrain.checkpoint.store as store
+
+    monkeypatch.setattr(store, "HASH_BLOCK", 100)
+    store_ = CheckpointStore(tmp_path, keep_last=5, keep_every=0)
+    tmp = store_.prepare(1)
+    mark_rank_done(tmp, 0, {tmp / "a": write_hashed(tmp / "a", [bytes(range(250))])})
+    final = store_.finalize(1, world_size=1, meta={})
+    assert verify(final).step == 1
+    manifest = json.loads((final / MANIFEST).read_text())
+    assert len(manifest["files"]["a"]["sha256_blocks"]) == 3
+    data = bytearray((final / "a").read_bytes())
+    data[240] ^= 1
+    (final / "a").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        verify(final)
+    manifest["files"]["a"] = {"size": len(data), "sha256": hashlib.sha256(bytes(data)).hexdigest()}
+    (final / MANIFEST).write_text(json.dumps(manifest))
+    assert verify(final).step == 1
 
 
 def test_checkpoint_files_are_safetensors(tmp_path):
@@ -131,7 +162,8 @@ def test_checkpoint_files_are_safetensors(tmp_path):
                "exp_avg/c": torch.randn(4, 6).t(), "exp_avg/empty": torch.zeros(0, 3)}
     hashes = write_rank_state(tmp_path, 0, {"model/tp00-pp00-dp0000.safetensors": tensors})
     path = tmp_path / "model" / "tp00-pp00-dp0000.safetensors"
-    assert hashes == {path: sha256_file(path)}
+    with ThreadPoolExecutor(2) as pool:
+        assert hashes == {path: sha256_blocks(path, HASH_BLOCK, pool)}
     loaded = load_file(str(path))
     assert sorted(loaded) == sorted(tensors)
     for name, tensor in tensors.items():
