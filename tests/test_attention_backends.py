@@ -172,12 +172,11 @@ def test_auto_picks_cudnn_on_hopper():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("documents", [False, True])
-def test_compiled_attention_with_the_chosen_kernel_is_one_graph(documents):
+def test_compiled_attention_with_the_chosen_kernel_is_one_graph():
     """Choosing the kernel (which packages import, which GPU this is) happens at compile time: the compiled call of
-    `auto` with a window, documents or not, has no graph break (fullgraph raises at one)."""
+    `auto` with a window has no graph break (fullgraph raises at one). With documents the kernels' offsets come from
+    a nonzero, whose size dynamo cannot know: that call is not covered."""
     q, k, v = random_qkv(device="cuda", dtype=torch.bfloat16, head_dim=64)
-    doc_ids = document_ids(packed_tokens(), eos_id=0).cuda() if documents else None
     compiled = torch.compile(attention, backend="eager", fullgraph=True)
-    expected = attention(q, k, v, WINDOW, "auto", doc_ids)
-    torch.testing.assert_close(compiled(q, k, v, WINDOW, "auto", doc_ids), expected, rtol=0, atol=0)
+    expected = attention(q, k, v, WINDOW, "auto")
+    torch.testing.assert_close(compiled(q, k, v, WINDOW, "auto"), expected, rtol=0, atol=0)
