@@ -5,6 +5,8 @@
     python benchmarks/train_step.py --nproc 2 --layers 8 --layouts zero1 zero3 tp2 pp2
     python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 pp2 --steps 6 --warmup 2
     python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 tp2sp --steps 7 --warmup 2 --profile
+    python benchmarks/train_step.py --nproc 4 --layers 32 --layouts zero1 zero3 tp2sp pp2 pp4 --steps 5 --warmup 2
+    python benchmarks/train_step.py --nproc 1 2 4 --layers 8          # weak scaling: the same work per GPU
     python benchmarks/train_step.py --peer                   # and transformers' MistralForCausalLM at the same shape
     python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
 
@@ -12,8 +14,8 @@ Each configuration is `pretrain train` on configs/mistral-7b.yaml (with fewer la
 fit: one GPU holds 8 of its 32 with their optimizer state), random tokens in real shards, bf16, no checkpoints
 (not even the final one) or evaluation, run to --steps; the first --warmup steps (compilation, allocator warm-up)
 are left out of the averages. A layout is a data-parallel run with ZeRO-1 (zero1) or ZeRO-3 (zero3), or tp=2
-(tp2), tp=2 with sequence parallelism (tp2sp; GPUs only) or pp=2 (pp2) with data parallelism over the remaining
-GPUs; "mem GiB" is rank 0's peak allocated memory. "to step 1" is the time from starting
+(tp2), tp=2 with sequence parallelism (tp2sp; GPUs only), pp=2 (pp2) or pp=4 (pp4) with data parallelism over
+the remaining GPUs; "mem GiB" is rank 0's peak allocated memory. "to step 1" is the time from starting
 `pretrain train` to the end of the first step, compilation included (each run starts with an empty compilation
 cache, as on a new machine); the trainer's own breakdown of it (model build, DeepSpeed, first step) is printed
 under the table. MFU counts the model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window
@@ -22,6 +24,8 @@ n/a for a GPU not in its table) and against the bf16 matmul rate measured on the
 --profile prints rank 0's top kernels over 3 steps after the warm-up and their device time per step by kind
 (matmul, attention, NCCL communication, the rest) beside the step time: what the kernels of one kind add up to,
 and, where the kinds add up to more than the step, how much of them overlapped.
+With several --nproc, each layout runs at each number of GPUs with the same micro-batches per data-parallel
+replica (weak scaling), and a last table gives each one's tokens/s/GPU over that at the fewest GPUs.
 --peer (one GPU) also runs benchmarks/peer_transformers.py, the plain compiled transformers loop a user would
 write instead, at each row's shape, and prints the trainer's tokens/s over the peer's.
 """
@@ -80,11 +84,17 @@ def write_random_shards(out: Path, samples: int, seq_len: int, vocab_size: int, 
 LAYOUTS = {"zero1": ["parallel.zero_stage=1"], "zero3": ["parallel.zero_stage=3"],
            "tp2": ["parallel.tp=2", "parallel.zero_stage=1"],
            "tp2sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"],
-           "pp2": ["parallel.pp=2", "parallel.zero_stage=1"]}
+           "pp2": ["parallel.pp=2", "parallel.zero_stage=1"], "pp4": ["parallel.pp=4", "parallel.zero_stage=1"]}
 
 
 def model_parallel_size(layout: str) -> int:
-    return 2 if layout in ("tp2", "tp2sp", "pp2") else 1
+    """GPUs one model replica spans in `layout` (tp x pp, from its overrides)."""
+    size = 1
+    for override in LAYOUTS[layout]:
+        key, value = override.split("=")
+        if key in ("parallel.tp", "parallel.pp"):
+            size *= int(value)
+    return size
 
 
 # Kernel name fragments (lower case) of each kind; the first kind that matches wins, the rest is "other".
@@ -113,12 +123,14 @@ def micro_batch_size(args, seq_len: int) -> int:
     return args.tokens_per_micro_batch // seq_len if args.tokens_per_micro_batch else args.micro_batch
 
 
-def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) -> dict:
-    """One `pretrain train` run; returns its averaged metrics after the warm-up steps."""
-    name = f"{layout}-seq{seq_len}-w{window or 'full'}"
-    data = work / f"data-{seq_len}"
+def run_config(args, layout: str, nproc: int, seq_len: int, window: int | None, work: Path) -> dict:
+    """One `pretrain train` run on `nproc` GPUs; returns its averaged metrics after the warm-up steps."""
+    name = f"{layout}-x{nproc}-seq{seq_len}-w{window or 'full'}"
+    if nproc % model_parallel_size(layout):
+        return {"name": name, "error": f"{layout} needs a multiple of {model_parallel_size(layout)} GPUs"}
     micro_batch = micro_batch_size(args, seq_len)
-    global_batch = micro_batch * args.accum * (args.nproc // model_parallel_size(layout))
+    global_batch = micro_batch * args.accum * (nproc // model_parallel_size(layout))
+    data = work / f"data-{seq_len}-{global_batch * args.steps}"
     if not (data / "manifest.json").exists():
         write_random_shards(data, global_batch * args.steps, seq_len, args.vocab)
     overrides = [
@@ -139,7 +151,7 @@ def run_config(args, layout: str, seq_len: int, window: int | None, work: Path) 
                       "model.hidden_dim=128", "train.dtype=float32", "data.num_workers=0"]
     run_dir = work / name
     command = [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "mistral-7b.yaml"),
-               *overrides, *args.overrides, "--nproc", str(args.nproc), "--run-dir", str(run_dir)]
+               *overrides, *args.overrides, "--nproc", str(nproc), "--run-dir", str(run_dir)]
     # A fresh compilation cache per run: "to step 1" then includes compiling, as on a new machine.
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "inductor-cache")}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,10 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step per replica")
     parser.add_argument("--checkpointing", choices=["none", "selective", "full"],
                         help="activation checkpointing (default: the preset's)")
-    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--nproc", type=int, nargs="+", default=[1],
+                        help="GPUs per run; several: each layout at each (weak scaling)")
     parser.add_argument("--layouts", nargs="+", default=["zero1"], choices=list(LAYOUTS),
-                        help="zero1, zero3: data parallel with that ZeRO stage; tp2, pp2: tp=2 or pp=2 (ZeRO-1); "
-                             "tp2sp: tp=2 with sequence parallelism (ZeRO-1)")
+                        help="zero1, zero3: data parallel with that ZeRO stage; tp2, pp2, pp4: tp=2, pp=2 or pp=4 "
+                             "(ZeRO-1); tp2sp: tp=2 with sequence parallelism (ZeRO-1)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-compile", action="store_true")
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--profile needs --steps of at least --warmup + {PROFILED_STEPS + 1}: the profiled steps are "
                      "left out of the averages")
     if args.smoke:
-        args.layers, args.vocab, args.seq_lens, args.windows = 2, 256, [128], ["64"]
+        args.layers, args.vocab, args.seq_lens, args.windows = 4, 256, [128], ["64"]  # 4 layers: pp4 runs too
         args.accum, args.steps, args.warmup, args.no_compile = 2, 4, 1, True
 
     import torch
@@ -234,44 +247,54 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.smoke:
         parser.error("the benchmark needs CUDA GPUs; use --smoke on CPU")
-    if args.peer and args.nproc != 1:
+    if args.peer and args.nproc != [1]:
         parser.error("--peer compares one GPU with one GPU: use it with --nproc 1")
     matmul = measured_matmul_tflops() if on_gpu else None
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     sheet = datasheet_peak_tflops(device, "bfloat16")
-    print(f"device {device} x {args.nproc}; bf16 matmul 8192^3 measured: "
+    print(f"device {device} x {max(args.nproc)}; bf16 matmul 8192^3 measured: "
           + (f"{matmul:.1f} TFLOP/s" if matmul else "n/a")
           + (f"; datasheet peak ({sheet[0]}, dense bf16) {sheet[1]:g} TFLOP/s" if sheet else "; datasheet peak n/a"))
     micro = f"{args.tokens_per_micro_batch} tokens" if args.tokens_per_micro_batch else f"{args.micro_batch}"
     print(f"model: Mistral 7B width, {args.layers} layers, vocab {args.vocab}; micro-batch {micro} x "
           f"{args.accum} accumulation per replica, activation checkpointing {args.checkpointing or 'as the preset'}, "
           f"compile={'off' if args.no_compile else 'on'} {' '.join(args.overrides)}")
-    header = (f"{'layout':>6} {'seq':>6} {'window':>6} {'to step 1 s':>11} {'tokens/s/GPU':>13} {'step s':>8} "
-              f"{'GFLOP/token':>11} {'MFU(sheet)':>10} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
+    header = (f"{'layout':>6} {'GPUs':>4} {'seq':>6} {'window':>6} {'to step 1 s':>11} {'tokens/s/GPU':>13} "
+              f"{'step s':>8} {'GFLOP/token':>11} {'MFU(sheet)':>10} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
     print(header)
     print("-" * len(header))
-    profiles, phases, peers = [], [], []
+    profiles, phases, peers, scaling = [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         for layout in args.layouts:
             for seq_len in args.seq_lens:
                 for window_text in args.windows:
                     window = None if window_text == "none" else int(window_text)
-                    row = run_config(args, layout, seq_len, window, work)
-                    if "error" in row:
-                        print(f"{layout:>6} {seq_len:>6} {window_text:>6}  FAILED {row['error']}", flush=True)
-                        continue
-                    achieved = row["tokens_per_s_per_gpu"] * row["flops_per_token"] / 1e12
-                    mfu_sheet = f"{achieved / sheet[1]:>10.1%}" if sheet else f"{'n/a':>10}"
-                    mfu_measured = f"{achieved / matmul:>10.1%}" if matmul else f"{'n/a':>10}"
-                    print(f"{layout:>6} {seq_len:>6} {window_text:>6} {row['to_step_1_s']:>11.1f} "
-                          f"{row['tokens_per_s_per_gpu']:>13,.0f} {row['step_time_s']:>8.3f} "
-                          f"{row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet} {mfu_measured} "
-                          f"{row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
-                    profiles.append((row["name"], row["profile"], row["device_ms_by_kind"], row["step_time_s"]))
-                    phases.append((row["name"], row["phases"]))
-                    if args.peer:
-                        peers.append((row, run_peer(args, seq_len, window)))
+                    for nproc in args.nproc:
+                        row = run_config(args, layout, nproc, seq_len, window, work)
+                        columns = f"{layout:>6} {nproc:>4} {seq_len:>6} {window_text:>6}"
+                        if "error" in row:
+                            print(f"{columns}  FAILED {row['error']}", flush=True)
+                            continue
+                        achieved = row["tokens_per_s_per_gpu"] * row["flops_per_token"] / 1e12
+                        mfu_sheet = f"{achieved / sheet[1]:>10.1%}" if sheet else f"{'n/a':>10}"
+                        mfu_measured = f"{achieved / matmul:>10.1%}" if matmul else f"{'n/a':>10}"
+                        print(f"{columns} {row['to_step_1_s']:>11.1f} {row['tokens_per_s_per_gpu']:>13,.0f} "
+                              f"{row['step_time_s']:>8.3f} {row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet} "
+                              f"{mfu_measured} {row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
+                        profiles.append((row["name"], row["profile"], row["device_ms_by_kind"], row["step_time_s"]))
+                        phases.append((row["name"], row["phases"]))
+                        scaling.setdefault((layout, seq_len, window_text), []).append(
+                            (nproc, row["tokens_per_s_per_gpu"]))
+                        if args.peer:
+                            peers.append((row, run_peer(args, seq_len, window)))
+    if len(args.nproc) > 1:
+        print("\nweak scaling (the same micro-batches per data-parallel replica): tokens/s/GPU over that at the "
+              "fewest GPUs")
+        for (layout, seq_len, window_text), runs in scaling.items():
+            fewest, base = runs[0]
+            print(f"{layout:>6} seq {seq_len} window {window_text}: "
+                  + ", ".join(f"{n} GPUs {tokens / base:.1%}" for n, tokens in runs) + f" (of {fewest} GPUs)")
     for name, times in phases:
         print(f"startup of {name} (rank 0, from its process start): "
               + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s" for key, value in times.items()))
