@@ -124,7 +124,7 @@ def test_write_hashed_hashes_what_it_wrote(tmp_path, monkeypatch):
     assert data == b"".join(bytes(p) for p in pieces)
     assert blocks == [hashlib.sha256(data[i:i + 1536]).hexdigest() for i in range(0, len(data), 1536)]
     with ThreadPoolExecutor(3) as pool:
-        assert sha256_blocks(tmp_path / "f", 1536, pool) == blocks
+        assert [future.result() for future in sha256_blocks(tmp_path / "f", 1536, pool)] == blocks
     assert write_hashed(tmp_path / "empty", [b""]) == [hashlib.sha256(b"").hexdigest()]
 
 
@@ -163,7 +163,7 @@ def test_checkpoint_files_are_safetensors(tmp_path):
     hashes = write_rank_state(tmp_path, 0, {"model/tp00-pp00-dp0000.safetensors": tensors})
     path = tmp_path / "model" / "tp00-pp00-dp0000.safetensors"
     with ThreadPoolExecutor(2) as pool:
-        assert hashes == {path: sha256_blocks(path, HASH_BLOCK, pool)}
+        assert hashes == {path: [future.result() for future in sha256_blocks(path, HASH_BLOCK, pool)]}
     loaded = load_file(str(path))
     assert sorted(loaded) == sorted(tensors)
     for name, tensor in tensors.items():

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,8 +111,9 @@ def write_hashed(path: Path, pieces: Iterable[bytes | memoryview]) -> list[str]:
         return [future.result() for future in hashed]
 
 
-def sha256_blocks(path: Path, block_size: int, pool: ThreadPoolExecutor) -> list[str]:
-    """The sha256 of each `block_size`-byte block of a file, as `write_hashed` returns them, hashed on `pool`."""
+def sha256_blocks(path: Path, block_size: int, pool: ThreadPoolExecutor) -> list[Future[str]]:
+    """The sha256 of each `block_size`-byte block of a file, as `write_hashed` returns them, being hashed on
+    `pool`."""
     size = path.stat().st_size
 
     def block_digest(offset: int) -> str:
@@ -128,7 +129,7 @@ def sha256_blocks(path: Path, block_size: int, pool: ThreadPoolExecutor) -> list
                 left -= len(data)
         return digest.hexdigest()
 
-    return list(pool.map(block_digest, range(0, max(size, 1), block_size)))
+    return [pool.submit(block_digest, offset) for offset in range(0, max(size, 1), block_size)]
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -176,15 +177,17 @@ def verify(path: Path, hash_files: bool = True) -> Verified:
                 f"{file} has {file.stat().st_size} bytes, the manifest says {entry['size']}: the checkpoint is damaged"
             )
     if hash_files:
-        # The blocks of a file at once: reading and hashing release the GIL. A checkpoint written before blocks
-        # holds the sha256 of each whole file.
+        # Every block of every file on one pool: reading and hashing release the GIL. A checkpoint written before
+        # blocks holds the sha256 of each whole file, hashed as one task.
         with ThreadPoolExecutor(HASH_THREADS) as pool:
+            pending = {}  # file -> (its digests being computed, the manifest's)
             for rel, entry in files.items():
                 if "sha256_blocks" in entry:
-                    matches = sha256_blocks(path / rel, entry["hash_block"], pool) == entry["sha256_blocks"]
+                    pending[rel] = (sha256_blocks(path / rel, entry["hash_block"], pool), entry["sha256_blocks"])
                 else:
-                    matches = sha256_file(path / rel) == entry["sha256"]
-                if not matches:
+                    pending[rel] = ([pool.submit(sha256_file, path / rel)], [entry["sha256"]])
+            for rel, (hashed, expected) in pending.items():
+                if [future.result() for future in hashed] != expected:
                     raise CheckpointError(f"{path / rel} does not match its sha256 in the manifest: the checkpoint "
                                           "is corrupt")
     return Verified(path, int(manifest["step"]), manifest.get("meta", {}))
