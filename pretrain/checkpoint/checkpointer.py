@@ -98,7 +98,6 @@ class Checkpointer:
         # Pinned host buffers of this rank's share, reused by every asynchronous save; synchronous saves copy into
         # pageable memory. Allocated by a background thread (`start_staging`) that the first save waits for.
         self._staging: dict[str, torch.Tensor] | None = {} if self.async_save else None
-        self._staging_started = False
         self._staging_thread: threading.Thread | None = None
         self._staging_error: BaseException | None = None
         self.last_stall_s = 0.0  # how long the training loop waited for the last save
@@ -170,9 +169,8 @@ class Checkpointer:
         host) delayed the startup by as much; from the second step on it overlaps training. Only when saves are
         scheduled: a run that saves only on a stop signal pins its buffers at that save."""
         scheduled = self.cfg.checkpoint.every_steps > 0 or self.cfg.checkpoint.save_final
-        if self._staging is None or self._staging_started or not scheduled:
+        if self._staging is None or self._staging_thread is not None or not scheduled:
             return
-        self._staging_started = True
         share = rank_share(self.canonical, parallel.dp_rank(), parallel.dp_size())
         self._staging_thread = threading.Thread(target=self._allocate_staging, args=(share,), daemon=True)
         self._staging_thread.start()
@@ -191,12 +189,12 @@ class Checkpointer:
                  f"{time.perf_counter() - start:.1f} s (rank 0's share)")
 
     def _staging_ready(self) -> None:
-        """Collective at the first asynchronous save: wait for the staging buffers; if any rank could not allocate
-        its own, every rank raises (one rank alone would leave the others waiting in the save's collectives)."""
+        """Collective at each asynchronous save once staging has started: wait for the staging buffers (at once
+        after the first save); if any rank could not allocate its own, every rank raises (one rank alone would leave
+        the others waiting in the save's collectives)."""
         if self._staging_thread is None:
             return
         self._staging_thread.join()
-        self._staging_thread = None
         if self._any_rank(self._staging_error is not None):
             error = self._staging_error
             cause = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
