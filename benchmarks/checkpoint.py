@@ -139,11 +139,12 @@ def main(argv: list[str] | None = None) -> None:
             progress(f"pinned staging buffers: {staging[0]:.1f} GB allocated in {staging[1]:.2f} s in the background")
         records = read_metrics(work / "async" / "metrics.jsonl")
         stall = max(r["checkpoint_stall_s"] for r in records if r["step"] == n + 1)
-        step_s = sorted(r["step_time_s"] for r in records if r["step"] in (n - 2, n - 1, n))[1]
+        # A steady step: the median of the last ones before the save, the pinning long done.
+        last = sorted(r["step_time_s"] for r in records if r["kind"] == "train" and n - 10 <= r["step"] <= n)
+        step_s = last[len(last) // 2]
         # Training time the background pinning cost: the steps from 2 to n against as many steady ones.
-        steady = sorted(r["step_time_s"] for r in records if r["kind"] == "train" and n - 10 <= r["step"] <= n)
         pinning_cost = sum(r["step_time_s"] for r in records if r["kind"] == "train" and 2 <= r["step"] <= n) - (
-            (n - 1) * steady[len(steady) // 2])
+            (n - 1) * step_s)
         gb, async_write_s = saves(async_log)[0]
         progress(f"async save: stall {stall:.2f} s, background write of {gb:.2f} GB in {async_write_s:.2f} s; "
                  f"steps 2-{n} took {pinning_cost:.2f} s longer than steady steps")
