@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from megatron.core import parallel_state
+from megatron.core.parallel_state import get_global_memory_buffer
 from megatron.core.tensor_parallel import layers
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
@@ -28,6 +29,25 @@ def _tensor_parallel_group_or_default(tp_group, is_expert=False, check_initializ
     if is_expert:
         return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
     return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+
+class _FreshBuffers:
+    """In the graph, megatron's scratch buffers are fresh tensors for inductor to allocate and reuse."""
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        return torch.empty(tensor_shape, dtype=dtype, device=torch.cuda.current_device())
+
+
+_FRESH_BUFFERS = _FreshBuffers()
+
+
+# Sequence-parallel linears gather their input into megatron's global buffer. Traced, that buffer is a graph input
+# written in place: a copy into it after every gather, a recompilation once it exists, and a gather whose result
+# reaches its matmul only through the buffer's views, which hides the gather-matmul pair from inductor's async
+# tensor parallelism.
+@torch._dynamo.substitute_in_graph(get_global_memory_buffer)
+def _global_memory_buffer():
+    return _FRESH_BUFFERS
 
 
 class _Completed:
