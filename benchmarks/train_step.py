@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --seq-lens 4096 8192 16384 32768 --windows 4096 none
     python benchmarks/train_step.py --nproc 2 --layers 8 --layouts zero1 zero3 tp2 pp2
     python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 pp2 --steps 6 --warmup 2
-    python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 tp2sp --steps 7 --warmup 2 --profile
+    python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 tp2sp tp2async --steps 8 --warmup 2 --profile
     python benchmarks/train_step.py --nproc 4 --layers 32 --layouts zero1 zero3 tp2sp pp2 pp4 --steps 5 --warmup 2
     python benchmarks/train_step.py --nproc 1 2 4 --layers 8          # weak scaling: the same work per GPU
     python benchmarks/train_step.py --peer                   # and transformers' MistralForCausalLM at the same shape
@@ -14,7 +14,8 @@ Each configuration is `pretrain train` on configs/mistral-7b.yaml (with fewer la
 fit: one GPU holds 8 of its 32 with their optimizer state), random tokens in real shards, bf16, no checkpoints
 (not even the final one) or evaluation, run to --steps; the first --warmup steps (compilation, allocator warm-up)
 are left out of the averages. A layout is a data-parallel run with ZeRO-1 (zero1) or ZeRO-3 (zero3), or tp=2
-(tp2), tp=2 with sequence parallelism (tp2sp; GPUs only), pp=2 (pp2) or pp=4 (pp4) with data parallelism over
+(tp2), tp=2 with sequence parallelism (tp2sp; GPUs only) and with its gathers and scatters fused with their
+matmuls (tp2async: parallel.async_tensor_parallel; GPUs only), pp=2 (pp2) or pp=4 (pp4) with data parallelism over
 the remaining GPUs; "mem GiB" is rank 0's peak allocated memory. "to step 1" is the time from starting
 `pretrain train` to the end of the first step, compilation included (each run starts with an empty compilation
 cache, as on a new machine); the trainer's own breakdown of it (model build, DeepSpeed, first step) is printed
@@ -84,6 +85,8 @@ def write_random_shards(out: Path, samples: int, seq_len: int, vocab_size: int, 
 LAYOUTS = {"zero1": ["parallel.zero_stage=1"], "zero3": ["parallel.zero_stage=3"],
            "tp2": ["parallel.tp=2", "parallel.zero_stage=1"],
            "tp2sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"],
+           "tp2async": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.async_tensor_parallel=true",
+                        "parallel.zero_stage=1"],
            "pp2": ["parallel.pp=2", "parallel.zero_stage=1"], "pp4": ["parallel.pp=4", "parallel.zero_stage=1"]}
 
 
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="GPUs per run; several: each layout at each (weak scaling)")
     parser.add_argument("--layouts", nargs="+", default=["zero1"], choices=list(LAYOUTS),
                         help="zero1, zero3: data parallel with that ZeRO stage; tp2, pp2, pp4: tp=2, pp=2 or pp=4 "
-                             "(ZeRO-1); tp2sp: tp=2 with sequence parallelism (ZeRO-1)")
+                             "(ZeRO-1); tp2sp: tp=2 with sequence parallelism (ZeRO-1); tp2async: and async tensor "
+                             "parallelism")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-compile", action="store_true")

@@ -75,6 +75,10 @@ class ParallelConfig(_Section):
     micro_batch: int = Field(1, ge=1)
     # With tp > 1: norms and residual adds hold 1/tp of the sequence each (megatron-core's sequence parallelism).
     sequence_parallel: bool = False
+    # With sequence parallelism and compile: each all-gather and the matmul that takes its output, and each matmul and
+    # the reduce-scatter of its output, run as one fused kernel pipeline that overlaps the transfer with the GEMM
+    # (inductor's async tensor parallelism over symmetric memory on the tensor-parallel group).
+    async_tensor_parallel: bool = False
     # selective recomputes the attention core in backward: it saves memory only where the kernel would keep the
     # S x S scores (SDPA with an explicit mask, the CPU path); the fused GPU kernels keep q, k, v and the output,
     # which the layer keeps anyway. full recomputes the whole decoder layer and keeps only its input.
@@ -90,6 +94,9 @@ class ParallelConfig(_Section):
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1: it splits the sequence over the "
                              "tensor-parallel ranks; set parallel.tp=2 or more, or sequence_parallel=false")
+        if self.async_tensor_parallel and not self.sequence_parallel:
+            raise ValueError("parallel.async_tensor_parallel=true needs parallel.sequence_parallel=true: it overlaps the "
+                             "sequence-parallel gathers and scatters with their matmuls; set both or neither")
         if self.sequence_parallel and self.pp > 1:
             raise ValueError(
                 f"parallel.sequence_parallel=true with parallel.pp={self.pp}: the pipeline stages do not pass "
@@ -274,6 +281,9 @@ class Config(_Section):
                 "parallel.sequence_parallel=true each tensor-parallel rank holds an equal slice of the sequence; "
                 f"set seq_len to a multiple of {p.tp} or sequence_parallel=false"
             )
+        if p.async_tensor_parallel and not self.train.compile:
+            raise ValueError("parallel.async_tensor_parallel=true needs train.compile=true: the compiler fuses each "
+                             "gather or scatter with its matmul; set train.compile=true or async_tensor_parallel=false")
         if self.train.inject_nonfinite_batches and p.pp > 1:
             raise ValueError("train.inject_nonfinite_batches works with parallel.pp=1 only: set parallel.pp=1 or "
                              "train.inject_nonfinite_batches=[]")

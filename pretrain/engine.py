@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch._inductor.config
 
 # DeepSpeed picks its accelerator when first imported; without CUDA it must be told to use the CPU.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -22,6 +23,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
 from deepspeed.utils import set_z3_leaf_modules  # noqa: E402
+from torch.distributed._symmetric_memory import enable_symm_mem_for_group  # noqa: E402
 
 from pretrain import parallel  # noqa: E402
 from pretrain.config import Config, grad_accum_steps  # noqa: E402
@@ -180,6 +182,10 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         # ZeRO-3 gathers a decoder layer's parameters all at once, in hooks on the layer alone (none on its
         # sublayers): fewer, larger gathers, and no hook inside the layer's compiled computation.
         set_z3_leaf_modules(model, [DecoderLayer])
+    if cfg.parallel.async_tensor_parallel:
+        # Read when the layers are compiled (at their first call).
+        torch._inductor.config._micro_pipeline_tp = True
+        enable_symm_mem_for_group(parallel.tp_group().group_name)
     if cfg.train.compile:
         # The embedding, head and loss stay eager (the loss's collectives would only split the graph).
         for module in model.modules():

@@ -66,15 +66,21 @@ def _all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=Fa
     return _Completed() if async_op else None
 
 
-@torch._dynamo.substitute_in_graph(dist.reduce_scatter_tensor)
-def _reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
-    funcol.reduce_scatter_tensor_inplace(output, input, funcol.REDUCE_OP_TO_STR[op], group)
+def _reduce_op_name(op) -> str:
+    # megatron passes no op (a sum). The default is None rather than ReduceOp.SUM because dynamo in torch 2.11 cannot
+    # hold a ReduceOp that comes from no variable of the traced code: that split every tensor-parallel layer on GPUs.
+    return "sum" if op is None else funcol.REDUCE_OP_TO_STR[op]
+
+
+@torch._dynamo.substitute_in_graph(dist.reduce_scatter_tensor, skip_signature_check=True)
+def _reduce_scatter_tensor(output, input, op=None, group=None, async_op=False):
+    funcol.reduce_scatter_tensor_inplace(output, input, _reduce_op_name(op), group)
     return _Completed() if async_op else None
 
 
-@torch._dynamo.substitute_in_graph(dist.all_reduce)
-def _all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-    funcol.all_reduce_inplace(tensor, funcol.REDUCE_OP_TO_STR[op], group)
+@torch._dynamo.substitute_in_graph(dist.all_reduce, skip_signature_check=True)
+def _all_reduce(tensor, op=None, group=None, async_op=False):
+    funcol.all_reduce_inplace(tensor, _reduce_op_name(op), group)
     return _Completed() if async_op else None
 
 
