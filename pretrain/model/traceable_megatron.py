@@ -1,9 +1,9 @@
 """How torch.compile traces megatron-core's tensor-parallel layers inside a compiled decoder layer.
 
-Each rule replaces, for dynamo's tracing only, a piece of megatron-core that dynamo cannot trace and would split the
-compiled layer at; eager code is unchanged. With all of them a tensor-parallel layer (with or without sequence
-parallelism) compiles to one graph, forward and backward, its collectives inside it for inductor to schedule.
-Importing this module installs them.
+Each rule replaces, for dynamo's tracing only, a piece of megatron-core that dynamo cannot trace, would split the
+compiled layer at, or traces wrongly; eager code is unchanged. With all of them a tensor-parallel layer (with or
+without sequence parallelism) compiles to one graph, forward and backward, its collectives inside it for inductor to
+schedule (and, with parallel.async_tensor_parallel, to fuse with their matmuls). Importing this module installs them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from megatron.core import parallel_state
-from megatron.core.parallel_state import get_global_memory_buffer
-from megatron.core.tensor_parallel import layers
+from megatron.core.tensor_parallel import layers, mappings
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
 
@@ -31,23 +30,47 @@ def _tensor_parallel_group_or_default(tp_group, is_expert=False, check_initializ
     return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
 
 
-class _FreshBuffers:
-    """In the graph, megatron's scratch buffers are fresh tensors for inductor to allocate and reuse."""
+# megatron's sequence-parallel communication writes collectives into tensors it has just allocated (torch.empty, or its
+# global buffer). Traced in a backward pass, dynamo in torch 2.11 loses those writes: the compiled layer's gradients
+# came out as if nothing had flowed through its branches (GPU test in tests/test_tensor_parallel.py). In the graph
+# these are functional collectives instead, which return their result.
+@torch._dynamo.substitute_in_graph(mappings._gather_along_first_dim)
+def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+    assert output_split_sizes is None, "uneven sequence-parallel splits are not traced"
+    if group.size() == 1:
+        return input_
+    return funcol.all_gather_tensor(input_.contiguous(), 0, group)
 
-    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-        return torch.empty(tensor_shape, dtype=dtype, device=torch.cuda.current_device())
+
+@torch._dynamo.substitute_in_graph(mappings._reduce_scatter_along_first_dim)
+def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+    assert input_split_sizes is None, "uneven sequence-parallel splits are not traced"
+    if group.size() == 1:
+        return input_
+    return funcol.reduce_scatter_tensor(input_.contiguous(), "sum", 0, group)
 
 
-_FRESH_BUFFERS = _FreshBuffers()
+@torch._dynamo.substitute_in_graph(mappings._reduce)
+def _reduce(input_, group):
+    if group.size() == 1:
+        return input_
+    return funcol.all_reduce(input_, "sum", group)
 
 
-# Sequence-parallel linears gather their input into megatron's global buffer. Traced, that buffer is a graph input
-# written in place: a copy into it after every gather, a recompilation once it exists, and a gather whose result
-# reaches its matmul only through the buffer's views, which hides the gather-matmul pair from inductor's async
-# tensor parallelism.
-@torch._dynamo.substitute_in_graph(get_global_memory_buffer)
-def _global_memory_buffer():
-    return _FRESH_BUFFERS
+@torch._dynamo.substitute_in_graph(layers.linear_with_grad_accumulation_and_async_allreduce)
+def _linear(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+            grad_output_buffer=None, wgrad_deferral_limit=0, async_grad_allreduce=None, tp_group=None):
+    """megatron's tensor-parallel linear; with sequence parallelism as the same computation in differentiable
+    functional collectives (gather the sequence, matmul; backward: reduce-scatter the input gradient, the weight
+    gradient from the gathered input), which autograd differentiates in the graph."""
+    tp_group = get_tensor_model_parallel_group_if_none(tp_group)
+    if sequence_parallel:
+        assert not gradient_accumulation_fusion and grad_output_buffer is None
+        output = torch.matmul(funcol.all_gather_tensor_autograd(input, 0, tp_group), weight.t())
+        return output if bias is None else output + bias
+    return layers.LinearWithGradAccumulationAndAsyncCommunication.apply(
+        input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel, grad_output_buffer,
+        wgrad_deferral_limit, tp_group)
 
 
 class _Completed:
@@ -57,30 +80,14 @@ class _Completed:
         return None
 
 
-# megatron's linear backward starts its collectives with async_op=True and waits before it needs their results, to
-# overlap them with the gradient GEMMs; dynamo refuses async_op=True. In the graph the same collective runs as a
-# functional one, and inductor does the overlapping.
-@torch._dynamo.substitute_in_graph(dist.all_gather_into_tensor)
-def _all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
-    funcol.all_gather_tensor_inplace(output_tensor, input_tensor, group)
-    return _Completed() if async_op else None
-
-
-def _reduce_op_name(op) -> str:
-    # megatron passes no op (a sum). The default is None rather than ReduceOp.SUM because dynamo in torch 2.11 cannot
-    # hold a ReduceOp that comes from no variable of the traced code: that split every tensor-parallel layer on GPUs.
-    return "sum" if op is None else funcol.REDUCE_OP_TO_STR[op]
-
-
-@torch._dynamo.substitute_in_graph(dist.reduce_scatter_tensor, skip_signature_check=True)
-def _reduce_scatter_tensor(output, input, op=None, group=None, async_op=False):
-    funcol.reduce_scatter_tensor_inplace(output, input, _reduce_op_name(op), group)
-    return _Completed() if async_op else None
-
-
+# Without sequence parallelism megatron's linear backward all-reduces the input gradient with async_op=True and waits
+# before it returns, to overlap it with the weight-gradient GEMM; dynamo refuses async_op=True. In the graph the same
+# all-reduce runs as a functional one, and inductor does the overlapping. The op defaults to None, not ReduceOp.SUM:
+# dynamo in torch 2.11 cannot hold a ReduceOp that comes from no variable of the traced code, which split every
+# tensor-parallel layer into 12 graphs on GPUs.
 @torch._dynamo.substitute_in_graph(dist.all_reduce, skip_signature_check=True)
 def _all_reduce(tensor, op=None, group=None, async_op=False):
-    funcol.all_reduce_inplace(tensor, _reduce_op_name(op), group)
+    funcol.all_reduce_inplace(tensor, "sum" if op is None else funcol.REDUCE_OP_TO_STR[op], group)
     return _Completed() if async_op else None
 
 
