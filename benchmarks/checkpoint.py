@@ -7,7 +7,8 @@ Measured in one run: the disk's sequential write speed (dd of zeros, fdatasync a
 bandwidth from device to pinned host memory; an asynchronous save (the training stall, i.e. the copy to host memory,
 and the background write with hashing and fsync), after enough steps for its pinned host buffers to be allocated in
 the background, as in a real run (the allocation's time is shown too); a synchronous save; the load when a run resumes
-(verification by sha256, reading, resharding into the engine: the startup's checkpoint phase); and a plain sequential
+(verification by sha256, reading, resharding into the engine: the startup's checkpoint phase), with the checkpoint's
+files first dropped from the page cache; and a plain sequential
 read of the same checkpoint files (dd with O_DIRECT, so the page cache does not answer it; without where the file
 system refuses it).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import subprocess
 import sys
@@ -54,6 +56,17 @@ def disk_read_gbps(files: list[Path]) -> float:
             copied, took = dd(f"if={path}", "of=/dev/null", "bs=64M")
         total, seconds = total + copied, seconds + took
     return total / seconds / 1e9
+
+
+def evict_from_page_cache(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache, so that a load reads them from the disk as a resumed run on a fresh
+    node would (the benchmark has just written them, and the host may hold them all in memory)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def pinned_copy_gbps(gigabytes: float = 2.0) -> float | None:
@@ -151,13 +164,15 @@ def main(argv: list[str] | None = None) -> None:
         # The disk's speed over as many bytes as the checkpoint: a shorter test may end inside a write cache.
         disk = disk_write_gbps(work, args.dd_gb or max(1, math.ceil(gb)))
         progress(f"dd sequential write {disk:.2f} GB/s")
+        newest = work / "async" / "checkpoints" / (work / "async" / "checkpoints" / "latest").read_text().strip()
+        checkpoint_files = sorted(p for p in newest.rglob("*") if p.is_file())
+        read = disk_read_gbps(checkpoint_files)
+        progress(f"sequential read of the checkpoint {read:.2f} GB/s")
+        evict_from_page_cache(checkpoint_files)
         train(args, work / "async", data, n + 1, n, async_save=True)  # resumes from step n, saves step n + 1
         load_s = [r["checkpoint_s"] for r in read_metrics(work / "async" / "metrics.jsonl")
                   if r["kind"] == "startup"][-1]
         progress(f"load on resume {load_s:.2f} s")
-        newest = work / "async" / "checkpoints" / (work / "async" / "checkpoints" / "latest").read_text().strip()
-        read = disk_read_gbps(sorted(p for p in newest.rglob("*") if p.is_file()))
-        progress(f"sequential read of the checkpoint {read:.2f} GB/s")
         sync_log = train(args, work / "sync", data, 4, 4, async_save=False)
         sync_gb, sync_write_s = saves(sync_log)[0]
         progress(f"sync save: {sync_gb:.2f} GB in {sync_write_s:.2f} s")

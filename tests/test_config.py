@@ -37,6 +37,11 @@ def test_layout_presets_inherit_the_model():
     four = load_config(ROOT / "configs" / "mistral-7b-4gpu.yaml")
     assert four.model == load_config(MISTRAL).model
     assert (four.parallel.tp, four.slurm.gpus_per_node) == (2, 4)
+    # Where tp is used, with sequence parallelism and its gathers and scatters fused with their matmuls (measured
+    # faster than tp alone on 2 H200s).
+    for preset in ("mistral-7b-4gpu.yaml", "mistral-7b-8x8.yaml"):
+        parallel = load_config(ROOT / "configs" / preset).parallel
+        assert parallel.sequence_parallel and parallel.async_tensor_parallel, preset
 
 
 def test_overrides_are_typed():
@@ -172,6 +177,13 @@ def test_sequence_parallel_combinations_that_cannot_work_are_refused():
     assert message.startswith("data.seq_len=8190 is not divisible by parallel.tp=4: with parallel.sequence_parallel")
     cfg = load_config(MISTRAL, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=3"])
     assert cfg.parallel.sequence_parallel
+
+
+def test_async_tensor_parallel_without_its_prerequisites_is_refused():
+    assert _error(["parallel.tp=2", "parallel.async_tensor_parallel=true"]).startswith(
+        "parallel.async_tensor_parallel=true needs parallel.sequence_parallel=true")
+    assert _error(["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.async_tensor_parallel=true",
+                   "train.compile=false"]).startswith("parallel.async_tensor_parallel=true needs train.compile=true")
 
 
 def test_world_size_not_divisible_by_model_parallel_size():
