@@ -76,9 +76,11 @@ def activation_bytes_per_layer(cfg: Config, bytes_per_value: int) -> float:
     qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
     # Sequence parallelism splits what lies between the tensor-parallel regions (norms, the layer's input) over tp.
     sequence_split = p.tp if p.sequence_parallel else 1
-    # Two norm inputs, two norm outputs: full width on every tp rank, 1/tp of the sequence with sequence parallelism
-    # (the column-parallel projections keep their input unsharded and gather it again for backward).
-    replicated = 4 * m.dim / sequence_split
+    # Two norm inputs and two norm outputs, full width on every tp rank. Sequence parallelism splits the inputs over
+    # tp; the outputs are what the column-parallel projections gather: megatron's eager layer keeps its slice and
+    # gathers it again for backward, the compiled layer keeps the gathered whole.
+    norm_output_split = 1 if cfg.train.compile else sequence_split
+    replicated = 2 * m.dim / sequence_split + 2 * m.dim / norm_output_split
     sharded = qkv + m.n_heads * m.head_dim + 3 * m.hidden_dim
     full = tokens * (replicated + sharded / p.tp) * bytes_per_value
     if p.activation_checkpointing == "full":
