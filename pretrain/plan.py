@@ -165,12 +165,12 @@ def describe(cfg: Config, mfu: float, peak_tflops: float | None) -> list[tuple[s
     mem = memory_per_gpu(cfg, dp, mixed_precision=mixed)
     weight_b, grad_b, optim_b = bytes_per_parameter(p.zero_stage, mixed)
     window = "full causal" if m.sliding_window is None else f"window {m.sliding_window}"
-    sequence_parallel = (" (sequence parallel, async)" if p.async_tensor_parallel
-                         else " (sequence parallel)" if p.sequence_parallel else "")
+    sequence_parallel_label = (" (sequence parallel, async)" if p.async_tensor_parallel
+                               else " (sequence parallel)" if p.sequence_parallel else "")
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     peak, peak_source = plan_peak_tflops(cfg, peak_tflops)
     return [
-        ("layout", f"tp={p.tp}{sequence_parallel} pp={p.pp} dp={dp} "
+        ("layout", f"tp={p.tp}{sequence_parallel_label} pp={p.pp} dp={dp} "
                    f"(world {p.tp * p.pp * dp}), ZeRO-{p.zero_stage}, "
                    f"micro-batch {p.micro_batch}, grad accumulation {cfg.train.global_batch // (p.micro_batch * dp)}"),
         ("parameters", f"{_count(c['total'])} ({c['total']:,}): embedding {c['embedding']:,}, "

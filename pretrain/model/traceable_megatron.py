@@ -30,10 +30,11 @@ def _tensor_parallel_group_or_default(tp_group, is_expert=False, check_initializ
     return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
 
 
-# megatron's sequence-parallel communication writes collectives into tensors it has just allocated (torch.empty, or its
-# global buffer). Traced in a backward pass, dynamo in torch 2.11 loses those writes: the compiled layer's gradients
-# came out as if nothing had flowed through its branches (GPU test in tests/test_tensor_parallel.py). In the graph
-# these are functional collectives instead, which return their result.
+# megatron's communication helpers write their results in place: the sequence-parallel gather and reduce-scatter into
+# tensors they have just allocated (torch.empty, or its global buffer), the all-reduce into its input. Traced in a
+# backward pass, dynamo in torch 2.11 lost the writes into fresh tensors: the compiled layer's gradients came out as if
+# nothing had flowed through its branches (GPU test in tests/test_tensor_parallel.py). In the graph all three are
+# functional collectives instead, which return their result and leave nothing to an in-place write.
 @torch._dynamo.substitute_in_graph(mappings._gather_along_first_dim)
 def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
     assert output_split_sizes is None, "uneven sequence-parallel splits are not traced"
