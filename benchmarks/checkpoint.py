@@ -1,6 +1,7 @@
 """Checkpoint save and load times of a Mistral 7B-shaped model in the real trainer, beside the disk's write speed.
 
     python benchmarks/checkpoint.py                 # 1 GPU: 7B width, 6 layers (19 GB of weights and Adam state)
+    python benchmarks/checkpoint.py --nproc 2       # 2 GPUs, data parallel: each rank saves and loads its share
     python benchmarks/checkpoint.py --smoke         # a tiny float32 run on CPU, to check the script works
 
 Measured in one run: the disk's sequential write speed (dd of zeros, fdatasync at the end); on a GPU, the copy
@@ -92,7 +93,7 @@ def train(args, run_dir: Path, data: Path, steps: int, every_steps: int, async_s
     overrides = [
         f"model.n_layers={args.layers}", f"data.train=[{{path: {data}}}]", "data.eval=null", "data.tokenizer=null",
         f"data.seq_len={args.seq_len}", f"model.max_seq_len={args.seq_len}", f"model.sliding_window={args.seq_len}",
-        "parallel.micro_batch=1", "train.global_batch=1", f"train.steps={steps}", "train.eval_every=0",
+        "parallel.micro_batch=1", f"train.global_batch={args.nproc}", f"train.steps={steps}", "train.eval_every=0",
         f"checkpoint.every_steps={every_steps}", f"checkpoint.save_final={str(save_final).lower()}",
         "checkpoint.keep_last=1", f"checkpoint.async_save={str(async_save).lower()}",
         "logging.every_steps=1", "logging.tensorboard=false", "train.compile=false",
@@ -101,7 +102,7 @@ def train(args, run_dir: Path, data: Path, steps: int, every_steps: int, async_s
         overrides += ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
                       "model.hidden_dim=128", "model.vocab_size=256", "train.dtype=float32", "data.num_workers=0"]
     command = [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "mistral-7b.yaml"), *overrides,
-               "--run-dir", str(run_dir)]
+               "--nproc", str(args.nproc), "--run-dir", str(run_dir)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"training failed ({result.returncode}):\n" + "\n".join(result.stderr.splitlines()[-20:]))
@@ -129,6 +130,7 @@ def progress(text: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--nproc", type=int, default=1, help="GPUs (data-parallel ranks, ZeRO-1)")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dd-gb", type=int, help="size of the dd write test (default: the checkpoint's)")
@@ -181,17 +183,19 @@ def main(argv: list[str] | None = None) -> None:
           + (f"{pinned:.2f} GB/s" if pinned else "n/a (no GPU)")
           + (f"; pinned staging buffers {staging[0]:.1f} GB allocated in {staging[1]:.2f} s (in the background, "
              f"before the save after step {n})" if staging else "")
-          + f"; checkpoint {gb:.2f} GB ({args.layers} layers: fp32 weights + Adam moments); training step "
-          f"{step_s:.3f} s")
+          + f"; checkpoint {gb:.2f} GB ({args.layers} layers: fp32 weights + Adam moments), {args.nproc} rank(s) "
+          f"saving and loading their shares at once; training step {step_s:.3f} s")
     print(f"{'what':<38} {'seconds':>8} {'GB/s':>7} {'vs':>6} {'reference':<18}")
-    rows = (("async save: training stall", stall, pinned, "pinned copy"),
-            ("async save: background write", async_write_s, disk, "dd write"),
-            ("sync save: write (all of it stalls)", sync_write_s, disk, "dd write"),
-            ("load on resume (verify + read)", load_s, read, "sequential read"))
-    for what, seconds, reference, name in rows:
+    # The stall is each rank's copy of its own share, beside one GPU's copy bandwidth; the rest is the whole
+    # checkpoint on the one disk, beside dd.
+    rows = (("async save: training stall (a rank's)", gb / args.nproc, stall, pinned, "pinned copy"),
+            ("async save: background write", gb, async_write_s, disk, "dd write"),
+            ("sync save: write (all of it stalls)", gb, sync_write_s, disk, "dd write"),
+            ("load on resume (verify + read)", gb, load_s, read, "sequential read"))
+    for what, size, seconds, reference, name in rows:
         seconds = max(seconds, 1e-6)  # --smoke's saves round to 0.0 s
-        share = f"{gb / seconds / reference:>6.0%}" if reference else f"{'n/a':>6}"
-        print(f"{what:<38} {seconds:>8.2f} {gb / seconds:>7.2f} {share} {name:<18}")
+        share = f"{size / seconds / reference:>6.0%}" if reference else f"{'n/a':>6}"
+        print(f"{what:<38} {seconds:>8.2f} {size / seconds:>7.2f} {share} {name:<18}")
 
 
 if __name__ == "__main__":

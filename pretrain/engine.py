@@ -33,9 +33,9 @@ from pretrain.model.mistral import (  # noqa: E402
     Embedding,
     Mistral,
     OutputHead,
+    VocabParallelLoss,
     init_weights,
     megatron_layer_config,
-    vocab_parallel_loss,
 )
 from pretrain.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -110,14 +110,14 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
-class PipelineLoss:
-    """The pipeline's loss function: `vocab_parallel_loss` with the divisor of the step being run (the trainer sets
-    it before each batch; None is each micro-batch's mean)."""
+class PipelineLoss(VocabParallelLoss):
+    """The pipeline's loss function, called by DeepSpeed as loss_fn(logits, labels): the divisor of the step being
+    run is set by the trainer before each batch (None is each micro-batch's mean)."""
 
     divisor: float | None = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_loss(logits, labels, self.divisor)
+        return super().__call__(logits, labels, self.divisor)
 
 
 @dataclass
@@ -187,10 +187,11 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         torch._inductor.config._micro_pipeline_tp = True
         enable_symm_mem_for_group(parallel.tp_group().group_name)
     if cfg.train.compile:
-        # The embedding, head and loss stay eager (the loss's collectives would only split the graph).
+        # The embedding and the head's norm and matmul stay eager: compiled, they would fuse nothing.
         for module in model.modules():
             if isinstance(module, DecoderLayer):
                 module.compile_computation()
+        (pipeline_loss or model.loss).compile()
     optimizer = build_optimizer(model, cfg.optim, cfg.parallel.zero_stage)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine, _, _, _ = deepspeed.initialize(

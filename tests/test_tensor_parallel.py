@@ -57,7 +57,7 @@ def reference_full_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 def tp_worker(tp: int, activation_checkpointing: str, sequence_parallel: bool = False,
               compile: bool = False) -> dict | None:
     """On CPU with gloo, on GPUs with NCCL (one per rank); results come back on the host. `compile`: the decoder
-    layers compiled as the trainer compiles them."""
+    layers and the loss compiled as the trainer compiles them."""
     parallel.init_distributed(tp=tp, pp=1)
     init = gather_full_state(Mistral(CFG, eos_id=EOS_ID, seed=3), CFG)
 
@@ -69,6 +69,7 @@ def tp_worker(tp: int, activation_checkpointing: str, sequence_parallel: bool = 
     if compile:
         for layer in model.layers:
             layer.compile_computation()
+        model.loss.compile()
 
     generator = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
@@ -114,9 +115,9 @@ def assert_tp2_equals_tp1(two_ranks: dict, one_rank: dict) -> None:
         assert torch.equal(two_ranks["init"][name], tensor), name
 
 
-@pytest.mark.parametrize("activation_checkpointing", ["none", "full"])
-def test_tp2_equals_tp1(one_rank, activation_checkpointing):
-    assert_tp2_equals_tp1(run_distributed(tp_worker, 2, 2, activation_checkpointing)[0], one_rank)
+@pytest.mark.parametrize(("activation_checkpointing", "compile"), [("none", False), ("full", False), ("none", True)])
+def test_tp2_equals_tp1(one_rank, activation_checkpointing, compile):
+    assert_tp2_equals_tp1(run_distributed(tp_worker, 2, 2, activation_checkpointing, False, compile)[0], one_rank)
 
 
 @pytest.mark.gpu
@@ -199,3 +200,23 @@ def test_compiled_tensor_parallel_layer_is_one_graph_on_every_rank():
     """Nothing in megatron-core's layers splits the compiled layer: not its rank-0-only warning when a layer passes
     no group (RowParallelLinear does), not the async collectives of its linear backward, not its one-time advice."""
     assert run_distributed(compiled_layer_graphs_worker, 2) == [(0, 1), (0, 1)]
+
+
+def compiled_loss_graphs_worker() -> tuple[int, int]:
+    """(graph breaks, graphs) of the tp=2 cross entropy as the trainer compiles it, forward and backward twice."""
+    from torch._dynamo.utils import counters
+
+    parallel.init_distributed(tp=2, pp=1)
+    loss = mistral.VocabParallelLoss()
+    loss.summed_cross_entropy = torch.compile(mistral.summed_cross_entropy, backend="eager")
+    logits = torch.randn(2, 40, CFG.vocab_size // 2, requires_grad=True)
+    labels = torch.randint(0, CFG.vocab_size, (2, 40))
+    labels[0, :5] = mistral.IGNORE_INDEX
+    for divisor in (None, 3.0):  # a divisor that changes does not recompile
+        loss(logits, labels, divisor).backward()
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+
+def test_compiled_vocab_parallel_loss_is_one_graph_on_every_rank():
+    """megatron's cross entropy, its three all-reduces over the tensor-parallel group included, compiles whole."""
+    assert run_distributed(compiled_loss_graphs_worker, 2) == [(0, 1), (0, 1)]

@@ -281,18 +281,35 @@ class OutputHead(nn.Module):
         return logits
 
 
-def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, divisor: float | None = None) -> torch.Tensor:
-    """Float32 cross entropy summed over positions whose label is not IGNORE_INDEX, divided by `divisor`, or by
-    their count when it is None (the mean; 0 when there are none).
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 cross entropy summed over positions whose label is not IGNORE_INDEX, their count).
 
-    logits: [B, S, vocab / tp], this rank's shard; labels: [B, S], already shifted (label s is the
-    token that follows position s); sequence first ([S, B, vocab / tp] and [S, B]) gives the same loss.
-    float32 logits are overwritten: megatron subtracts the max in place to save a logits-sized buffer, so clone
-    them first if they are needed afterwards.
-    """
+    logits: [B, S, vocab / tp], this rank's shard; labels: [B, S], already shifted (label s is the token that
+    follows position s); sequence first ([S, B, vocab / tp] and [S, B]) gives the same sums. Eager, megatron's
+    softmax overwrites its float32 copy of the logits in place to save a logits-sized buffer."""
     valid = labels != IGNORE_INDEX
     per_token = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~valid, 0))
-    return (per_token * valid).sum() / (valid.sum().clamp(min=1) if divisor is None else divisor)
+    return (per_token * valid).sum(), valid.sum()
+
+
+class VocabParallelLoss:
+    """loss(logits, labels, divisor=None): `summed_cross_entropy`'s sum divided by `divisor`, or by the count when
+    it is None (the mean; 0 when there are none).
+
+    `compile()` compiles the cross entropy: eager, megatron's float32 softmax over the vocabulary makes about ten
+    passes over a logits-sized float32 buffer per micro-batch (1 GB at seq 8192) and keeps it for the backward;
+    compiled, the softmax is fused and recomputed from the bf16 logits. The division stays eager, so a divisor
+    that changes from step to step does not recompile."""
+
+    def __init__(self):
+        self.summed_cross_entropy = summed_cross_entropy
+
+    def compile(self) -> None:
+        self.summed_cross_entropy = torch.compile(summed_cross_entropy)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, divisor: float | None = None) -> torch.Tensor:
+        total, count = self.summed_cross_entropy(logits, labels)
+        return total / (count.clamp(min=1) if divisor is None else divisor)
 
 
 class Mistral(nn.Module):
@@ -324,6 +341,7 @@ class Mistral(nn.Module):
             DecoderLayer(cfg, layer_config, activation_checkpointing) for _ in range(cfg.n_layers)
         )
         self.head = OutputHead(cfg, layer_config)
+        self.loss = VocabParallelLoss()
         init_weights(dict(self.named_parameters()), cfg, seed)
 
     def document_ids(self, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -342,8 +360,8 @@ class Mistral(nn.Module):
         if self.sequence_first:  # [S, B, vocab / tp]: the labels are turned rather than the larger logits
             if labels is None:
                 return logits.transpose(0, 1)
-            return vocab_parallel_loss(logits, labels.t().contiguous(), loss_divisor)
-        return logits if labels is None else vocab_parallel_loss(logits, labels, loss_divisor)
+            return self.loss(logits, labels.t().contiguous(), loss_divisor)
+        return logits if labels is None else self.loss(logits, labels, loss_divisor)
 
 
 @torch.no_grad()
