@@ -297,9 +297,9 @@ class VocabParallelLoss:
     it is None (the mean; 0 when there are none).
 
     `compile()` compiles the cross entropy: eager, megatron's float32 softmax over the vocabulary makes about ten
-    passes over a logits-sized float32 buffer per micro-batch (1 GB at seq 8192) and keeps it for the backward;
-    compiled, the softmax is fused and recomputed from the bf16 logits. The division stays eager, so a divisor
-    that changes from step to step does not recompile."""
+    passes over a logits-sized float32 buffer per micro-batch (1 GB at seq 8192); compiled, they are fused
+    (measured on one H200, 8 layers: 17 ms less per 1.5 s step, but 2 GiB more peak memory, see RESULTS.md). The
+    division stays eager, so a divisor that changes from step to step does not recompile."""
 
     def __init__(self):
         self.summed_cross_entropy = summed_cross_entropy
