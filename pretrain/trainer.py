@@ -84,10 +84,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, run_dir, self.engine, self.built.canonical_names, self.loader,
                                          self.state)
         checkpoint_start = time.perf_counter()
-        ckpt = self.checkpointer.choose(resume_from)
-        if ckpt is not None:
-            self.checkpointer.load(ckpt)
-        elif cfg.train.init_from is not None:
+        if self.checkpointer.restore(resume_from) is None and cfg.train.init_from is not None:
             self.checkpointer.load_weights(Path(cfg.train.init_from))
         self.startup["checkpoint_s"] = time.perf_counter() - checkpoint_start
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
@@ -262,15 +259,14 @@ class Trainer:
                 "data, then resume"
             )
         position, counters = self.loader.state_dict(), self.state.counters()
-        ckpt = self.checkpointer.choose(None)
+        ckpt = self.checkpointer.restore(None)
         if ckpt is None:
             raise TrainingError(
                 f"{self.cfg.train.max_nonfinite_in_row} steps in a row had a non-finite loss or gradients before "
                 "the first checkpoint, so there is nothing to roll back to: lower optim.lr or check the data"
             )
-        self.log_rank0(f"rolling back to the newest checkpoint (rollback {counters['rollbacks'] + 1}); the data goes "
-                       "on after the batches that diverged")
-        self.checkpointer.load(ckpt)
+        self.log_rank0(f"rolled back to {ckpt.name} (rollback {counters['rollbacks'] + 1}); the data goes on after the "
+                       "batches that diverged")
         self.loader.load_state_dict(position)
         self.state.skipped_steps, self.state.rollbacks = counters["skipped_steps"], counters["rollbacks"] + 1
 

@@ -154,13 +154,19 @@ def finished_run(tiny_data, tmp_path_factory):
     return run_dir
 
 
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def test_corrupt_newest_checkpoint_is_skipped_and_refused_by_name(finished_run, tiny_data, tmp_path):
+    """The parameter files are hashed while they load: a flipped byte in the newest checkpoint's is found after
+    they were read, and the run falls back to the one before."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     shard = run_dir / "checkpoints" / step_dir_name(4) / "model" / "tp00-pp00-dp0000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
+    flip_a_byte(shard)
     overrides = ["train.steps=4", "parallel.micro_batch=8", "checkpoint.every_steps=2"]
     result = run_train(run_dir, tiny_data, overrides, args=["--resume-from", str(shard.parents[1])])
     assert result.returncode == 2
@@ -169,6 +175,36 @@ def test_corrupt_newest_checkpoint_is_skipped_and_refused_by_name(finished_run, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert resumed_step(result.stderr) == 2
     assert f"skipping a damaged checkpoint: {shard} does not match its sha256" in result.stderr
+
+
+def test_when_every_checkpoint_is_damaged_the_run_refuses_to_start_over(finished_run, tiny_data, tmp_path):
+    """A damaged checkpoint is found only once some of it is loaded: with nothing intact to load instead, the run
+    stops and says so rather than training on a half-loaded model (or from scratch, which would delete the
+    checkpoints by retention)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    for step in (2, 4):
+        flip_a_byte(run_dir / "checkpoints" / step_dir_name(step) / "model" / "tp00-pp00-dp0000.safetensors")
+    result = run_train(run_dir, tiny_data, ["train.steps=6", "parallel.micro_batch=8", "checkpoint.every_steps=2"])
+    assert result.returncode == 2
+    assert result.stderr.count("skipping a damaged checkpoint") == 2
+    assert f"no checkpoint under {run_dir / 'checkpoints'} loads intact" in error_line(result)
+    assert newest_valid_step(run_dir) is None and sorted(os.listdir(run_dir / "checkpoints")) == [
+        "latest", step_dir_name(2), step_dir_name(4)]
+
+
+def test_damage_found_by_one_rank_makes_every_rank_fall_back(tiny_data, tmp_path):
+    """Two ranks split the hashing of a checkpoint's blocks; the damaged one is rank 1's to hash (in its own file),
+    and both ranks skip that checkpoint and resume from the one before."""
+    run_dir = tmp_path / "run"
+    overrides = ["train.steps=4", "parallel.micro_batch=4", "checkpoint.every_steps=2"]
+    train(run_dir, tiny_data, overrides, nproc=2)
+    shard = run_dir / "checkpoints" / step_dir_name(4) / "model" / "tp00-pp00-dp0001.safetensors"
+    flip_a_byte(shard)
+    result = run_train(run_dir, tiny_data, ["train.steps=6"] + overrides[1:], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipping a damaged checkpoint: {shard} does not match its sha256" in result.stderr
+    assert resumed_step(result.stderr) == 2
 
 
 def test_missing_random_state_of_a_same_layout_checkpoint_is_refused(finished_run, tiny_data, tmp_path):

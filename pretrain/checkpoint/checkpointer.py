@@ -2,9 +2,8 @@
 
 Like torchtitan's checkpointer, one object covers every stateful part of a run: the model and its float32 masters,
 the optimizer (Adam moments), the learning-rate schedule, the data loader's position, each rank's random
-generators and the trainer's counters (`TrainState`). `choose` picks the checkpoint to start from (rank 0
-verifies it and tells the others, saying why a newer one was skipped); `load` restores all of it into the built
-engine, on a start as on a rollback.
+generators and the trainer's counters (`TrainState`). `restore` loads the checkpoint to start from, on a start as
+on a rollback: the newest one that loads intact (hashed while read), saying why any newer one was skipped.
 
 A save snapshots this rank's state into host memory (the only part the training loop waits for: the stall) and
 writes it into `.tmp-step_N/`. Then the ranks *settle* it together: they agree whether every rank wrote its part,
@@ -21,8 +20,11 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,12 +44,15 @@ from pretrain.checkpoint.state import (
 from pretrain.checkpoint.store import (
     CheckpointError,
     CheckpointStore,
+    DamagedCheckpoint,
     complete_steps,
     mark_rank_done,
-    newest_valid,
+    step_dir_name,
     verify,
 )
 from pretrain.config import Config
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -105,22 +110,38 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ loading
 
-    def choose(self, resume_from: Path | None) -> Path | None:
-        """The checkpoint to start from: `resume_from` (verified) or the newest one that verifies. Rank 0 clears
-        interrupted saves and verifies (hashing every file), says why any newer checkpoint was skipped, and tells
-        the others, so all ranks load the same checkpoint. Collective."""
-        def rank0_choice() -> Path | None:
+    def restore(self, resume_from: Path | None) -> Path | None:
+        """Load the checkpoint to start from and return it: `resume_from`, or the newest one under the run's
+        checkpoints that loads intact (None when there is none). Rank 0 clears interrupted saves and checks each
+        candidate's manifest, file sizes and small files; the parameter files are hashed while they load (`load`).
+        A damaged checkpoint is skipped, saying why; a damaged `resume_from` is an error. Collective."""
+        def rank0_candidates() -> list[Path]:
             self.store.remove_incomplete()
             if resume_from is not None:
-                return verify(resume_from).path
-            found, skipped = newest_valid(self.store.root)
-            for reason in skipped:
-                _log(f"skipping a damaged checkpoint: {reason}")
-            return found.path if found else None
+                return [resume_from]
+            return [self.store.root / step_dir_name(step) for step in reversed(complete_steps(self.store.root))]
 
-        return self._decided_on_rank0(rank0_choice)
+        partly_loaded = None
+        for ckpt in self._decided_on_rank0(rank0_candidates):
+            try:
+                self._decided_on_rank0(lambda ckpt=ckpt: verify(ckpt, deferred="model"))
+                partly_loaded = ckpt
+                self.load(ckpt)
+                return ckpt
+            except DamagedCheckpoint as e:
+                if resume_from is not None:
+                    raise
+                if self.rank == 0:
+                    _log(f"skipping a damaged checkpoint: {e}")
+        if partly_loaded is not None:
+            raise CheckpointError(
+                f"no checkpoint under {self.store.root} loads intact, and the damage of {partly_loaded} showed only "
+                "after some of it was loaded: restore a good copy of a checkpoint there, or move the damaged ones away "
+                "to start the run over"
+            )
+        return None
 
-    def _decided_on_rank0(self, decide) -> Path | None:
+    def _decided_on_rank0(self, decide: Callable[[], T]) -> T:
         """What `decide()` returns on rank 0 (or the CheckpointError it raises), on every rank. Collective."""
         choice: list[object] = [None]
         if self.rank == 0:
@@ -148,11 +169,23 @@ class Checkpointer:
     def load(self, ckpt: Path) -> None:
         """Every stateful part from `ckpt`: weights and masters, Adam moments, schedule, then (for a training
         checkpoint, not one made by `pretrain import`) the random generators, the loader's position and the
-        counters. Collective."""
+        counters. The parameter files are hashed while they are read, each rank a share of their blocks, so that
+        verifying costs no second pass over the disk; if any block does not match its manifest, every rank raises
+        DamagedCheckpoint before the generators, loader or counters are touched. Collective."""
         start = time.perf_counter()
         state = read_trainer_state(ckpt)
         check_compatible(state.get("config", {}), self.cfg, ckpt)
-        load_model_and_optimizer(ShardReader(ckpt, self.cfg.model), self.engine, self.canonical, state)
+        with ThreadPoolExecutor(1) as background:
+            hashing = background.submit(verify, ckpt, share=(self.rank, self.world))
+            try:
+                load_model_and_optimizer(ShardReader(ckpt, self.cfg.model), self.engine, self.canonical, state)
+            except Exception:
+                if isinstance(hashing.exception(), DamagedCheckpoint):  # it failed on damaged bytes
+                    raise hashing.exception() from None
+                raise
+        damage = self._first_message_over_ranks(hashing.exception())
+        if damage is not None:
+            raise DamagedCheckpoint(damage)
         if "loader" in state:
             if not load_rng_state(ckpt, state["layout"]) and self.rank == 0:
                 _log(f"{ckpt} was saved in another layout ({state['layout']}): the random generators start from "
@@ -161,6 +194,12 @@ class Checkpointer:
         self.train_state.load_state_dict(state)
         if self.rank == 0:
             _log(f"resumed from {ckpt} at step {self.train_state.step}, loaded in {time.perf_counter() - start:.1f} s")
+
+    def _first_message_over_ranks(self, error: BaseException | None) -> str | None:
+        """The message of the lowest rank's `error`, on every rank (None if no rank has one). Collective."""
+        messages: list[str | None] = [None] * self.world
+        dist.all_gather_object(messages, None if error is None else str(error))
+        return next((message for message in messages if message is not None), None)
 
     # ------------------------------------------------------------------ saving
 

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,10 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or trusted; the message names it and the fix."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint that does not match its manifest (or has none): never loaded; an older one may be."""
 
 
 def step_dir_name(step: int) -> str:
@@ -111,25 +115,18 @@ def write_hashed(path: Path, pieces: Iterable[bytes | memoryview]) -> list[str]:
         return [future.result() for future in hashed]
 
 
-def sha256_blocks(path: Path, block_size: int, pool: ThreadPoolExecutor) -> list[Future[str]]:
-    """The sha256 of each `block_size`-byte block of a file, as `write_hashed` returns them, being hashed on
-    `pool`."""
-    size = path.stat().st_size
-
-    def block_digest(offset: int) -> str:
-        digest = hashlib.sha256()
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            left = min(block_size, size - offset)
-            while left:
-                data = f.read(min(WRITE_CHUNK, left))
-                if not data:
-                    break  # the file shrank meanwhile: the digest will not match
-                digest.update(data)
-                left -= len(data)
-        return digest.hexdigest()
-
-    return [pool.submit(block_digest, offset) for offset in range(0, max(size, 1), block_size)]
+def sha256_range(path: Path, offset: int, length: int) -> str:
+    """The sha256 of `length` bytes of a file from `offset` (of fewer where the file is shorter)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while length:
+            data = f.read(min(WRITE_CHUNK, length))
+            if not data:
+                break  # the file shrank meanwhile: the digest will not match
+            digest.update(data)
+            length -= len(data)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -158,39 +155,57 @@ class Verified:
     meta: dict
 
 
-def verify(path: Path, hash_files: bool = True) -> Verified:
-    """Check a checkpoint directory against its manifest; raise CheckpointError naming what is wrong."""
+def verify(path: Path, hash_files: bool = True, deferred: str | None = None,
+           share: tuple[int, int] = (0, 1)) -> Verified:
+    """Check a checkpoint directory against its manifest (every file there, of its size, and with `hash_files` of
+    its sha256s); raise DamagedCheckpoint naming what is wrong. Files under the directory `deferred` are left
+    unhashed (a load hashes them while reading them); `share=(rank, world)` hashes only every world-th block,
+    from the rank-th on, so that ranks split the hashing of one checkpoint."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise CheckpointError(f"{path} has no {MANIFEST}: it is incomplete (interrupted save); use an earlier one")
+        raise DamagedCheckpoint(f"{path} has no {MANIFEST}: it is incomplete (interrupted save); use an earlier one")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{manifest_path} is unreadable ({e}): the checkpoint cannot be trusted") from None
+        raise DamagedCheckpoint(f"{manifest_path} is unreadable ({e}): the checkpoint cannot be trusted") from None
     for rel, entry in files.items():
         file = path / rel
         if not file.is_file():
-            raise CheckpointError(f"{file} listed in the manifest is missing: the checkpoint is damaged")
+            raise DamagedCheckpoint(f"{file} listed in the manifest is missing: the checkpoint is damaged")
         if file.stat().st_size != entry["size"]:
-            raise CheckpointError(
+            raise DamagedCheckpoint(
                 f"{file} has {file.stat().st_size} bytes, the manifest says {entry['size']}: the checkpoint is damaged"
             )
     if hash_files:
-        # Every block of every file on one pool: reading and hashing release the GIL. A checkpoint written before
-        # blocks holds the sha256 of each whole file, hashed as one task.
-        with ThreadPoolExecutor(HASH_THREADS) as pool:
-            pending = {}  # file -> (its digests being computed, the manifest's)
-            for rel, entry in files.items():
-                if "sha256_blocks" in entry:
-                    pending[rel] = (sha256_blocks(path / rel, entry["hash_block"], pool), entry["sha256_blocks"])
-                else:
-                    pending[rel] = ([pool.submit(sha256_file, path / rel)], [entry["sha256"]])
-            for rel, (hashed, expected) in pending.items():
-                if [future.result() for future in hashed] != expected:
-                    raise CheckpointError(f"{path / rel} does not match its sha256 in the manifest: the checkpoint "
-                                          "is corrupt")
+        hashed = {rel: entry for rel, entry in files.items()
+                  if deferred is None or not rel.startswith(deferred.rstrip("/") + "/")}
+        _check_hashes(path, hashed, *share)
     return Verified(path, int(manifest["step"]), manifest.get("meta", {}))
+
+
+def _check_hashes(path: Path, files: dict[str, dict], rank: int, world: int) -> None:
+    """Hash the blocks of `files` (manifest entries) numbered rank, rank + world, ... on one pool (reading and
+    hashing release the GIL). A checkpoint written before blocks holds the sha256 of each whole file: one block."""
+    blocks = []  # (file, offset, length, sha256 in the manifest)
+    for rel, entry in files.items():
+        if "sha256_blocks" in entry:
+            step, expected = entry["hash_block"], entry["sha256_blocks"]
+            offsets = range(0, max(entry["size"], 1), step)
+            if len(offsets) != len(expected):
+                raise DamagedCheckpoint(f"{path / rel}: its manifest entry lists {len(expected)} block hashes for "
+                                        f"{len(offsets)} blocks: the checkpoint cannot be trusted")
+            blocks += [(rel, offset, step, digest) for offset, digest in zip(offsets, expected, strict=True)]
+        else:
+            blocks.append((rel, 0, entry["size"], entry["sha256"]))
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        mine = [(rel, expected, pool.submit(sha256_range, path / rel, offset, length))
+                for rel, offset, length, expected in blocks[rank::world]]
+        for rel, expected, digest in mine:
+            if digest.result() != expected:
+                pool.shutdown(cancel_futures=True)
+                raise DamagedCheckpoint(f"{path / rel} does not match its sha256 in the manifest: the checkpoint "
+                                        "is corrupt")
 
 
 def complete_steps(root: Path) -> list[int]:
@@ -212,7 +227,7 @@ def newest_valid(root: Path, hash_files: bool = True) -> tuple[Verified | None, 
     for step in reversed(complete_steps(root)):
         try:
             return verify(root / step_dir_name(step), hash_files), skipped
-        except CheckpointError as e:
+        except DamagedCheckpoint as e:
             skipped.append(str(e))
     return None, skipped
 
