@@ -62,23 +62,6 @@ def _add_bf16_grad_into_float32(self, lp, group_idx, param_idx, clear_lp_grads):
 BF16_Optimizer._update_hp_grad = _add_bf16_grad_into_float32
 
 
-@torch.no_grad()
-def clip_by_global_norm(input_tensors, max_norm=1.0, global_norm=None, mpu=None, eps=1e-6):
-    """DeepSpeed's `clip_tensors_by_global_norm` (as BF16_Optimizer calls it: the norm given) with one multi-tensor
-    multiply: its per-tensor `mul_` by the 0-dim CUDA coefficient ran PyTorch's non-vectorized broadcast kernel,
-    15 ms per step on one H200 (8 layers of the 7B). The same float32 products, bit for bit."""
-    if global_norm is None:
-        return _deepspeed_clip(input_tensors, max_norm, global_norm, mpu, eps)
-    clip_coef = max_norm / (global_norm + eps)
-    if clip_coef < 1:
-        torch._foreach_mul_([tensor.detach() for tensor in input_tensors], clip_coef)
-    return global_norm
-
-
-_deepspeed_clip = deepspeed.runtime.bf16_optimizer.clip_tensors_by_global_norm
-deepspeed.runtime.bf16_optimizer.clip_tensors_by_global_norm = clip_by_global_norm
-
-
 class MegatronMPU:
     """DeepSpeed's `mpu` interface answered by megatron-core's parallel_state, so both see the same groups."""
 

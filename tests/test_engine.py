@@ -50,19 +50,3 @@ def test_bf16_gradients_accumulate_in_float32_as_they_come(single_process_group,
     assert freed == [True] * 3 and reference_freed == [False] * 3
     assert losses == reference_losses
     assert all(torch.equal(a, b) for a, b in zip(weights, reference_weights, strict=True))
-
-
-def test_gradient_clipping_multiplies_as_deepspeed_does(monkeypatch):
-    """The trainer's clipping (one multi-tensor multiply) gives DeepSpeed's per-tensor products bit for bit, and
-    leaves gradients under the norm untouched."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    engine_module = importlib.import_module("pretrain.engine")
-    generator = torch.Generator().manual_seed(0)
-    grads = [torch.randn(shape, generator=generator) * 3 for shape in [(64, 32), (7,), (4096,)]]
-    norm = torch.stack([g.norm() for g in grads]).norm()
-    for max_norm in (1.0, 1e9):
-        ours, reference = [g.clone() for g in grads], [g.clone() for g in grads]
-        engine_module.clip_by_global_norm(ours, max_norm=max_norm, global_norm=norm)
-        engine_module._deepspeed_clip(reference, max_norm=max_norm, global_norm=norm)
-        assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
-        assert all(torch.equal(a, g) for a, g in zip(ours, grads, strict=True)) == (max_norm == 1e9)
