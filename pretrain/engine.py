@@ -41,6 +41,33 @@ from pretrain.optim import build_optimizer, build_scheduler  # noqa: E402
 
 _deepspeed_update_hp_grad = BF16_Optimizer._update_hp_grad
 
+if torch.cuda.is_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _add_widened(total_ptr, addend_ptr, numel, BLOCK: tl.constexpr):
+        """total (float32) += addend (bf16) over `numel` elements; each program adds one BLOCK."""
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        total = tl.load(total_ptr + offsets, mask=inside)
+        addend = tl.load(addend_ptr + offsets, mask=inside).to(tl.float32)
+        tl.store(total_ptr + offsets, total + addend, mask=inside)
+
+
+ADD_BLOCK = 4096  # elements per program: 16 per thread with 8 warps, in 16-byte loads
+
+
+def accumulate_into_float32(total: torch.Tensor, addend: torch.Tensor) -> None:
+    """total (float32) += addend (bf16, as many elements), widening each value in the add. On CUDA in
+    one Triton kernel: PyTorch's kernel for an add of mixed dtypes is not vectorized (one H200: 67 ms of a 1.5 s
+    step, 8 layers of the 7B)."""
+    if total.is_cuda and total.is_contiguous() and addend.is_contiguous():
+        numel = total.numel()
+        _add_widened[(triton.cdiv(numel, ADD_BLOCK),)](total, addend, numel, BLOCK=ADD_BLOCK, num_warps=8)
+    else:
+        total.add_(addend.view(total.shape))
+
 
 @torch.no_grad()
 def _add_bf16_grad_into_float32(self, lp, group_idx, param_idx, clear_lp_grads):
@@ -52,7 +79,7 @@ def _add_bf16_grad_into_float32(self, lp, group_idx, param_idx, clear_lp_grads):
     if lp.grad is None or self.autoep_folding_tp_group is not None:
         return _deepspeed_update_hp_grad(self, lp, group_idx, param_idx, clear_lp_grads)
     hp_grad = self.fp32_groups_gradients[group_idx][param_idx]
-    hp_grad.add_(lp.grad.view(hp_grad.shape))
+    accumulate_into_float32(hp_grad, lp.grad)
     lp._hp_grad = hp_grad
     self.fp32_groups_has_gradients[group_idx][param_idx] = True
     if clear_lp_grads:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
 import torch
 
 from pretrain.config import load_config, resolve_world
@@ -50,3 +51,29 @@ def test_bf16_gradients_accumulate_in_float32_as_they_come(single_process_group,
     assert freed == [True] * 3 and reference_freed == [False] * 3
     assert losses == reference_losses
     assert all(torch.equal(a, b) for a, b in zip(weights, reference_weights, strict=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_float32_accumulation_of_bf16_gradients_is_exact_in_backward_hooks(device, monkeypatch):
+    """The add the trainer's bf16 ZeRO-1 does once per parameter and micro-batch, called as DeepSpeed calls it (in a
+    hook during backward, into views of one flat float32 buffer, some not 16-byte aligned): the float32 sums of the
+    widened values, bit for bit, at every size, and nothing outside each view written."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
+    accumulate = importlib.import_module("pretrain.engine").accumulate_into_float32
+    generator = torch.Generator(device).manual_seed(0)
+    shapes = [(4096, 1024), (1024,), (333, 77), (32000, 64), (5,), (4097,)]
+    params = [torch.randn(shape, device=device, generator=generator).bfloat16().requires_grad_() for shape in shapes]
+    flat = torch.randn(sum(p.numel() for p in params) + 1, device=device, generator=generator)
+    totals = [total.view(p.shape) for total, p in zip(torch.split(flat[:-1], [p.numel() for p in params]), params,
+                                                      strict=True)]
+    expected = flat.clone()
+    for param, total in zip(params, totals, strict=True):
+        param.register_post_accumulate_grad_hook(lambda p, total=total: accumulate(total, p.grad))
+    for _ in range(2):  # two micro-batches
+        scale = torch.randn((), device=device, generator=generator)
+        sum((param.float().square() * scale).sum() for param in params).backward()
+        expected[:-1] += torch.cat([param.grad.float().view(-1) for param in params])
+        for param in params:
+            param.grad = None
+    assert torch.equal(flat, expected)
