@@ -59,9 +59,9 @@ ADD_BLOCK = 4096  # elements per program: 16 per thread with 8 warps, in 16-byte
 
 
 def accumulate_into_float32(total: torch.Tensor, addend: torch.Tensor) -> None:
-    """total (float32) += addend (bf16, as many elements), widening each value in the add. On CUDA in
-    one Triton kernel: PyTorch's kernel for an add of mixed dtypes is not vectorized (one H200: 67 ms of a 1.5 s
-    step, 8 layers of the 7B)."""
+    """total (float32) += addend (bf16, as many elements), widening each value in the add. On CUDA in one Triton
+    kernel: PyTorch's kernel for an add of mixed dtypes is not vectorized. On one H200, 8 layers of the 7B, these adds
+    took 67 ms of a 1.5 s step with PyTorch's kernel, 77 ms compiled by inductor (dynamic shapes) and 38 ms here."""
     if total.is_cuda and total.is_contiguous() and addend.is_contiguous():
         numel = total.numel()
         _add_widened[(triton.cdiv(numel, ADD_BLOCK),)](total, addend, numel, BLOCK=ADD_BLOCK, num_warps=8)
