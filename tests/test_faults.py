@@ -178,9 +178,9 @@ def test_corrupt_newest_checkpoint_is_skipped_and_refused_by_name(finished_run, 
 
 
 def test_when_every_checkpoint_is_damaged_the_run_refuses_to_start_over(finished_run, tiny_data, tmp_path):
-    """A damaged checkpoint is found only once some of it is loaded: with nothing intact to load instead, the run
-    stops and says so rather than training on a half-loaded model (or from scratch, which would delete the
-    checkpoints by retention)."""
+    """Damage may be found only once some of a checkpoint is loaded: with nothing intact to load instead, the run
+    stops and says so rather than training on a half-loaded model (or from scratch, which would let retention delete
+    the checkpoints)."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     for step in (2, 4):
@@ -188,7 +188,7 @@ def test_when_every_checkpoint_is_damaged_the_run_refuses_to_start_over(finished
     result = run_train(run_dir, tiny_data, ["train.steps=6", "parallel.micro_batch=8", "checkpoint.every_steps=2"])
     assert result.returncode == 2
     assert result.stderr.count("skipping a damaged checkpoint") == 2
-    assert f"no checkpoint under {run_dir / 'checkpoints'} loads intact" in error_line(result)
+    assert f"no checkpoint under {run_dir / 'checkpoints'} loads intact (each was skipped" in error_line(result)
     assert newest_valid_step(run_dir) is None and sorted(os.listdir(run_dir / "checkpoints")) == [
         "latest", step_dir_name(2), step_dir_name(4)]
 

@@ -114,18 +114,18 @@ class Checkpointer:
         """Load the checkpoint to start from and return it: `resume_from`, or the newest one under the run's
         checkpoints that loads intact (None when there is none). Rank 0 clears interrupted saves and checks each
         candidate's manifest, file sizes and small files; the parameter files are hashed while they load (`load`).
-        A damaged checkpoint is skipped, saying why; a damaged `resume_from` is an error. Collective."""
+        A damaged checkpoint is skipped, saying why; a damaged `resume_from`, or checkpoints none of which is intact,
+        is an error. Collective."""
         def rank0_candidates() -> list[Path]:
             self.store.remove_incomplete()
             if resume_from is not None:
                 return [resume_from]
             return [self.store.root / step_dir_name(step) for step in reversed(complete_steps(self.store.root))]
 
-        partly_loaded = None
-        for ckpt in self._decided_on_rank0(rank0_candidates):
+        candidates = self._decided_on_rank0(rank0_candidates)
+        for ckpt in candidates:
             try:
                 self._decided_on_rank0(lambda ckpt=ckpt: verify(ckpt, deferred="model"))
-                partly_loaded = ckpt
                 self.load(ckpt)
                 return ckpt
             except DamagedCheckpoint as e:
@@ -133,11 +133,12 @@ class Checkpointer:
                     raise
                 if self.rank == 0:
                     _log(f"skipping a damaged checkpoint: {e}")
-        if partly_loaded is not None:
+        if candidates:
+            # Damage may show only once some of a checkpoint is loaded, and starting over would let retention delete
+            # the damaged ones.
             raise CheckpointError(
-                f"no checkpoint under {self.store.root} loads intact, and the damage of {partly_loaded} showed only "
-                "after some of it was loaded: restore a good copy of a checkpoint there, or move the damaged ones away "
-                "to start the run over"
+                f"no checkpoint under {self.store.root} loads intact (each was skipped, above): restore a good copy "
+                "of one there, or move them away to start the run over"
             )
         return None
 
