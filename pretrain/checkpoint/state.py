@@ -9,7 +9,7 @@ landing on one rank. Loading merges the old tp shards and cuts the new rank's sh
 any tp/pp/dp/ZeRO layout with the optimizer state carried over; the same layout resumes bit-exactly.
 
     model/tp00-pp00-dp0000.safetensors   param/<name>, exp_avg/<name>, exp_avg_sq/<name>
-    rng/rank00000.pt                     python, numpy, torch CPU and CUDA generator states of one rank
+    rng/rank00000.pt                     python, numpy, torch CPU and the rank's own CUDA generator states
     trainer.json                         step, tokens, scheduler, loader position, counters, config, code version
 """
 
@@ -21,6 +21,7 @@ import random
 import re
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -252,8 +253,21 @@ def _rng_state() -> dict:
         "numpy_pos": torch.tensor([numpy_pos, numpy_has_gauss], dtype=torch.int64),
         "numpy_gauss": torch.tensor([numpy_gauss], dtype=torch.float64),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only the generator of the device this rank computes on: a resume may see fewer GPUs than the save did.
+        "cuda": torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else [],
     }
+
+
+def saved_cuda_state(saved: torch.Tensor | list[torch.Tensor], device: int) -> torch.Tensor | None:
+    """The saved CUDA generator state to restore on `device` (this rank's), None where there is none for it.
+    `saved` is the state of the rank's device, or, in checkpoints written before, the states of every device the
+    rank saw, in order, of which it drew from the one of its local rank: the only one where it saw one device, else
+    the current device's (its own when the resume keeps the local ranks; otherwise an unused, seeded one)."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if len(saved) == 1:
+        return saved[0]
+    return saved[device] if device < len(saved) else None
 
 
 def _set_rng_state(state: dict) -> None:
@@ -263,8 +277,16 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss,
                          state["numpy_gauss"].item()))
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["cuda"]
+    if not torch.cuda.is_available() or (isinstance(saved, list) and not saved):  # saved without CUDA
+        return
+    device = torch.cuda.current_device()
+    cuda_state = saved_cuda_state(saved, device)
+    if cuda_state is None:
+        print(f"[pretrain] the checkpoint holds the CUDA generator states of {len(saved)} devices, none of them "
+              f"this rank's device {device}: its CUDA generator starts from the seed", file=sys.stderr, flush=True)
+    else:
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 # ---------------------------------------------------------------------------------------------- loading
