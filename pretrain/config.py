@@ -95,8 +95,8 @@ class ParallelConfig(_Section):
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1: it splits the sequence over the "
                              "tensor-parallel ranks; set parallel.tp=2 or more, or sequence_parallel=false")
         if self.async_tensor_parallel and not self.sequence_parallel:
-            raise ValueError("parallel.async_tensor_parallel=true needs parallel.sequence_parallel=true: it overlaps the "
-                             "sequence-parallel gathers and scatters with their matmuls; set both or neither")
+            raise ValueError("parallel.async_tensor_parallel=true needs parallel.sequence_parallel=true: it overlaps "
+                             "the sequence-parallel gathers and scatters with their matmuls; set both or neither")
         if self.sequence_parallel and self.pp > 1:
             raise ValueError(
                 f"parallel.sequence_parallel=true with parallel.pp={self.pp}: the pipeline stages do not pass "
@@ -287,6 +287,7 @@ class Config(_Section):
         if self.train.inject_nonfinite_batches and p.pp > 1:
             raise ValueError("train.inject_nonfinite_batches works with parallel.pp=1 only: set parallel.pp=1 or "
                              "train.inject_nonfinite_batches=[]")
+        check_zero_stage_for_dtype(self, self.train.dtype)  # `auto` is checked when the engine is built
         if p.dp is not None:
             check_batch(self, p.dp)
         return self
@@ -298,6 +299,19 @@ class Config(_Section):
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_zero_stage_for_dtype(cfg: Config, dtype: str) -> None:
+    """Refuse ZeRO stage 0 in bfloat16 (`dtype`: train.dtype, or what `auto` is on this machine): DeepSpeed 0.19 takes
+    bfloat16 with float32 gradient accumulation only under ZeRO (its BF16_Optimizer) and raises a bare
+    NotImplementedError at stage 0; bfloat16 accumulation instead would change the numerics."""
+    if cfg.parallel.zero_stage == 0 and dtype == "bfloat16":
+        given = "" if cfg.train.dtype == dtype else f" (train.dtype={cfg.train.dtype} on a GPU)"
+        raise ConfigError(
+            f"parallel.zero_stage=0 with bfloat16{given}: DeepSpeed keeps float32 master weights and float32 "
+            "gradient accumulation only under ZeRO (stage 1 at dp=1 partitions nothing and costs nothing); set "
+            "parallel.zero_stage=1 (or train.dtype=float32)"
+        )
 
 
 def check_batch(cfg: Config, dp: int) -> None:

@@ -26,8 +26,9 @@ from deepspeed.utils import set_z3_leaf_modules  # noqa: E402
 from torch.distributed._symmetric_memory import enable_symm_mem_for_group  # noqa: E402
 
 from pretrain import parallel  # noqa: E402
-from pretrain.config import Config, grad_accum_steps  # noqa: E402
+from pretrain.config import Config, check_zero_stage_for_dtype, grad_accum_steps  # noqa: E402
 from pretrain.dtypes import resolve_dtype  # noqa: E402
+from pretrain.hardware import concrete_dtype  # noqa: E402
 from pretrain.model.mistral import (  # noqa: E402
     DecoderLayer,
     Embedding,
@@ -196,6 +197,8 @@ def build_model(cfg: Config, eos_id: int | None,
 
 def build_engine(cfg: Config, eos_id: int | None) -> Built:
     """The initialized model in DeepSpeed's engine; a checkpoint is loaded into it afterwards (Checkpointer.load)."""
+    # The config's validation could not check `auto`: what it computes in is known only here.
+    check_zero_stage_for_dtype(cfg, concrete_dtype(cfg.train.dtype, on_gpu=torch.cuda.is_available()))
     # DeepSpeed's communication layer adopts the process group parallel.init_distributed started; the pipeline
     # module needs it before deepspeed.initialize would set it up.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())

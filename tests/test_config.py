@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.config import ConfigError, check_paths, load_config, resolve_world, save_resolved
+from pretrain.config import (
+    ConfigError,
+    check_paths,
+    check_zero_stage_for_dtype,
+    load_config,
+    resolve_world,
+    save_resolved,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MISTRAL = ROOT / "configs" / "mistral-7b.yaml"
@@ -166,6 +173,28 @@ def test_sequence_longer_than_the_model_allows():
 def test_zero_2_with_pipeline_is_refused_with_the_reason():
     message = _error(["parallel.pp=2", "parallel.zero_stage=2"])
     assert "pipeline engine runs only ZeRO 0 or 1" in message
+
+
+ZERO_0_IN_BF16 = ("DeepSpeed keeps float32 master weights and float32 gradient accumulation only under ZeRO (stage 1 "
+                  "at dp=1 partitions nothing and costs nothing); set parallel.zero_stage=1 (or train.dtype=float32)")
+
+
+@pytest.mark.parametrize("layout", [[], ["parallel.pp=2"]], ids=["pp1", "pp2"])
+def test_zero_0_in_bfloat16_is_refused_with_the_fix(layout):
+    """DeepSpeed 0.19 would stop in deepspeed.initialize with `NotImplementedError: unsupported mix`."""
+    message = _error([*layout, "parallel.zero_stage=0", "train.dtype=bfloat16"], path=TINY)
+    assert message == f"parallel.zero_stage=0 with bfloat16: {ZERO_0_IN_BF16}"
+
+
+def test_zero_0_with_auto_dtype_is_refused_where_auto_is_bfloat16():
+    """`auto` is float32 on CPU and bfloat16 on a GPU: the config loads, and the engine's build checks it there."""
+    for dtype in ("float32", "auto"):
+        assert load_config(TINY, ["parallel.zero_stage=0", f"train.dtype={dtype}"]).parallel.zero_stage == 0
+    cfg = load_config(TINY, ["parallel.zero_stage=0"])
+    check_zero_stage_for_dtype(cfg, "float32")
+    with pytest.raises(ConfigError) as e:
+        check_zero_stage_for_dtype(cfg, "bfloat16")
+    assert str(e.value) == f"parallel.zero_stage=0 with bfloat16 (train.dtype=auto on a GPU): {ZERO_0_IN_BF16}"
 
 
 def test_sequence_parallel_combinations_that_cannot_work_are_refused():
