@@ -17,9 +17,14 @@ from data_pipeline.loader import TokenLoader
 from pretrain.model.mistral import IGNORE_INDEX, Mistral
 
 
-def inputs_and_labels(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch of samples of seq_len + 1 tokens -> inputs and next-token labels; labels that the loss mask
-    leaves out (chat data: everything but the assistant's answers) are IGNORE_INDEX."""
+def inputs_and_labels(batch: dict[str, torch.Tensor],
+                      device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch of samples of seq_len + 1 tokens -> inputs and next-token labels (on `device`); labels that
+    the loss mask leaves out (chat data: everything but the assistant's answers) are IGNORE_INDEX. The batch goes to
+    the device whole and is sliced there: the loader's tensors are pinned, so the copy runs asynchronously, where
+    slices of them would first be copied into pageable memory, and from there synchronously."""
+    if device is not None:
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     tokens = batch["tokens"]
     labels = tokens[:, 1:]
     if "loss_mask" in batch:
@@ -46,7 +51,7 @@ def evaluate(model: Mistral, loader: TokenLoader, batches: int, progress: bool =
     start = time.perf_counter()
     with iter(loader) as loaded:
         for batch in loaded:
-            inputs, labels = (t.to(device) for t in inputs_and_labels(batch))
+            inputs, labels = inputs_and_labels(batch, device)
             losses.append(float(model(inputs, labels)))
             counts.append(int((labels != IGNORE_INDEX).sum()))
             if progress:

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from pretrain import parallel
 from pretrain.config import OptimConfig
 
 
@@ -35,10 +36,9 @@ class NonFiniteSkippingAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        norms = torch._foreach_norm(grads) if grads else [torch.zeros(())]
-        found = torch.stack(norms).isfinite().logical_not().any().float().view(1)
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
-        self.overflow = bool(found.item())
+        found = bool(torch.stack(torch._foreach_norm(grads)).isfinite().logical_not().any()) if grads else False
+        [found_anywhere] = parallel.all_reduce_numbers([found], op=dist.ReduceOp.MAX)
+        self.overflow = bool(found_anywhere)
         return None if self.overflow else super().step(closure)
 
 

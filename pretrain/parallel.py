@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,7 +45,8 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
 
     Without it this starts a world of one process, so single-process runs and tests use the same code
     path. `backend` defaults to nccl when CUDA is available, gloo otherwise. A master that cannot be reached
-    within `rendezvous_timeout_s` is an error naming it, not a hang.
+    within `rendezvous_timeout_s` is an error naming it, not a hang; so are ranks that would share a GPU.
+    `timeout_s` bounds every collective (NCCL's watchdog aborts the process past it).
     """
     rank, world_size, local_rank = rendezvous_from_environment()
     if world_size % (tp * pp):
@@ -51,7 +54,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(gpu_of_local_rank(rank, local_rank))
     if not dist.is_initialized():
         master = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         try:
@@ -62,6 +65,8 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
                 f"rank {rank} could not reach the master {master} within {rendezvous_timeout_s:.0f} s ({e}): "
                 "check MASTER_ADDR/MASTER_PORT (or the Slurm node list) and that rank 0 is running"
             ) from None
+        if backend == "nccl":
+            _claim_gpu(store, rank)
         dist.init_process_group(
             backend=backend,
             store=store,
@@ -72,8 +77,51 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        distributed_timeout_minutes=max(1, round(timeout_s / 60)),
+        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
+
+
+def gpu_of_local_rank(rank: int, local_rank: int) -> int:
+    """The CUDA device of this rank: its local rank among the visible GPUs, or the only one visible (Slurm's
+    --gpus-per-task=1 or --gpu-bind give each task its own GPU, so every task sees one, as device 0)."""
+    visible = torch.cuda.device_count()
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise RendezvousError(
+        f"rank {rank} is local rank {local_rank} on {socket.gethostname()}, which shows it {visible} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank per GPU "
+        "(--nproc at most the GPU count; under Slurm as many tasks per node as GPUs, or --gpus-per-task=1)"
+    )
+
+
+def _claim_gpu(store: dist.Store, rank: int) -> None:
+    """Refuse a GPU that another rank already took (NCCL would fail later with a duplicate-GPU error, or hang)."""
+    device = torch.cuda.current_device()
+    uuid = torch.cuda.get_device_properties(device).uuid
+    if store.add(f"pretrain/gpu/{uuid}", 1) > 1:
+        raise RendezvousError(
+            f"rank {rank} on {socket.gethostname()} got GPU {device} ({uuid}), which another rank already uses: "
+            "start one rank per GPU (--nproc at most the GPU count; under Slurm check --gpus-per-task and "
+            "--gpu-bind)"
+        )
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor handed to a collective on `group` must live: NCCL takes CUDA tensors only, gloo CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_numbers(numbers: Sequence[float], op: dist.ReduceOp = dist.ReduceOp.SUM,
+                       group: dist.ProcessGroup | None = None) -> list[float]:
+    """Host numbers (a loss, flags, counts) reduced over `group`, through a float64 tensor on the group's device:
+    the one way the training loop, checkpointer and optimizer reduce what they computed on the host."""
+    reduced = torch.tensor(numbers, dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(reduced, op=op, group=group)
+    return reduced.tolist()
 
 
 @contextlib.contextmanager

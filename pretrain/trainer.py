@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -23,12 +24,12 @@ import torch.distributed as dist
 from pretrain import parallel
 from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
 from pretrain.checkpoint.store import CheckpointError
-from pretrain.config import Config, ConfigError, load_config
+from pretrain.config import Config, ConfigError, TrainConfig, load_config
 from pretrain.dtypes import resolve_dtype
 from pretrain.engine import Built, build_engine
 from pretrain.evaluate import inputs_and_labels
 from pretrain.hardware import peak_flops
-from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL, EXIT_USER_ERROR
+from pretrain.launch_contract import EXIT_FAILURE, EXIT_SAVED_ON_SIGNAL, EXIT_USER_ERROR, rank_log
 from pretrain.metrics import MetricsLogger, StepProfiler
 from pretrain.model.attention import needs_mask, resolve_backend
 from pretrain.model.mistral import IGNORE_INDEX
@@ -100,6 +101,9 @@ class Trainer:
         if self.inject_nonfinite:
             self.log_rank0(f"train.inject_nonfinite_batches: the loss of global batches "
                            f"{sorted(self.inject_nonfinite)} is made NaN (a test of skipping and rolling back)")
+        if cfg.train.inject_error_at_step:
+            self.log_rank0(f"train.inject_error_at_step: rank {self.world - 1} raises an error in step "
+                           f"{cfg.train.inject_error_at_step} (a test of crash handling)")
 
     def log_rank0(self, message: str) -> None:
         if self.rank == 0:
@@ -108,15 +112,11 @@ class Trainer:
     def _poll(self) -> tuple[bool, bool]:
         """Once per step, agreed by every rank: (a stop signal arrived somewhere, every background save writer
         has finished)."""
-        flags = torch.tensor([self.stop.requested, int(self.checkpointer.writing())], dtype=torch.int64,
-                             device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0].item()), not bool(flags[1].item())
+        stop, writing = parallel.all_reduce_numbers([self.stop.requested, self.checkpointer.writing()],
+                                                    op=dist.ReduceOp.MAX)
+        return bool(stop), not bool(writing)
 
     # ------------------------------------------------------------------ one step
-    def _to_device(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens.to(self.device, non_blocking=True) if self.device is not None else tokens
-
     def _global_batch(self, batches) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
         """This rank's micro-batches of the next global batch as (inputs, labels) on the device, and the loss divisor.
 
@@ -126,14 +126,14 @@ class Trainer:
         micro-batch: the mean that DeepSpeed then takes over micro-batches and data-parallel ranks is the mean over
         every trained token of the global batch (as Megatron and torchtitan average), and a global batch without
         any trained token gives 0."""
-        micro = [tuple(self._to_device(t) for t in inputs_and_labels(next(batches)))
+        micro = [inputs_and_labels(next(batches), self.device)
                  for _ in range(self.engine.gradient_accumulation_steps())]
         if not self.cfg.data.loss_mask:
             return micro, None
-        # Counted on the device and read once, after the reduction: one host sync per step, not one per micro-batch.
-        trained = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro]).sum()
-        dist.all_reduce(trained, group=parallel.dp_group())
-        return micro, max(int(trained), 1) / (len(micro) * parallel.dp_size())
+        # Counted on the device and read once: one host sync per step, not one per micro-batch.
+        trained = int(torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro]).sum())
+        [trained] = parallel.all_reduce_numbers([trained], group=parallel.dp_group())
+        return micro, max(trained, 1) / (len(micro) * parallel.dp_size())
 
     def train_step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step over a global batch: (mean loss over the global batch, data wait s, whether the
@@ -148,15 +148,18 @@ class Trainer:
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for micro, (inputs, labels) in enumerate(micro_batches):
+            if micro == 0 and self.state.step + 1 == self.cfg.train.inject_error_at_step \
+                    and self.rank == self.world - 1:
+                raise RuntimeError(f"train.inject_error_at_step={self.cfg.train.inject_error_at_step}: an error "
+                                   "injected into this step")
             loss = self.engine(inputs, labels, loss_divisor=divisor)
             if micro == 0 and self.inject_nonfinite and self._data_batch(accum) in self.inject_nonfinite:
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
-        total /= accum
-        dist.all_reduce(total, group=parallel.dp_group())
-        return float(total) / parallel.dp_size(), waited, self.engine.was_step_applied()
+        [total_over_ranks] = parallel.all_reduce_numbers([float(total) / accum], group=parallel.dp_group())
+        return total_over_ranks / parallel.dp_size(), waited, self.engine.was_step_applied()
 
     def _data_batch(self, accum: int) -> int:
         """The 1-based number of the global batch being consumed, as the data loader counts them."""
@@ -181,9 +184,8 @@ class Trainer:
                 losses += [float(self.engine(inputs, labels, loss_divisor=divisor))
                            for inputs, labels in micro_batches]
         self.engine.train()
-        mean = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
-        dist.all_reduce(mean, group=parallel.dp_group())
-        return float(mean) / parallel.dp_size()
+        [total] = parallel.all_reduce_numbers([sum(losses) / len(losses)], group=parallel.dp_group())
+        return total / parallel.dp_size()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int | str:
@@ -312,14 +314,30 @@ class Trainer:
         return values
 
 
+def collective_timeout_s(train: TrainConfig) -> float:
+    """How long one collective may wait: past the watchdog, so that a hung collective is reported by it (every
+    thread's stack, then exit) before the process group's own timeout ends the rank (NCCL's watchdog aborts it
+    without a Python stack); a day when the watchdog is off."""
+    return train.watchdog_s + 60.0 if train.watchdog_s else 24 * 3600.0
+
+
 def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
     stop = StopSignals.install()  # before process-group setup and DeepSpeed: a stop signal must end them too
-    parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, rendezvous_timeout_s=cfg.train.rendezvous_timeout_s)
+    timeout_s = collective_timeout_s(cfg.train)
+    parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, timeout_s=timeout_s,
+                              rendezvous_timeout_s=cfg.train.rendezvous_timeout_s)
+    print(f"[pretrain] process group: {dist.get_backend()}, {dist.get_world_size()} ranks, collective timeout "
+          f"{timeout_s:.0f} s (train.watchdog_s={cfg.train.watchdog_s})", flush=True)
+    trainer = None
     try:
         trainer = Trainer(cfg, run_dir, stop, resume_from)
         while (outcome := trainer.fit()) == _ROLLBACK:
             trainer.roll_back()
         return outcome
+    except BaseException:
+        if trainer is not None:
+            trainer.checkpointer.complete_after_error()
+        raise
     finally:
         parallel.destroy()
 
@@ -339,8 +357,17 @@ def main(run_dir: Path, resume_from: Path | None = None) -> int:
     """One rank, its environment set up by launch.rank; returns the exit status (pretrain.launch_contract)."""
     from data_pipeline.errors import DataError
 
+    rank = int(os.environ.get("RANK", "0"))
     try:
         return run(load_run_config(run_dir), run_dir, resume_from)
     except (CheckpointError, ConfigError, DataError, TrainingError, parallel.RendezvousError) as e:
-        print(f"[pretrain] rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr, flush=True)
+        print(f"[pretrain] rank {rank}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except Exception as e:
+        # The traceback goes to standard output, which launch.rank sends to the rank's log; the terminal gets a line.
+        traceback.print_exc(file=sys.stdout)
+        sys.stdout.flush()
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"[pretrain] rank {rank}: error: {type(e).__name__}: {first_line} (traceback in "
+              f"{rank_log(run_dir, rank)})", file=sys.stderr, flush=True)
+        return EXIT_FAILURE

@@ -95,14 +95,15 @@ class Checkpointer:
         self.canonical = canonical
         self.loader = loader
         self.train_state = train_state
-        self.async_save = cfg.checkpoint.async_save and torch.cuda.is_available()
+        self.async_save = cfg.checkpoint.async_save
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self._pending: _PendingSave | None = None
-        # Pinned host buffers of this rank's share, reused by every asynchronous save; synchronous saves copy into
-        # pageable memory. Allocated by a background thread (`start_staging`) that the first save waits for.
-        self._staging: dict[str, torch.Tensor] | None = {} if self.async_save else None
+        # Pinned host buffers of this rank's share, reused by every asynchronous save from a GPU; synchronous saves
+        # (and any on CPU) copy into pageable memory. Allocated by a background thread (`start_staging`) that the
+        # first save waits for.
+        self._staging: dict[str, torch.Tensor] | None = {} if self.async_save and torch.cuda.is_available() else None
         self._staging_thread: threading.Thread | None = None
         self._staging_error: BaseException | None = None
         self.last_stall_s = 0.0  # how long the training loop waited for the last save
@@ -286,12 +287,15 @@ class Checkpointer:
 
     def settle(self) -> None:
         """Collective: finish the pending save on every rank; finalize it or remove it and raise CheckpointError."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return
         if pending.thread is not None:
             pending.thread.join()
         failed, self.last_write_s = self._max_over_ranks(float(pending.error is not None), pending.write_s)
+        # Every rank knows the outcome now: from here on rank 0 alone finishes the save (an error on another rank
+        # must not also finish it: `complete_after_error`).
+        self._pending = None
         if failed:
             self._fail(pending, "writing")
         if self.rank == 0:
@@ -305,10 +309,34 @@ class Checkpointer:
         if self._any_rank(pending.error is not None):
             self._fail(pending, "finalizing")
 
+    def complete_after_error(self) -> None:
+        """After an error in the training loop, before the process exits: the save still being written completes
+        and becomes the newest checkpoint, or, if it cannot, is removed. Not collective (the other ranks may be gone,
+        or blocked in a collective): this rank finishes its own part, then whichever rank finds every rank's part
+        written finalizes the save; the other ranks' writers run on in the background of their processes."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.thread is not None:
+            pending.thread.join()
+        if pending.error is not None:
+            self.store.abandon(pending.step)  # this rank's part is missing: no rank can finish the save
+            _log(f"rank {self.rank}: removed the unfinished checkpoint step {pending.step} ({pending.error})")
+            return
+        # The other ranks write as much as this one, in parallel: a rank that has not finished well after it never
+        # will (it was killed).
+        try:
+            final = self.store.finalize_when_written(pending.step, self.world, pending.meta,
+                                                     wait_s=max(60.0, 2 * pending.write_s))
+        except (OSError, CheckpointError) as e:
+            _log(f"rank {self.rank}: could not complete checkpoint step {pending.step} ({e})")
+            return
+        if final is not None:
+            _log(f"rank {self.rank}: completed checkpoint step {pending.step}, which was being written when the "
+                 "error came: the run resumes from it")
+
     def _max_over_ranks(self, *values: float) -> list[float]:
-        reduced = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-        return reduced.tolist()
+        return parallel.all_reduce_numbers(values, op=dist.ReduceOp.MAX)
 
     def _any_rank(self, flag: bool) -> bool:
         return bool(self._max_over_ranks(float(flag))[0])
