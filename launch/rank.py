@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.launch_contract import EXIT_USER_ERROR
+from pretrain.launch_contract import EXIT_USER_ERROR, rank_log
 from pretrain.stop import StopSignals
 
 # On CPU, MKL otherwise schedules its threads dynamically (and may use fewer than asked on a busy machine), which
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[pretrain] rank {os.environ['SLURM_PROCID']}: error: {e}", file=sys.stderr, flush=True)
             return EXIT_USER_ERROR
     if args.run_dir.is_dir():  # a wrong RUN_DIR gets the trainer's one-line error, not a new directory
-        send_library_noise_to(args.run_dir / "logs" / f"rank{int(os.environ.get('RANK', '0')):05d}.log")
+        send_library_noise_to(rank_log(args.run_dir, int(os.environ.get("RANK", "0"))))
         # Where this rank runs, in its log: on several nodes, the record of which rank ran where.
         print(f"[pretrain] rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')} on host "
               f"{socket.gethostname()}, rendezvous at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",

@@ -169,6 +169,9 @@ class TrainConfig(_Section):
     # A test of the above: the 1-based global batches (as the data loader counts them) whose loss is made NaN, as a
     # bad batch would make it. Announced at the start of the run; pp == 1 only.
     inject_nonfinite_batches: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+    # A test of what a crash leaves behind: the last rank raises an error in this step (0: never), as a bug or a
+    # lost device would; a save still being written completes first. Announced at the start of the run.
+    inject_error_at_step: int = Field(0, ge=0)
 
 
 class CheckpointConfig(_Section):

@@ -98,6 +98,31 @@ def _kill_at_random_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Ra
     return False
 
 
+def test_error_in_a_step_completes_the_asynchronous_save_being_written(tiny_data, tmp_path):
+    """Rank 1 raises in step 5 (an exception, as a bug would), while the asynchronous save of step 4 is still pending:
+    before the processes exit the save completes and is the newest checkpoint, the terminal shows the error in one
+    line and the traceback is in the rank's log; the same command without the fault resumes from step 4 and ends
+    with an uninterrupted run's losses."""
+    overrides = ["train.steps=8", "parallel.micro_batch=4", "checkpoint.every_steps=4", "checkpoint.async_save=true"]
+    uninterrupted = train(tmp_path / "whole", tiny_data, overrides, nproc=2)
+    run_dir = tmp_path / "run"
+    result = run_train(run_dir, tiny_data, overrides + ["train.inject_error_at_step=5"], nproc=2)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "rank 1: error:" in line]
+    rank_log = run_dir / "logs" / "rank00001.log"
+    assert line.endswith(f"error: RuntimeError: train.inject_error_at_step=5: an error injected into this step "
+                         f"(traceback in {rank_log})")
+    assert "Traceback" in rank_log.read_text()
+    assert "completed checkpoint step 4, which was being written when the error came" in result.stderr
+    assert newest_valid_step(run_dir) == 4
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    result = run_train(run_dir, tiny_data, overrides, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert resumed_step(result.stderr) == 4
+    assert losses(run_dir) == uninterrupted
+
+
 def test_nonfinite_steps_are_skipped_then_rolled_back_past_the_bad_data(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     overrides = FAST + ["checkpoint.every_steps=5", "train.max_nonfinite_in_row=3",

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _DONE_PREFIX = ".done-rank"
+_CLAIM_PREFIX = ".finalizing-"  # held by the rank that finalizes a save after an error
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -290,6 +292,31 @@ class CheckpointStore:
         self.apply_retention()
         return final
 
+    def finalize_when_written(self, step: int, world_size: int, meta: dict, wait_s: float) -> Path | None:
+        """Any rank, after an error: once every rank's marker is there (waiting up to `wait_s`), finalize as rank 0
+        would; if they do not all come, remove the save. Several ranks may fail at once: one of them claims the save
+        and does this; the others return None, as they do when the save is gone already (finished by another)."""
+        tmp = self.tmp_dir(step)
+        deadline = time.monotonic() + wait_s
+        while tmp.is_dir() and len(list(tmp.glob(_DONE_PREFIX + "*"))) < world_size and time.monotonic() < deadline:
+            time.sleep(0.1)
+        claim = self.root / f"{_CLAIM_PREFIX}{step_dir_name(step)}"
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return None
+        try:
+            if not tmp.is_dir():
+                return None
+            written = len(list(tmp.glob(_DONE_PREFIX + "*")))
+            if written < world_size:
+                self.abandon(step)
+                raise CheckpointError(f"{tmp}: only {written} of {world_size} ranks wrote their part within "
+                                      f"{wait_s:.0f} s of the error: removed")
+            return self.finalize(step, world_size, meta)
+        finally:
+            claim.unlink()
+
     def abandon(self, step: int) -> None:
         """Rank 0, after a failed save: remove what was written; earlier checkpoints are untouched."""
         shutil.rmtree(self.tmp_dir(step), ignore_errors=True)
@@ -298,9 +325,13 @@ class CheckpointStore:
         """Rank 0, before training starts (no save can be in flight): clear what interrupted saves left."""
         if not self.root.is_dir():
             return []
-        leftovers = sorted(p for p in self.root.iterdir() if p.name.startswith((".tmp-", ".deleting-")))
+        leftovers = sorted(p for p in self.root.iterdir()
+                           if p.name.startswith((".tmp-", ".deleting-", _CLAIM_PREFIX)))
         for path in leftovers:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         return [p.name for p in leftovers]
 
     def _delete(self, path: Path) -> None:
