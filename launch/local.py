@@ -13,10 +13,25 @@ import signal
 import subprocess
 import time
 
+from launch.errors import UserError
 from launch.rank import rank_environment
 from pretrain.launch_contract import STOP_SIGNALS, free_port
 
 FORWARDED_SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
+
+
+def visible_gpus() -> int:
+    import torch  # here only: nothing else in the launcher needs torch
+
+    return torch.cuda.device_count()
+
+
+def check_one_gpu_per_rank(nproc: int) -> None:
+    """Every rank on a GPU machine takes a GPU of its own: more ranks than GPUs is refused before any starts."""
+    gpus = visible_gpus()
+    if 0 < gpus < nproc:
+        raise UserError(f"--nproc {nproc} starts one rank per GPU, but this machine shows {gpus} GPU(s): pass --nproc "
+                        f"{gpus} or fewer (or hide the GPUs with CUDA_VISIBLE_DEVICES= to train on CPU)")
 
 
 def launch(command: list[str], nproc: int, grace_s: float = 30.0) -> int:

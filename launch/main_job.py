@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.text import Text
 
 from launch.errors import UserError
+from launch.local import visible_gpus
 from pretrain.checkpoint.store import complete_steps, write_json_atomic
 from pretrain.config import Config, load_config, resolve_world
 from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL
@@ -161,6 +162,9 @@ def data_paths(cfg: Config) -> dict[str, Path]:
 
 def run_demo(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
+    gpus = visible_gpus()
+    if args.nproc is None:
+        args.nproc = min(2, gpus) if gpus else 2
     cfg = load_config(CONFIG, args.overrides)
     steps = cfg.train.steps
     interrupt_at = args.interrupt_at or round(steps * 0.6)
@@ -189,7 +193,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     train_args = ["train", config, *args.overrides, "--nproc", args.nproc, "--run-dir", run_dir]
     metrics = run_dir / "metrics.jsonl"
     with stages.stage("Training, interrupted",
-                      f"{config} in {args.nproc} processes ({layout}); SIGTERM at step "
+                      f"{config} in {args.nproc} process{'es' if args.nproc > 1 else ''} "
+                      f"({'one per GPU' if gpus else 'on CPU'}; {layout}); SIGTERM at step "
                       f"{interrupt_at}: every rank saves at the next step boundary and exits 75"):
         train_then_interrupt(train_args, metrics, interrupt_at)
         saved_step = newest_checkpoint(run_dir)
@@ -311,7 +316,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help=f"dotted overrides of {shown(CONFIG)}, e.g. train.steps=400")
     p.add_argument("--out", default="runs/demo",
                    help="directory for the run and its export (default runs/demo; replaced on a re-run)")
-    p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    p.add_argument("--nproc", type=int,
+                   help="training processes (default 2; on a GPU machine one per GPU, at most 2)")
     p.add_argument("--interrupt-at", type=int, help="step after which SIGTERM stops the run (default 60%% of steps)")
     p.add_argument("--corpus-mb", type=float, help="cap the built-in corpus's train split (default: all, 11 MB)")
     p.add_argument("--instruct", action="store_true",

@@ -25,7 +25,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launch.local import launch
+    from launch.local import check_one_gpu_per_rank, launch
     from launch.rank import rank_command
     from launch.slurm import allocation_tasks, run_in_allocation
 
@@ -38,6 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     slurm_tasks = allocation_tasks() if args.nproc is None else None
     world = slurm_tasks or args.nproc or 1
     cfg = resolve_world(cfg, world)
+    if not slurm_tasks:
+        check_one_gpu_per_rank(world)
     check_paths(cfg)
     run_dir = Path(cfg.train.run_dir)
     check_writable(run_dir / "checkpoints")
