@@ -13,16 +13,37 @@ import time
 import torch
 
 from pretrain import parallel
+from pretrain.config import ModelConfig
+from pretrain.model.attention import resolve_backend
 from pretrain.model.kv_cache import RollingKVCache
-from pretrain.model.mistral import Mistral
+from pretrain.model.mistral import Mistral, megatron_layer_config, parameter_device
 from pretrain.model.sharding import load_full_state
 from pretrain.weights import Weights
+
+# What the GPU-only attention kernels a run may have trained with need, for the note when they cannot run here.
+KERNEL_NEEDS = {"cudnn": "a CUDA GPU, float16 or bfloat16 and the nvidia-cudnn-frontend package",
+                "flash": "a CUDA GPU and float16 or bfloat16"}
+
+
+def runnable_attention(cfg: ModelConfig, dtype: torch.dtype) -> ModelConfig:
+    """`cfg` with attention_backend `auto` when the run's backend cannot run on this device and dtype (a run trained
+    with cudnn, evaluated on CPU or in float32): the backend is layout only, every kernel computes the same function."""
+    device = parameter_device(megatron_layer_config(dtype))
+    try:
+        resolve_backend(cfg.attention_backend, device, dtype)
+    except ValueError:
+        kernel = resolve_backend("auto", device, dtype)
+        print(f"note: the run trained with attention_backend={cfg.attention_backend}, which needs "
+              f"{KERNEL_NEEDS[cfg.attention_backend]} (here {device.type}, {str(dtype).removeprefix('torch.')}); "
+              f"using {kernel} here (the same attention)", file=sys.stderr)
+        return cfg.model_copy(update={"attention_backend": "auto"})
+    return cfg
 
 
 def build_model(weights: Weights, dtype: torch.dtype, eos_id: int | None = None) -> Mistral:
     """Our Mistral holding `weights`, in eval mode, on the GPU when there is one (inside
-    parallel.single_process_group)."""
-    cfg = weights.model
+    parallel.single_process_group), with an attention kernel that runs there."""
+    cfg = runnable_attention(weights.model, dtype)
     if cfg.document_masking and eos_id is None:
         cfg = cfg.model_copy(update={"document_masking": False})
     model = Mistral(cfg, eos_id=eos_id, params_dtype=dtype)

@@ -24,6 +24,7 @@ HF_CONFIG = "config.json"
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 TOKENIZER_MODEL = "tokenizer.model"
+RUN_CONFIG = "config.yaml"
 
 
 @dataclass
@@ -44,7 +45,11 @@ def resolve_checkpoint(path: Path) -> Verified:
     if (path / MANIFEST).is_file() or path.name.startswith("step_"):
         return verify(path)
     root = path / "checkpoints"
-    if root.is_dir():
+    # A run directory (config.yaml) holds no checkpoint until its first save, and may not have checkpoints/ yet.
+    if root.is_dir() or (path / RUN_CONFIG).is_file():
+        if not complete_steps(root):
+            raise CheckpointError(f"{root} holds no checkpoint yet: train until a checkpoint is saved "
+                                  "(checkpoint.every_steps, or the end of the run), or pass a checkpoint directory")
         found, skipped = newest_valid(root)
         if found is None:
             raise CheckpointError(f"no checkpoint under {root} verifies ({len(complete_steps(root))} complete, all "

@@ -254,6 +254,44 @@ def test_sampling_is_seeded(imported_random):
     assert first == again and first != other
 
 
+def test_a_run_trained_with_a_gpu_only_attention_kernel_runs_here_computing_the_same(random_hf, tiny_data, tmp_path):
+    """A run whose attention_backend is cudnn (a CUDA kernel for half precision) evaluates, generates, chats and
+    moderates in float32 on this machine through the kernel that runs here, with a one-line note, and gives what
+    the same run with sdpa gives."""
+    runs = {}
+    for backend in ("cudnn", "sdpa"):
+        runs[backend] = tmp_path / backend
+        code, _, err = cli("import", random_hf, *tiny_data, f"model.attention_backend={backend}", "--out",
+                           runs[backend])
+        assert code == 0, err
+    eval_dir = next(o for o in tiny_data if o.startswith("data.eval=")).split("=", 1)[1]
+    commands = {
+        "eval": ["--data", eval_dir, "--batches", 2, "--batch-size", 2],
+        "generate": ["--prompt", PROMPT, "--greedy", "--max-new-tokens", 8],
+        "chat": ["--message", "What does os.path.join do?", "--greedy", "--max-new-tokens", 8],
+        "moderate": ["--text", "Return the number of items in a container."],
+    }
+    # As a user types them, each in its own process (started together: most of their time is imports).
+    processes = {command: subprocess.Popen([sys.executable, "-m", "launch.cli", command, str(runs["cudnn"]),
+                                            *map(str, options), "--dtype", "float32", "--json"],
+                                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for command, options in commands.items()}
+    for command, options in commands.items():
+        out, err = processes[command].communicate(timeout=300)
+        assert processes[command].returncode == 0 and "Traceback" not in err, (command, err[-3000:])
+        assert err.count("note: the run trained with attention_backend=cudnn, which needs a CUDA GPU") == 1, err
+        code, reference, reference_err = cli(command, runs["sdpa"], *options, "--dtype", "float32", "--json")
+        assert code == 0 and "note:" not in reference_err, (command, reference_err)
+        ours, theirs = json.loads(out), json.loads(reference)
+        if command == "eval":
+            assert ours["tokens"] == theirs["tokens"] and ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+        elif command == "moderate":
+            assert ours["label"] == theirs["label"]
+            assert ours["probability"] == pytest.approx(theirs["probability"], rel=1e-6)
+        else:
+            assert (ours["prompt_ids"], ours["new_ids"]) == (theirs["prompt_ids"], theirs["new_ids"]), command
+
+
 # ------------------------------------------------------------------------------------------- mistral format
 
 
@@ -442,6 +480,28 @@ def test_bad_input_is_refused_with_one_line(trained_run, random_hf, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken_run", "llama", "no_tokenizer", "taken"]
     code, _, err = cli("export", trained_run, "--out", taken, "--force")
     assert code == 0 and (taken / "config.json").is_file() and not (taken / "keep.txt").exists()
+
+
+def test_a_run_without_a_checkpoint_yet_says_so_in_one_line(imported_random, tiny_data, tmp_path):
+    """A run directory that has not saved yet (no checkpoints/, an empty one, or only a save in progress) is named
+    as such, not as damaged checkpoints or as no run directory at all."""
+    never_saved, empty, saving = (tmp_path / name for name in ("never_saved", "empty", "saving"))
+    for run in (never_saved, empty, saving):
+        run.mkdir()
+        shutil.copyfile(imported_random / "config.yaml", run / "config.yaml")
+    (empty / "checkpoints").mkdir()
+    (saving / "checkpoints" / ".tmp-step_00000010").mkdir(parents=True)
+    eval_dir = next(o for o in tiny_data if o.startswith("data.eval=")).split("=", 1)[1]
+    for run in (never_saved, empty, saving):
+        for args in (["generate", run, "--prompt", "x"], ["eval", run, "--data", eval_dir],
+                     ["chat", run, "--message", "x"], ["moderate", run, "--text", "x"],
+                     ["export", run, "--out", tmp_path / "out"]):
+            code, out, err = cli(*args)
+            assert code == 2 and not out, (args, err)
+            assert err == (f"pretrain {args[0]}: error: {run / 'checkpoints'} holds no checkpoint yet: train until a "
+                           "checkpoint is saved (checkpoint.every_steps, or the end of the run), or pass a checkpoint "
+                           "directory\n"), (args, err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_interrupted_export_leaves_nothing(tmp_path):
