@@ -301,6 +301,15 @@ def test_watchdog_ends_a_run_whose_collective_hangs(tiny_data, tmp_path):
     assert waited < 60
 
 
+def test_collectives_wait_longer_than_the_watchdog(tiny_data, tmp_path):
+    """A collective that outlives the process group's timeout is aborted by NCCL's own watchdog, with no Python stack:
+    the timeout lies past train.watchdog_s, so that a hang is reported by ours (every thread's stack) first."""
+    run_dir = tmp_path / "run"
+    result = run_train(run_dir, tiny_data, ["train.steps=1", "train.watchdog_s=900", "checkpoint.save_final=false"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "collective timeout 960 s (train.watchdog_s=900)" in (run_dir / "logs" / "rank00000.log").read_text()
+
+
 @pytest.mark.parametrize(("overrides", "nproc", "expected"), [
     (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp * parallel.pp = 2 * 1 = 2"),
     (["parallel.tp=3"], 3, "model.n_heads=8 is not divisible by parallel.tp=3"),
