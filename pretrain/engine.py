@@ -8,6 +8,7 @@ pp == 1: `Mistral` in DeepSpeed's engine (ZeRO 0-3). pp > 1: the same stage modu
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from dataclasses import dataclass
@@ -227,6 +228,9 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
         mpu=None if cfg.parallel.pp > 1 else MegatronMPU(),
+        # The GPU parallel.init_distributed chose: DeepSpeed would take LOCAL_RANK, which is not the device index
+        # where a rank sees only its own GPU (Slurm's --gpus-per-task).
+        args=argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None,
     )
     setup_s = {"model_s": built - start, "deepspeed_s": time.perf_counter() - built}
     return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss)
