@@ -3,9 +3,8 @@ evaluation) at Mistral 7B's width with 2 of its 32 layers, through the commands 
 
 - The main job (`pretrain demo`, what `bash run.sh` runs) on the GPU.
 - Data, training with evaluation and asynchronous checkpoints; an error in a step while a save is being written
-  (the save completes; one line on the terminal); a resume, SIGTERM, a resume: every loss after each resume equals
-  the uninterrupted run's, bit for bit (the same kernels in the same order; none of them draws random numbers or
-  adds with atomics).
+  (the save completes; one line on the terminal); a resume, SIGTERM, a resume: every loss equals the uninterrupted
+  run's within the difference of two uninterrupted runs (RUN_TO_RUN; bit for bit on CPU).
 - ZeRO 0 (refused in one line in bf16), 2 and 3 start and train in bf16 with evaluation (ZeRO 1 above).
 - Non-finite steps skipped and rolled back with the bf16 optimizers of ZeRO-1 (BF16_Optimizer) and ZeRO-3.
 - One GPU per rank: --nproc above the GPU count and two ranks on one GPU are refused in one line; a rank that sees
@@ -56,6 +55,12 @@ COMMON = [*MODEL, f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", f"train.ste
           "checkpoint.every_steps=4", "checkpoint.keep_last=1", "logging.every_steps=1", "logging.tensorboard=false"]
 FAULT_STEP = 5  # the step after the save of step 4: that save is still pending (at 7B width, still being written)
 BF16 = 1e-2  # relative agreement of two bf16 computations of the same function (module docstring)
+# Two runs of the same command on the GPU are not bitwise equal: step 1's loss is, step 2's differs by 1e-5 relative,
+# and by step 12 the losses differ by up to 4.2e-4 (one H200, commit 17d12f5). So a backward kernel adds in a varying
+# order: cuDNN's attention backward runs without its deterministic algorithm (`is_deterministic=False`, the
+# default), the likely one; not isolated yet. A resume that lost or misplaced state (data position, Adam moments, the
+# schedule) moves the loss by far more within a few steps.
+RUN_TO_RUN = 2e-3
 CPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -214,14 +219,14 @@ def gpu_per_rank_runs(data, root: Path) -> dict:
                             env={**rank_env, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
                                  "MASTER_PORT": port})
            for rank in range(2)]
-    while all(p.poll() is None for p in two):
+    # The rank that finds the GPU taken exits; the other one then loses the rendezvous (or waits in it: ended here).
+    deadline = time.monotonic() + 180
+    while any(p.poll() is None for p in two) and time.monotonic() < deadline:
         time.sleep(0.1)
-    first = next(p for p in two if p.poll() is not None)
     for p in two:
-        if p is not first:
+        if p.poll() is None:
             p.kill()
-            p.communicate()
-    results["same_gpu"] = subprocess.CompletedProcess(first.args, first.returncode, *first.communicate())
+    results["same_gpu"] = [subprocess.CompletedProcess(p.args, p.returncode, *p.communicate()) for p in two]
     return results
 
 
@@ -295,7 +300,12 @@ def test_an_error_during_a_save_then_sigterm_and_resumes_repeat_every_loss(lanes
     got = losses(lane["run_dir"])
     assert sorted(got) == list(range(1, STEPS + 1))
     print(f"\nlosses, uninterrupted and interrupted run: {[(step, reference[step], got[step]) for step in got]}")
-    assert got == reference, {step: (got[step], reference[step]) for step in got if got[step] != reference[step]}
+    if ON_CPU:
+        assert got == reference
+    else:  # RUN_TO_RUN: the steps before the fault already differ this much; a resume adds nothing larger
+        assert got[1] == reference[1]
+        assert all(abs(got[step] - reference[step]) <= RUN_TO_RUN * reference[step] for step in got), \
+            {step: (got[step], reference[step]) for step in got}
 
 
 def test_zero_stages_in_bf16_train_or_are_refused_in_one_line(lanes):
@@ -331,9 +341,9 @@ def test_one_gpu_per_rank(lanes):
         too_many = results["too_many"]
         assert too_many.returncode == 2
         assert f"--nproc {torch.cuda.device_count() + 1} starts one rank per GPU" in error_lines(too_many)[-1]
-        same_gpu = results["same_gpu"]
-        assert same_gpu.returncode == 2, same_gpu.stderr[-3000:]
-        assert "which another rank already uses: start one rank per GPU" in error_lines(same_gpu)[-1]
+        refused = [r for r in results["same_gpu"] if r.returncode == 2]
+        assert refused, [r.stderr[-2000:] for r in results["same_gpu"]]
+        assert "which another rank already uses: start one rank per GPU" in error_lines(refused[0])[-1]
     ok(results["local_rank_3"])
 
 
