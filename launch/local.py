@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from launch.errors import UserError
 from launch.rank import rank_environment
@@ -21,7 +22,11 @@ FORWARDED_SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
 
 
 def visible_gpus() -> int:
-    import torch  # here only: nothing else in the launcher needs torch
+    """The GPUs this process sees. Importing torch takes seconds, and nothing else in the launcher needs it: it is
+    asked only where a GPU driver is loaded (NVIDIA's, or ROCm's kernel driver)."""
+    if not (Path("/proc/driver/nvidia").exists() or Path("/dev/kfd").exists()):
+        return 0
+    import torch
 
     return torch.cuda.device_count()
 

@@ -1,8 +1,9 @@
 """`pretrain demo`: the main job. The whole life of a small model on the built-in corpus, through the commands a
-user runs: corpus, tokenizer, token shards, training in two processes (dp=2 with ZeRO-1 on configs/tiny.yaml)
-stopped by SIGTERM and resumed, `pretrain status`, export to transformers, generation with transformers and with
-`pretrain generate`. With --instruct, four more stages fine-tune that model on the built-in instruction set
-(configs/tiny-instruct.yaml) and chat with it and let it moderate, as the Mistral 7B paper's Instruct model.
+user runs: corpus, tokenizer, token shards, training in two processes (dp=2 with ZeRO-1 on configs/tiny.yaml; on a
+GPU machine one per GPU, at most two) stopped by SIGTERM and resumed, `pretrain status`, export to transformers,
+generation with transformers and with `pretrain generate`. With --instruct, four more stages fine-tune that model on
+the built-in instruction set (configs/tiny-instruct.yaml) and chat with it and let it moderate, as the Mistral 7B
+paper's Instruct model.
 
 The data goes where the config names it (configs/tiny.yaml: runs/data/...), so the preset trains without data
 overrides afterwards; the run and its export go under --out (runs/demo). Re-running starts clean: the data is

@@ -153,3 +153,24 @@ def test_reads_shards_through_a_url_template(data):
     local = take(TokenLoader([(data["a"], 1.0)], micro_batch=4), 200)
     piped = take(TokenLoader([(f"pipe:cat {data['a']}/{{name}}", 1.0)], micro_batch=4), 200)
     assert all(np.array_equal(a, b) for a, b in zip(local, piped, strict=True))
+
+
+@pytest.mark.gpu
+def test_batches_reach_the_gpu_from_pinned_memory(data):
+    """The loader pins its batches on a GPU machine; they must reach the GPU from there, whole (asynchronous copies):
+    slicing them into inputs and labels on the host first copied them into pageable memory, which the GPU copy then
+    read synchronously."""
+    import torch
+
+    from pretrain.evaluate import inputs_and_labels
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    with iter(TokenLoader([(data["a"], 1.0)], micro_batch=4, num_workers=1)) as batches:
+        batch = next(batches)
+    assert batch["tokens"].is_pinned()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        inputs_and_labels(batch, torch.device("cuda"))
+        torch.cuda.synchronize()
+    copies = [event.name for event in profile.events() if "Memcpy HtoD" in event.name]
+    assert copies and all("Pinned" in name for name in copies), copies
