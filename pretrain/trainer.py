@@ -138,6 +138,9 @@ class Trainer:
     def train_step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step over a global batch: (mean loss over the global batch, data wait s, whether the
         update was applied: DeepSpeed skips it when the gradients are not finite)."""
+        if self.state.step + 1 == self.cfg.train.inject_error_at_step and self.rank == self.world - 1:
+            raise RuntimeError(f"train.inject_error_at_step={self.cfg.train.inject_error_at_step}: an error injected "
+                               "into this step")
         start = time.perf_counter()
         micro_batches, divisor = self._global_batch(batches)
         waited = time.perf_counter() - start
@@ -148,10 +151,6 @@ class Trainer:
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for micro, (inputs, labels) in enumerate(micro_batches):
-            if micro == 0 and self.state.step + 1 == self.cfg.train.inject_error_at_step \
-                    and self.rank == self.world - 1:
-                raise RuntimeError(f"train.inject_error_at_step={self.cfg.train.inject_error_at_step}: an error "
-                                   "injected into this step")
             loss = self.engine(inputs, labels, loss_divisor=divisor)
             if micro == 0 and self.inject_nonfinite and self._data_batch(accum) in self.inject_nonfinite:
                 loss = loss * float("nan")

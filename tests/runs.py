@@ -65,6 +65,14 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(run_dir) if r["kind"] == "train"}
 
 
+def resumed_step(stderr: str) -> int | None:
+    """The step a run said it resumed from (None: it started fresh)."""
+    for line in stderr.splitlines():
+        if "resumed from" in line:
+            return int(line.split(" at step ", 1)[1].split(",")[0])
+    return None
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The one-line error a failed run printed (the last line mentioning 'error:')."""
     lines = [line for line in result.stderr.splitlines() if "error:" in line]

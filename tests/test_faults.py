@@ -17,7 +17,7 @@ import pytest
 
 from pretrain.checkpoint.store import newest_valid, step_dir_name, verify
 from pretrain.launch_contract import free_port
-from tests.runs import ROOT, error_line, losses, metrics, run_train, train, train_command
+from tests.runs import ROOT, error_line, losses, metrics, resumed_step, run_train, train, train_command
 
 STEPS = 12
 # One optimizer step per batch and a checkpoint every step: saves are a large part of each run's life.
@@ -32,13 +32,6 @@ def uninterrupted(tiny_data, tmp_path_factory):
 def newest_valid_step(run_dir: Path) -> int | None:
     found, _ = newest_valid(run_dir / "checkpoints")
     return found.step if found else None
-
-
-def resumed_step(log: str) -> int | None:
-    for line in log.splitlines():
-        if "resumed from" in line:
-            return int(line.split(" at step ", 1)[1].split(",")[0])
-    return None
 
 
 KILLS = 16

@@ -34,10 +34,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
-from tests.runs import ROOT, catches, losses, metrics
+from tests.runs import ROOT, catches, losses, metrics, resumed_step
 
 ON_CPU = os.environ.get("PRETRAIN_GPU_SUITE_ON_CPU") == "1"
 pytestmark = [pytest.mark.gpu,
@@ -122,15 +123,9 @@ def train_until_sigterm(data, run_dir: Path, after_step: int) -> tuple[int, str]
         metrics_file = run_dir / "metrics.jsonl"
         while proc.poll() is None and max(steps_logged(metrics_file), default=0) < after_step:
             time.sleep(0.1)
-        if proc.poll() is None and catches(psutil_process(proc.pid), signal.SIGTERM):
+        if proc.poll() is None and catches(psutil.Process(proc.pid), signal.SIGTERM):
             proc.send_signal(signal.SIGTERM)
         return proc.wait(timeout=600), log.read_text()
-
-
-def psutil_process(pid: int):
-    import psutil
-
-    return psutil.Process(pid)
 
 
 def steps_logged(metrics_file: Path) -> list[int]:
@@ -138,13 +133,6 @@ def steps_logged(metrics_file: Path) -> list[int]:
         return []
     return [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()
             if line.strip() and json.loads(line)["kind"] == "train"]
-
-
-def resumed_step(stderr: str) -> int | None:
-    for line in stderr.splitlines():
-        if "resumed from" in line:
-            return int(line.split(" at step ", 1)[1].split(",")[0])
-    return None
 
 
 # ------------------------------------------------------------------------------------------- the lanes
