@@ -75,6 +75,9 @@ def iter_documents(path: str) -> Iterator[str]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{line_number} is not valid JSON ({e.msg}): "
                                     "fix or remove the line") from None
+                if isinstance(record, dict) and "messages" in record and "text" not in record:
+                    raise DataError(f'{path}:{line_number} is a conversation ({{"messages": [...]}}), not text: '
+                                    "prepare chat data with --chat")
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise DataError(f'{path}:{line_number} has no string "text" field: each line needs {{"text": ...}}')
                 yield record["text"]
@@ -432,7 +435,7 @@ def prepare_chat(
     does not fit in what is left of the current sample starts the next, and the rest is padded with `</s>`
     (mask 0). A conversation longer than seq_len + 1 tokens is dropped and counted.
     """
-    from data_pipeline.chat import encode, iter_conversations
+    from data_pipeline.chat import SkippedLines, encode, iter_conversations
 
     if seq_len <= 0:
         raise DataError(f"seq_len={seq_len} must be positive: pass --seq-len, e.g. 2048")
@@ -457,7 +460,7 @@ def prepare_chat(
         trained.clear()
 
     meter = _Progress(sum(os.path.getsize(f) for f in files), progress)
-    bad: list[str] = []
+    bad = SkippedLines()
     with _writing(writer, meter):
         for path in files:
             tokens_before = counts["tokens"]
@@ -477,12 +480,12 @@ def prepare_chat(
             meter.update(os.path.getsize(path), counts["tokens"] - tokens_before)
         if tokens:
             flush()
-    counts["bad_lines"] = len(bad)
+    counts["bad_lines"] = bad.count
     if writer.samples_written == 0:
         raise DataError(f"inputs {_names(files)} hold no conversation of at most seq_len+1={sample_tokens} tokens "
-                        f"({counts['documents']} read, {len(bad)} bad lines): give more data or raise --seq-len")
+                        f"({counts['documents']} read, {bad.count} bad lines): give more data or raise --seq-len")
     manifest = _manifest(tok, files, seq_len, writer, counts, keep_documents=True, loss_mask=True,
-                         chat_format="mistral-instruct-v1", bad_line_examples=bad[:5])
+                         chat_format="mistral-instruct-v1", bad_line_examples=bad.listed())
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 

@@ -7,6 +7,7 @@ stderr, results to stdout.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,10 @@ DEFAULT_EXAMPLE = "Mistral 7B was released in 2023: 7.24 B parameters, sliding-w
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -76,7 +81,7 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
     counts = write_builtin_instruct(args.out, max_mb=args.max_mb)
     out = Path(args.out)
     for split, c in counts.items():
-        print(f"{split}: {c['documents']} conversations, {c['bytes'] / 1e6:.2f} MB of text -> "
+        print(f"{split}: {_count(c['documents'], 'conversation')}, {c['bytes'] / 1e6:.2f} MB of text -> "
               f"{out / split / 'instruct.jsonl'}")
     return 0
 
@@ -90,13 +95,15 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             raise DataError("--chat keeps each conversation whole in one process: drop --keep-documents/--workers")
         m = prepare_chat(args.input, args.tokenizer, args.seq_len, args.out, shard_mb=args.shard_mb,
                          skip_bad=args.skip_bad)
-        for example in m["bad_line_examples"]:
-            print(f"skipped {example}")
-        print(f"{m['documents']:,} conversations ({m['bad_lines']:,} bad lines skipped), {m['tokens']:,} tokens, "
-              f"{m['trained_tokens']:,} of them trained on (answers and their </s>) -> {m['samples']:,} samples of "
-              f"{m['sample_tokens']} tokens in {len(m['shards'])} shard(s); {m['dropped_conversations']:,} "
-              f"conversations longer than {m['sample_tokens']} tokens dropped ({m['dropped_tokens']:,} tokens), "
-              f"{m['padding_tokens']:,} padding tokens")
+        if m["bad_lines"]:
+            print(f"skipped {_count(m['bad_lines'], 'bad line')}:")
+            for line in m["bad_line_examples"]:
+                print(f"  {line}")
+        print(f"{_count(m['documents'], 'conversation')} ({_count(m['bad_lines'], 'bad line')} skipped), "
+              f"{m['tokens']:,} tokens, {m['trained_tokens']:,} of them trained on (answers and their </s>) -> "
+              f"{m['samples']:,} samples of {m['sample_tokens']} tokens in {len(m['shards'])} shard(s); "
+              f"{_count(m['dropped_conversations'], 'conversation')} longer than {m['sample_tokens']} tokens dropped "
+              f"({m['dropped_tokens']:,} tokens), {m['padding_tokens']:,} padding tokens")
         print(f"wrote {Path(args.out) / MANIFEST}")
         return 0
     if args.skip_bad:
@@ -131,6 +138,27 @@ def _tokenizer_for(manifest: dict, override: str | None):
     return tokenizer, None
 
 
+def _decoded_with_special(tokenizer, tokens, trained) -> str:
+    """`tokens` decoded with <s> and </s> written out and, where `trained` (a loss mask, or empty) marks them, the
+    trained tokens between ⟦ and ⟧. Each run of text is what the sample's prefix up to its end decodes to beyond
+    the previous run's prefix, so spaces come out as in a decode of the whole sample."""
+    special = {tokenizer.bos_id, tokenizer.eos_id}
+    is_trained = [bool(t) for t in trained] or [False] * len(tokens)
+    shown, decoded = [], ""
+    for in_training, stretch in itertools.groupby(range(len(tokens)), key=is_trained.__getitem__):
+        text = ""
+        for is_special, run in itertools.groupby(stretch, key=lambda i: tokens[i] in special):
+            run = list(run)
+            if is_special:
+                text += "".join(tokenizer.id_to_piece(tokens[i]) for i in run)
+            else:
+                prefix = tokenizer.decode(tokens[:run[-1] + 1])
+                text += prefix[len(decoded):]
+                decoded = prefix
+        shown.append(f"⟦{text}⟧" if in_training else text)
+    return "".join(shown)
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import track
@@ -157,7 +185,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     for shard in shards:
         try:
             values = values_per_sample(m["sample_tokens"], bool(m.get("loss_mask")))
-            samples = read_shard(args.dir, shard, values, m["dtype"])[:, :m["sample_tokens"]]  # the tokens
+            samples = read_shard(args.dir, shard, values, m["dtype"])  # the tokens, then any loss mask
         except DataError as e:
             failed.append(shard["name"])
             print(f"  FAILED      {e}")
@@ -168,8 +196,17 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     if first_samples is not None and args.samples > 0:
         tokenizer, why_not = _tokenizer_for(m, args.tokenizer)
-        for i, sample in enumerate(first_samples):
-            text = tokenizer.decode(sample) if tokenizer else " ".join(map(str, sample[:64]))
+        if args.show_special and tokenizer:
+            print("  (<s> and </s> written out" + (", the trained tokens between ⟦ and ⟧)" if m.get("loss_mask")
+                                                  else ")"))
+        for i, values in enumerate(first_samples):
+            sample, mask = values[:m["sample_tokens"]], values[m["sample_tokens"]:]
+            if not tokenizer:
+                text = " ".join(map(str, sample[:64]))
+            elif args.show_special:
+                text = _decoded_with_special(tokenizer, sample, mask)
+            else:
+                text = tokenizer.decode(sample)
             print(f"  sample {i}    {text[:args.chars]!r}{' ...' if len(text) > args.chars else ''}")
         if why_not:
             print(f"  (token ids shown: {why_not})")
@@ -231,4 +268,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=3, help="samples to decode (default 3)")
     p.add_argument("--chars", type=int, default=200, help="characters shown per sample (default 200)")
     p.add_argument("--tokenizer", help="tokenizer to decode with (default: the one the manifest names)")
+    p.add_argument("--show-special", action="store_true",
+                   help="write out <s> and </s> in the decoded samples and, for chat data, put the tokens the loss "
+                        "is on (answers and their </s>) between ⟦ and ⟧")
     p.set_defaults(func=cmd_data_inspect)

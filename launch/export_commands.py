@@ -131,15 +131,17 @@ def _shard_size(text: str) -> str:
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="auto: bfloat16 on a GPU, float32 on CPU")
+                   help="auto: bfloat16 on a GPU, float32 on CPU (default %(default)s)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="stop after this many new tokens, or at </s> (default %(default)s)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--temperature", type=float, help="sampling temperature (default 0.7)")
     p.add_argument("--top-p", type=float, help="nucleus sampling: keep this much probability mass (default 0.9)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling, for a reproducible answer; unused with --greedy (default %(default)s)")
     add_dtype_arg(p)
 
 
@@ -167,7 +169,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate", help="continue a prompt with a trained model (one process, rolling KV cache)")
     p.add_argument("model", help="run directory, checkpoint directory, or `pretrain export --format hf` output")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue (encoded after <s>)")
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print prompt and generated token ids with the text")
     p.set_defaults(func=cmd_generate)
@@ -175,8 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="loss and perplexity on held-out token shards")
     p.add_argument("model", help="run directory, checkpoint directory, or `pretrain export --format hf` output")
     p.add_argument("--data", required=True, help="a `pretrain data prepare` output directory (with manifest.json)")
-    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--batches", type=int, default=16, help="evaluation batches to average (default %(default)s)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's parallel.micro_batch)")
     add_dtype_arg(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_eval)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from data_pipeline.chat import MODERATION_LABELS, check_messages, encode, moderation_messages
+from data_pipeline.errors import DataError
 from pretrain.generate import generate
 from pretrain.model.mistral import Mistral
 
@@ -26,9 +27,14 @@ class Reply:
 
 def chat_reply(model: Mistral, tokenizer, messages: list[dict], max_new_tokens: int, *, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0) -> Reply:
-    """The assistant's answer to a conversation that ends with a user message."""
+    """The assistant's answer to a conversation that ends with a user message; it stops at </s>, after
+    max_new_tokens, or at the model's max_seq_len (positions it was never trained at)."""
     prompt = encode(tokenizer, check_messages(messages, needs_answer=False)).tokens
-    new = generate(model, prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+    room = model.cfg.max_seq_len - len(prompt)
+    if room <= 0:
+        raise DataError(f"the conversation is {len(prompt)} tokens, which leaves no room for an answer within the "
+                        f"model's max_seq_len {model.cfg.max_seq_len}: shorten the message or start a new chat")
+    new = generate(model, prompt, min(max_new_tokens, room), temperature=temperature, top_p=top_p, seed=seed,
                    eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
     answer = new[:-1] if new and new[-1] == tokenizer.eos_id else new
     return Reply(tokenizer.decode(answer), prompt, new)
@@ -41,6 +47,9 @@ def label_log_probs(model: Mistral, tokenizer, messages: list[dict], answers: tu
     scores = []
     for answer in answers:
         encoded = encode(tokenizer, [*messages, {"role": "assistant", "content": answer}])
+        if len(encoded.tokens) > model.cfg.max_seq_len:
+            raise DataError(f"the prompt with the answer {answer!r} is {len(encoded.tokens)} tokens, past the "
+                            f"model's max_seq_len {model.cfg.max_seq_len}: shorten the text to judge")
         tokens = torch.tensor([encoded.tokens], device=device)
         logits = model(tokens[:, :-1])[0, :, :tokenizer.vocab_size].float()  # (S, V)
         targets = torch.tensor(encoded.trained[1:], device=device)

@@ -222,7 +222,8 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
 _USE_NOTE = {
     False: "This is a base model: it continues text and has not been tuned to follow instructions.",
     True: "This model was fine-tuned on conversations in Mistral's instruct format (`<s>[INST] question [/INST] "
-          "answer</s>`); `tokenizer.apply_chat_template(messages)` gives the tokens it was trained on.",
+          "answer</s>`); `tokenizer.apply_chat_template(messages, return_dict=False)` gives the token ids it was "
+          "trained on.",
 }
 
 

@@ -85,6 +85,15 @@ def test_inspect_verifies_and_decodes(made):
     assert len(shown) > 50 and first_document.startswith(shown)
 
 
+def test_inspect_show_special_writes_out_bos(made):
+    root = made[0]
+    out = pretrain("data", "inspect", root / "data", "--samples", 1, "--chars", 10_000, "--show-special").stdout
+    assert "(<s> and </s> written out)" in out
+    shown = ast.literal_eval(out.split("sample 0    ")[1].split("\n")[0])
+    first_document = json.loads((root / "corpus" / "train" / "stdlib.jsonl").open().readline())["text"]
+    assert shown.startswith("<s>") and len(shown) > 50 and first_document.startswith(shown.removeprefix("<s>"))
+
+
 def test_inspect_names_a_corrupt_shard_and_exits_2(made, tmp_path):
     root = made[0]
     shutil.copytree(root / "data", tmp_path / "data")

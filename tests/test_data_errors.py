@@ -162,6 +162,23 @@ def test_non_utf8_text(good, tmp_path):
     one_line(prepare_error(tmp_path, good, str(tmp_path / "bad.jsonl")), "bad.jsonl:2", "not UTF-8", "re-encode")
 
 
+def test_chat_line_not_utf8_names_the_byte(good, tmp_path):
+    from data_pipeline.prepare import prepare_chat
+
+    line = '{"messages": [{"role": "user", "content": "café"}]}\n'.encode("latin-1")
+    (tmp_path / "chat.jsonl").write_bytes(line)
+    with pytest.raises(DataError) as error:
+        prepare_chat([str(tmp_path / "chat.jsonl")], good[0], 16, tmp_path / "out", progress=False)
+    one_line(error, "chat.jsonl:1", f"not UTF-8 (byte {line.index(0xE9)}: b'\\xe9')", "iconv", "--skip-bad")
+
+
+def test_plain_prepare_of_chat_data_suggests_chat(good, tmp_path):
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
+    one_line(prepare_error(tmp_path, good, str(tmp_path / "chat.jsonl")), "chat.jsonl:1", "is a conversation",
+             "prepare chat data with --chat")
+
+
 def test_jsonl_line_without_text(good, tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n\n{"content": "elsewhere"}\n')
     one_line(prepare_error(tmp_path, good, str(tmp_path / "a.jsonl")), "a.jsonl:3", '"text"', "each line needs")

@@ -115,8 +115,80 @@ def test_malformed_lines_stop_with_their_line_or_are_skipped_and_counted(tokeniz
     assert code == 0, err
     manifest = json.loads((tmp_path / "lenient" / "manifest.json").read_text())
     assert manifest["documents"] == 2 and manifest["bad_lines"] == 4
-    assert f"skipped {path}:3: roles out of order" in out and f"{path}:4: no assistant turn" in out
+    assert f"skipped 4 bad lines:\n  {path}:2: is not valid JSON" in out
+    assert f"  {path}:3: roles out of order" in out and f"  {path}:4: no assistant turn" in out
     assert "2 conversations (4 bad lines skipped)" in out
+
+
+def test_skip_bad_counts_every_line_and_lists_the_first_five(tokenizer_dir, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION[1:3]}, *["{not json"] * 8])
+    code, out, err = cli("data", "prepare", "--chat", "--input", path, "--tokenizer", tokenizer_dir, "--seq-len", 32,
+                         "--out", tmp_path / "out", "--skip-bad")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    listed = [f"{path}:{line}: is not valid JSON (Expecting property name enclosed in double quotes)"
+              for line in range(2, 7)] + ["and 3 more"]
+    assert manifest["bad_lines"] == 8 and manifest["bad_line_examples"] == listed
+    assert "skipped 8 bad lines:\n" + "".join(f"  {line}\n" for line in listed) in out
+    assert "1 conversation (8 bad lines skipped)" in out and "0 conversations longer than" in out
+
+
+def test_conversations_are_read_line_by_line(tmp_path):
+    from data_pipeline.chat import SkippedLines, iter_conversations
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, "{not json"])
+    conversations = iter_conversations(str(path), False, SkippedLines())
+    assert next(conversations) == CONVERSATION  # before the bad line is read
+    with pytest.raises(DataError, match=f"{path}:2: is not valid JSON"):
+        next(conversations)
+
+
+def test_each_malformed_conversation_gets_its_own_problem_and_fix():
+    from data_pipeline.chat import ChatFormatError, check_messages
+
+    system, user, assistant = CONVERSATION[:3]
+    for messages, message in [
+        ([assistant, user], 'roles out of order: messages[0] is "assistant", expected "user" (after an optional system '
+                            'message, turns alternate user, assistant, user, ...)'),
+        ([system, assistant], 'roles out of order: messages[1] is "assistant", expected "user"'),
+        ([user, system, assistant], 'roles out of order: messages[1] is "system", but a system message may only come '
+                                    'first'),
+        ([system], "the conversation has no user message: give one after the optional system message"),
+        ([{"content": "Hi"}, assistant], 'messages[0] has no "role": give it "role": "system", "user" or "assistant"'),
+        ([user, {"role": "tool", "content": "42"}], 'messages[1] has role "tool", which this format does not have: use '
+                                                    '"system", "user" or "assistant"'),
+        ([{"role": "user"}, assistant], 'messages[0] has no "content": give its text as "content": "..."'),
+        ([{"role": "user", "content": 42}, assistant], 'messages[0] has a number as "content", not text: write it as '
+                                                       'a JSON string (quoted)'),
+        ([{"role": "user", "content": None}, assistant], 'messages[0] has "content": null: give its text as a string '
+                                                         '("" for an empty message)'),
+        ([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, assistant],
+         'messages[0] has a list as "content": this format takes plain text, so join the text parts into one string'),
+    ]:
+        with pytest.raises(ChatFormatError) as error:
+            check_messages(messages, needs_answer=True)
+        assert str(error.value).startswith(message), (messages, str(error.value))
+
+
+def test_inspect_show_special_marks_the_trained_tokens(tokenizer, tmp_path):
+    import ast
+
+    from data_pipeline.prepare import prepare_chat
+
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    prepare_chat([str(tmp_path / "chat.jsonl")], tokenizer, 64, tmp_path / "out", progress=False)
+    code, out, err = cli("data", "inspect", tmp_path / "out", "--show-special", "--samples", 1, "--chars", 1000)
+    assert code == 0, err
+    assert "(<s> and </s> written out, the trained tokens between ⟦ and ⟧)" in out
+    shown = ast.literal_eval(out.split("sample 0    ")[1].split("\n")[0])
+    conversation = ("<s>[INST] Be brief.\n\nWhat does len do? [/INST]⟦ It returns the number of items.</s>⟧ [INST] "
+                    "And abs? [/INST]⟦ The absolute value.</s>⟧")
+    padding = 65 - len(encode(tokenizer, CONVERSATION).tokens)
+    assert shown == conversation + "</s>" * padding
+    # Without --show-special, the decoded text as before.
+    code, out, _ = cli("data", "inspect", tmp_path / "out", "--samples", 1, "--chars", 1000)
+    assert ast.literal_eval(out.split("sample 0    ")[1].split("\n")[0]) == tokenizer.decode(
+        encode(tokenizer, CONVERSATION).tokens)
 
 
 def test_masked_and_unmasked_data_do_not_mix(tiny_data, tokenizer, tmp_path):
@@ -168,8 +240,6 @@ def test_a_batch_without_answers_gives_zero_loss_and_gradient(single_process_gro
 def instruct(tiny_data, tokenizer_dir, tmp_path_factory):
     """The built-in instruction set as chat shards, a random imported base model, and the fine-tune of it (dp=2):
     (data overrides, base run directory, fine-tuned run directory)."""
-    from transformers import MistralConfig, MistralForCausalLM
-
     from data_pipeline.corpus import write_builtin_instruct
     from data_pipeline.prepare import prepare_chat
 
@@ -180,18 +250,25 @@ def instruct(tiny_data, tokenizer_dir, tmp_path_factory):
                      progress=False)
     data = [f"data.train=[{{path: {root / 'train'}}}]", f"data.eval={root / 'eval'}", f"data.tokenizer={tokenizer_dir}",
             f"data.seq_len={SEQ_LEN}"]
+    code, _, err = cli("import", random_model(root / "hf", tokenizer_dir), *data, "--config",
+                       ROOT / "configs" / "tiny-instruct.yaml", "--out", root / "base")
+    assert code == 0, err
+    tuned = fine_tune(root, data, "tuned")
+    return data, root / "base", tuned
+
+
+def random_model(out: Path, tokenizer_dir: Path) -> Path:
+    """A small random transformers Mistral of max_seq_len SEQ_LEN with the tokenizer, saved in `out`."""
+    from transformers import MistralConfig, MistralForCausalLM
+
     torch.manual_seed(0)
     hf = MistralForCausalLM(MistralConfig(
         vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, sliding_window=32, max_position_embeddings=SEQ_LEN,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
-    hf.save_pretrained(root / "hf")
-    shutil.copyfile(tokenizer_dir / "tokenizer.model", root / "hf" / "tokenizer.model")
-    code, _, err = cli("import", root / "hf", *data, "--config", ROOT / "configs" / "tiny-instruct.yaml",
-                       "--out", root / "base")
-    assert code == 0, err
-    tuned = fine_tune(root, data, "tuned")
-    return data, root / "base", tuned
+    hf.save_pretrained(out)
+    shutil.copyfile(tokenizer_dir / "tokenizer.model", out / "tokenizer.model")
+    return out
 
 
 def fine_tune(root: Path, data: list[str], run: str, overrides: list[str] = (), args: list[str] = ()) -> Path:
@@ -268,8 +345,7 @@ def test_chat_template_of_the_export_gives_the_trained_tokens(instruct, tuned_ex
                        {"role": "assistant", "content": "\n\tindented"}, {"role": "user", "content": "ünï 🙂"}]]
     assert len(conversations) > 50
     for messages in conversations:
-        ids = theirs.apply_chat_template(messages)
-        assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == encode(tokenizer, messages).tokens, messages
+        assert theirs.apply_chat_template(messages, return_dict=False) == encode(tokenizer, messages).tokens, messages
     assert "apply_chat_template" in (tuned_export / "README.md").read_text()
 
 
@@ -280,6 +356,7 @@ def test_chat_generate_and_moderate_on_the_fine_tuned_model(instruct, tuned_expo
 
     _, _, tuned = instruct
     question = "Explain what this function of the Python module os does:\ndef makedirs(name, mode=511)"
+    # The guardrail conversation is 118 tokens: with 8 new ones it stays within max_seq_len (SEQ_LEN), as chat requires.
     code, out, err = cli("chat", tuned, "--message", question, "--guardrails", "--greedy", "--max-new-tokens", 12,
                          "--json")
     assert code == 0, err
@@ -287,7 +364,7 @@ def test_chat_generate_and_moderate_on_the_fine_tuned_model(instruct, tuned_expo
     assert turn["messages"][:2] == [{"role": "system", "content": GUARDRAIL_PROMPT},
                                     {"role": "user", "content": question}]
     assert turn["messages"][2] == {"role": "assistant", "content": turn["reply"]}
-    assert turn["prompt_ids"] == encode(tokenizer, turn["messages"][:2]).tokens and 1 <= len(turn["new_ids"]) <= 12
+    assert turn["prompt_ids"] == encode(tokenizer, turn["messages"][:2]).tokens and 1 <= len(turn["new_ids"]) <= 8
     # Without a system prompt the chat prompt is the rendered text itself: `pretrain generate` on it (greedy, from
     # the export) continues with the same tokens.
     code, out, err = cli("chat", tuned, "--message", question, "--greedy", "--max-new-tokens", 8, "--json")
@@ -322,3 +399,83 @@ def test_chat_generate_and_moderate_on_the_fine_tuned_model(instruct, tuned_expo
         assert verdict["probability"] == max(got)
     code, _, err = cli("moderate", tuned)
     assert code == 2 and "--text TEXT" in err
+
+
+# ------------------------------------------------------------------------------------------- a random model's export
+
+
+@pytest.fixture(scope="module")
+def random_export(tokenizer_dir, tmp_path_factory) -> Path:
+    """random_model imported and exported as a user would: a transformers directory whose tokenizer carries the chat
+    template."""
+    root = tmp_path_factory.mktemp("random")
+    code, _, err = cli("import", random_model(root / "hf", tokenizer_dir), "--out", root / "run")
+    assert code == 0, err
+    code, _, err = cli("export", root / "run", "--out", root / "export")
+    assert code == 0, err
+    return root / "export"
+
+
+def test_chat_template_refuses_what_prepare_refuses_in_the_same_words(random_export, tokenizer):
+    from jinja2 import TemplateError
+    from transformers import AutoTokenizer
+
+    from data_pipeline.chat import NO_CONTENT, ChatFormatError, check_messages
+
+    theirs = AutoTokenizer.from_pretrained(random_export)
+    system, user, assistant = CONVERSATION[:3]
+    refused = [[user, {"role": "tool", "content": "42"}], [user, assistant, system, user], [system], [user, user],
+               [assistant, user], [system, assistant], [{"content": "Hi"}], [{"role": "user"}],
+               [{"role": "user", "content": 42}], [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]]
+    for messages in refused:
+        with pytest.raises(ChatFormatError) as ours:
+            check_messages(messages, needs_answer=False)
+        with pytest.raises(TemplateError) as error:
+            theirs.apply_chat_template(messages, return_dict=False)
+        assert str(error.value) == str(ours.value), messages
+    # transformers drops the keys whose value is null, so the template sees a null content as none.
+    with pytest.raises(TemplateError) as error:
+        theirs.apply_chat_template([{"role": "user", "content": None}], return_dict=False)
+    assert str(error.value) == NO_CONTENT.format(i=0)
+    # A conversation ending with a user turn is a prompt to answer, which add_generation_prompt requires.
+    with pytest.raises(ChatFormatError) as ours:
+        check_messages([user, assistant], needs_answer=False)
+    with pytest.raises(TemplateError) as error:
+        theirs.apply_chat_template([user, assistant], add_generation_prompt=True, return_dict=False)
+    assert str(error.value) == str(ours.value)
+    for messages in ([user], CONVERSATION[:4]):
+        prompt = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        assert prompt == encode(tokenizer, messages).tokens
+    assert theirs.apply_chat_template(CONVERSATION, return_dict=False) == encode(tokenizer, CONVERSATION).tokens
+
+
+def test_chat_and_moderate_refuse_prompts_longer_than_max_seq_len(random_export):
+    long_message = "word " * SEQ_LEN
+    code, _, err = cli("chat", random_export, "--message", long_message, "--greedy", "--max-new-tokens", 4)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"leaves no room for an answer within the model's max_seq_len {SEQ_LEN}: shorten the message" in err
+    code, out, err = cli("chat", random_export, "--message", "Hi", "--greedy", "--max-new-tokens", 2 * SEQ_LEN,
+                         "--json")
+    assert code == 0, err
+    reply = json.loads(out)
+    assert len(reply["prompt_ids"]) + len(reply["new_ids"]) <= SEQ_LEN  # the answer stops at max_seq_len
+    code, _, err = cli("moderate", random_export, "--text", "Fine.", long_message)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"past the model's max_seq_len {SEQ_LEN}: shorten the text to judge" in err
+
+
+def test_chat_moderate_and_data_options_have_help_with_their_defaults():
+    import argparse
+
+    from launch.cli import build_parser
+
+    def actions(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    commands = actions(build_parser())
+    parsers = [commands[name] for name in ("chat", "moderate", "generate", "eval")]
+    parsers += [*actions(commands["data"]).values(), *actions(commands["tokenizer"]).values()]
+    for parser in parsers:
+        assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    shown = " ".join(commands["chat"].format_help().split())
+    assert "or at </s> (default 64)" in shown and "unused with --greedy (default 0)" in shown
