@@ -9,12 +9,15 @@ file, in sorted order, that still fits under the cap): the eval split is always 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+
+from durable import atomic_directory, check_replaceable
 
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__"}
 
@@ -42,29 +45,22 @@ def _split_of(rel: str, eval_every: int) -> str:
 
 
 def _write_splits(out: Path, file_name: str, records: Iterator[tuple[str, dict, int]], limit: int | None) -> dict:
-    """(split, record, size) items as OUT/{train,eval}/file_name JSON lines, each written under a temporary name
-    and renamed when complete; the train split stops taking records at `limit` bytes of size. Returns the
-    records and bytes of each split."""
+    """(split, record, size) items as OUT/{train,eval}/file_name JSON lines, replacing OUT as a whole once both are
+    written (a previous corpus stays until then); the train split stops taking records at `limit` bytes of size.
+    Returns the records and bytes of each split."""
     counts = {"train": {"documents": 0, "bytes": 0}, "eval": {"documents": 0, "bytes": 0}}
-    handles = {}
-    try:
+    check_replaceable(out, tuple(counts), "a corpus (train/ and eval/)")
+    with atomic_directory(out) as tmp, contextlib.ExitStack() as files:
+        handles = {}
         for split in counts:
-            (out / split).mkdir(parents=True, exist_ok=True)
-            handles[split] = open(out / split / f"{file_name}.tmp", "w", encoding="utf-8")
+            (tmp / split).mkdir()
+            handles[split] = files.enter_context(open(tmp / split / file_name, "w", encoding="utf-8"))
         for split, record, size in records:
             if split == "train" and limit is not None and counts["train"]["bytes"] + size > limit:
                 continue  # a smaller record further on may still fit under the cap
             handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
             counts[split]["documents"] += 1
             counts[split]["bytes"] += size
-        for handle in handles.values():
-            handle.flush()
-            os.fsync(handle.fileno())
-    finally:
-        for handle in handles.values():
-            handle.close()
-    for split in counts:
-        os.replace(out / split / f"{file_name}.tmp", out / split / file_name)
     return counts
 
 

@@ -8,9 +8,10 @@ document shorter than a sample, is dropped (counted in the manifest's dropped_to
 Output: `shard-000000.tar`, ... whose members are `{key}.tokens.bin` (raw little-endian uint16 when the
 vocabulary fits, else uint32; recorded in the manifest) and `manifest.json`, written last. Runs are
 byte-deterministic: inputs are sorted, parallel results are consumed in input order, and tar headers carry no
-time, owner or mode from the machine. Runs are atomic: a stale manifest is removed before anything else is
-written, each shard is written under a temporary name, fsynced and renamed, and the manifest (temp + rename)
-comes last, so an interrupted run leaves a directory that no reader accepts.
+time, owner or mode from the machine. Runs are all or nothing (durable.atomic_directory): the dataset is written
+into a hidden temporary directory that takes the output's place only once complete, so a run that fails or is
+killed midway leaves the previous dataset there byte for byte. A directory that holds anything but a dataset is
+never replaced.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ import numpy as np
 
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import Tokenizer
-from pretrain.checkpoint.store import fsync_dir, sha256_file, write_json_atomic
+from durable import atomic_directory, check_replaceable, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
+# What a dataset directory holds (the last, what runs before atomic output left): only these are replaced.
+_DATASET_ENTRIES = (MANIFEST, "shard-*.tar", f"{MANIFEST}.tmp", ".shard-*.tar.tmp")
 MANIFEST_VERSION = 1
 MEMBER_SUFFIX = ".tokens.bin"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -186,7 +189,7 @@ def _tokenized(files: Sequence[str], tok: Tokenizer, workers: int) -> Iterator[t
 
 
 class ShardWriter:
-    """Writes samples into size-bounded deterministic tar shards, each under a temp name until complete."""
+    """Writes samples into size-bounded deterministic tar shards."""
 
     def __init__(self, out_dir: Path, shard_bytes: int, dtype: np.dtype, sample_tokens: int) -> None:
         self.out_dir = out_dir
@@ -219,37 +222,25 @@ class ShardWriter:
         if self._tar is not None:
             self._finish_shard()
 
-    def abort(self) -> None:
-        """After a failure: drop the shard being written (finished shards stay, unlisted in any manifest)."""
-        if self._tar is not None:
-            self._file.close()
-            self._temp_path().unlink(missing_ok=True)
-            self._tar = self._file = None
-
-    def _temp_path(self) -> Path:
-        return self.out_dir / f".shard-{len(self.shards):06d}.tar.tmp"
+    def _path(self) -> Path:
+        return self.out_dir / f"shard-{len(self.shards):06d}.tar"
 
     def _start_shard(self) -> None:
-        self._file = open(self._temp_path(), "wb")
+        self._file = open(self._path(), "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._shard_samples = 0
         self._shard_size = 0
 
     def _finish_shard(self) -> None:
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        name = f"shard-{len(self.shards):06d}.tar"
-        temp = self._temp_path()
-        digest = sha256_file(temp)
-        os.replace(temp, self.out_dir / name)
+        path = self._path()
         self.shards.append({
-            "name": name,
+            "name": path.name,
             "samples": self._shard_samples,
             "tokens": self._shard_samples * self.sample_tokens,
-            "bytes": os.path.getsize(self.out_dir / name),
-            "sha256": digest,
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
         })
         self._tar = self._file = None
 
@@ -310,18 +301,18 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _writing(writer: ShardWriter, meter: _Progress) -> Iterator[None]:
-    """Closes the writer's last shard when the block succeeds; otherwise drops the shard being written. The progress
-    meter stops either way."""
+def _dataset_output(out_dir: str | os.PathLike, meter: _Progress) -> Iterator[Path]:
+    """A temporary directory to write the dataset into, which replaces `out_dir` (nothing, or a previous dataset)
+    when the block succeeds. The progress meter stops either way."""
+    out = Path(out_dir)
+    check_replaceable(out, _DATASET_ENTRIES, "a prepared dataset")
     finished = False
     try:
-        yield
-        writer.close()
-        finished = True
+        with atomic_directory(out) as tmp:
+            yield tmp
+            finished = True
     finally:
         meter.close(finished)
-        if not finished:
-            writer.abort()
 
 
 def prepare(
@@ -342,13 +333,11 @@ def prepare(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     sample_tokens = seq_len + 1
-    out = _start_output(out_dir)
-
-    writer = ShardWriter(out, max(int(shard_mb * 1e6), 1), dtype, sample_tokens)
     counts = {"documents": 0, "tokens": 0, "dropped_tokens": 0}
     carry = np.zeros(0, dtype=np.uint32)
     meter = _Progress(sum(os.path.getsize(f) for f in files), progress)
-    with _writing(writer, meter):
+    with _dataset_output(out_dir, meter) as out:
+        writer = ShardWriter(out, max(int(shard_mb * 1e6), 1), dtype, sample_tokens)
         for documents, nbytes in _tokenized(files, tok, workers or os.cpu_count() or 1):
             counts["documents"] += len(documents)
             ntokens = sum(len(d) for d in documents)
@@ -366,19 +355,20 @@ def prepare(
                     writer.add(sample)
                 carry = stream[whole:]
             meter.update(nbytes, ntokens)
+        writer.close()
         counts["dropped_tokens"] += len(carry)
-    if counts["documents"] == 0:
-        raise DataError(f"inputs {_names(files)} hold no documents (empty files or empty texts): "
-                        "pass files with text in them")
-    if writer.samples_written == 0:
-        raise DataError(
-            f"inputs {_names(files)} hold {counts['tokens']} tokens in {counts['documents']} documents, fewer than "
-            f"one sample of seq_len+1={sample_tokens}"
-            + (" per document (--keep-documents drops documents shorter than a sample)" if keep_documents else "")
-            + ": give more text or lower --seq-len"
-        )
-    manifest = _manifest(tok, files, seq_len, writer, counts, keep_documents=keep_documents)
-    write_json_atomic(out / MANIFEST, manifest)
+        if counts["documents"] == 0:
+            raise DataError(f"inputs {_names(files)} hold no documents (empty files or empty texts): "
+                            "pass files with text in them")
+        if writer.samples_written == 0:
+            raise DataError(
+                f"inputs {_names(files)} hold {counts['tokens']} tokens in {counts['documents']} documents, fewer "
+                f"than one sample of seq_len+1={sample_tokens}"
+                + (" per document (--keep-documents drops documents shorter than a sample)" if keep_documents else "")
+                + ": give more text or lower --seq-len"
+            )
+        manifest = _manifest(tok, files, seq_len, writer, counts, keep_documents=keep_documents)
+        write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
@@ -403,18 +393,6 @@ def _manifest(tok: Tokenizer, files: Sequence[str], seq_len: int, writer: ShardW
         "shards": writer.shards,
         **extra,
     }
-
-
-def _start_output(out_dir: str | os.PathLike) -> Path:
-    """`out_dir`, emptied of an old dataset: its manifest goes first, so from here until the new one lands the
-    directory describes no dataset."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    for stale in [*out.glob("shard-*.tar"), *out.glob(".shard-*.tar.tmp")]:
-        stale.unlink()
-    fsync_dir(out)
-    return out
 
 
 def prepare_chat(
@@ -445,14 +423,12 @@ def prepare_chat(
             raise DataError(f"input {path} is not .jsonl: chat data is one {{\"messages\": [...]}} per line")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     sample_tokens = seq_len + 1
-    out = _start_output(out_dir)
-    writer = ShardWriter(out, max(int(shard_mb * 1e6), 1), token_dtype(tok.vocab_size), sample_tokens)
     counts = {"documents": 0, "tokens": 0, "trained_tokens": 0, "dropped_tokens": 0, "dropped_conversations": 0,
               "padding_tokens": 0, "bad_lines": 0}
     tokens: list[int] = []
     trained: list[bool] = []
 
-    def flush() -> None:
+    def flush(writer: ShardWriter) -> None:
         pad = sample_tokens - len(tokens)
         counts["padding_tokens"] += pad
         writer.add(np.array([*tokens, *[tok.eos_id] * pad, *trained, *[False] * pad], dtype=np.uint32))
@@ -461,7 +437,8 @@ def prepare_chat(
 
     meter = _Progress(sum(os.path.getsize(f) for f in files), progress)
     bad = SkippedLines()
-    with _writing(writer, meter):
+    with _dataset_output(out_dir, meter) as out:
+        writer = ShardWriter(out, max(int(shard_mb * 1e6), 1), token_dtype(tok.vocab_size), sample_tokens)
         for path in files:
             tokens_before = counts["tokens"]
             for messages in iter_conversations(path, skip_bad, bad):
@@ -473,20 +450,22 @@ def prepare_chat(
                     counts["dropped_tokens"] += len(encoded.tokens)
                     continue
                 if len(tokens) + len(encoded.tokens) > sample_tokens:
-                    flush()
+                    flush(writer)
                 tokens += encoded.tokens
                 trained += encoded.trained
                 counts["trained_tokens"] += sum(encoded.trained)
             meter.update(os.path.getsize(path), counts["tokens"] - tokens_before)
         if tokens:
-            flush()
-    counts["bad_lines"] = bad.count
-    if writer.samples_written == 0:
-        raise DataError(f"inputs {_names(files)} hold no conversation of at most seq_len+1={sample_tokens} tokens "
-                        f"({counts['documents']} read, {bad.count} bad lines): give more data or raise --seq-len")
-    manifest = _manifest(tok, files, seq_len, writer, counts, keep_documents=True, loss_mask=True,
-                         chat_format="mistral-instruct-v1", bad_line_examples=bad.listed())
-    write_json_atomic(out / MANIFEST, manifest)
+            flush(writer)
+        writer.close()
+        counts["bad_lines"] = bad.count
+        if writer.samples_written == 0:
+            raise DataError(f"inputs {_names(files)} hold no conversation of at most seq_len+1={sample_tokens} "
+                            f"tokens ({counts['documents']} read, {bad.count} bad lines): give more data or raise "
+                            "--seq-len")
+        manifest = _manifest(tok, files, seq_len, writer, counts, keep_documents=True, loss_mask=True,
+                             chat_format="mistral-instruct-v1", bad_line_examples=bad.listed())
+        write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 

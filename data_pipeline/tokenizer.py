@@ -18,7 +18,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from data_pipeline.errors import DataError
-from pretrain.checkpoint.store import fsync_dir, write_json_atomic
+from durable import atomic_directory, check_replaceable, write_json_atomic
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer_meta.json"
@@ -118,7 +118,7 @@ def train_tokenizer(
     files = expand_inputs(inputs)
     total = sum(os.path.getsize(f) for f in files)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out, (MODEL_FILE, META_FILE, f".{MODEL_FILE}.tmp", f"{META_FILE}.tmp"), "a tokenizer")
     # sentencepiece reads one sentence per line; blank lines carry nothing to learn. The sample is collected
     # first so that bad input fails here, with its DataError, rather than inside sentencepiece's C++ loop.
     lines: list[str] = []
@@ -154,7 +154,6 @@ def train_tokenizer(
     except RuntimeError as e:
         raise DataError(f"sentencepiece training on {files} failed: {_training_advice(str(e), vocab_size)}") from None
     model_bytes = model.getvalue()
-    _write_atomic(out / MODEL_FILE, model_bytes)
     tokenizer = Tokenizer(model_bytes, str(out / MODEL_FILE))
     meta = {
         "sha256": tokenizer.sha256,
@@ -168,7 +167,9 @@ def train_tokenizer(
         "inputs": [{"path": f, "bytes": os.path.getsize(f)} for f in files],
         "sentencepiece_version": spm.__version__,
     }
-    write_json_atomic(out / META_FILE, meta)
+    with atomic_directory(out) as tmp:  # the model and its meta replace the previous pair together
+        (tmp / MODEL_FILE).write_bytes(model_bytes)
+        write_json_atomic(tmp / META_FILE, meta)
     return tokenizer
 
 
@@ -184,13 +185,3 @@ def _training_advice(error: str, vocab_size: int) -> str:
         return (f"--vocab-size {vocab_size} is more pieces than this text yields: pass --vocab-size "
                 f"{too_large.group(1)} or less, or give more text")
     return f"{' '.join(error.split())}: check the input text and --vocab-size"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

@@ -40,6 +40,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             reply = chat_reply(model, tokenizer, messages, args.max_new_tokens, temperature=temperature,
                                top_p=top_p, seed=args.seed)
             messages.append({"role": "assistant", "content": reply.text})
+            if reply.at_max_seq_len:
+                print(f"(the answer was cut at the model's max_seq_len, {model.cfg.max_seq_len} tokens with the "
+                      "conversation)", file=sys.stderr)
             return reply
 
         if args.message is not None:

@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from data_pipeline.errors import DataError
+from durable import OutputError
 from launch import chat_commands, data_commands, export_commands, main_job, slurm, status_commands, train_commands
 from launch.errors import UserError
 from pretrain.checkpoint.store import CheckpointError
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, CheckpointError, UserError, DataError) as e:
+    except (ConfigError, CheckpointError, UserError, DataError, OutputError) as e:
         print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -12,19 +12,12 @@ from pathlib import Path
 from launch.errors import UserError
 
 
-def _refuse_taken(out: Path, force: bool) -> None:
-    from pretrain.export import output_taken
-
-    if output_taken(out) and not force:
-        raise UserError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from pretrain.export import export_hf, export_mistral
+    from pretrain.export import check_output, export_hf, export_mistral
     from pretrain.weights import read_checkpoint
 
     out = Path(args.out)
-    _refuse_taken(out, args.force)
+    check_output(out, args.force)
     weights = read_checkpoint(Path(args.checkpoint))
     print(f"exporting {weights.origin} (step {weights.trainer_state.get('step')}) as {args.format} to {out}",
           file=sys.stderr)
@@ -39,10 +32,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from pretrain.export import check_output
     from pretrain.hf_import import import_hf
 
     out = Path(args.out)
-    _refuse_taken(out, args.force)
+    check_output(out, args.force)
     cfg = import_hf(Path(args.hf_dir), out, base_config=Path(args.config) if args.config else None,
                     overrides=args.overrides, force=args.force)
     print(f"wrote {out}: config.yaml and a step-0 checkpoint at tp={cfg.parallel.tp}; continue pretraining with "

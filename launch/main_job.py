@@ -27,9 +27,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from durable import write_json_atomic
 from launch.errors import UserError
 from launch.local import visible_gpus
-from pretrain.checkpoint.store import complete_steps, write_json_atomic
+from pretrain.checkpoint.store import complete_steps
 from pretrain.config import Config, load_config, resolve_world
 from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL
 from pretrain.metrics import read_metrics

@@ -23,6 +23,7 @@ class Reply:
     text: str
     prompt_ids: list[int]
     new_ids: list[int]
+    at_max_seq_len: bool  # cut there, before </s> and max_new_tokens
 
 
 def chat_reply(model: Mistral, tokenizer, messages: list[dict], max_new_tokens: int, *, temperature: float = 0.0,
@@ -36,8 +37,9 @@ def chat_reply(model: Mistral, tokenizer, messages: list[dict], max_new_tokens: 
                         f"model's max_seq_len {model.cfg.max_seq_len}: shorten the message or start a new chat")
     new = generate(model, prompt, min(max_new_tokens, room), temperature=temperature, top_p=top_p, seed=seed,
                    eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
-    answer = new[:-1] if new and new[-1] == tokenizer.eos_id else new
-    return Reply(tokenizer.decode(answer), prompt, new)
+    ended = bool(new) and new[-1] == tokenizer.eos_id
+    answer = new[:-1] if ended else new
+    return Reply(tokenizer.decode(answer), prompt, new, at_max_seq_len=not ended and len(new) == room < max_new_tokens)
 
 
 @torch.no_grad()

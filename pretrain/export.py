@@ -4,63 +4,48 @@
 sentencepiece model plus a tokenizer.json that encodes exactly as sentencepiece does) and a model card.
 `--format mistral`: consolidated.safetensors under mistral-inference's names, params.json and tokenizer.model.
 
-Either is written into a temporary directory next to the destination and renamed into place at the end, so an
-interrupted export never leaves a directory that looks complete.
+Either is written into a temporary directory next to the destination that takes its place only once complete
+(durable.atomic_directory): an export that fails or is killed midway leaves what was there before (with --force,
+a previous export) as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from pretrain.checkpoint.store import fsync_dir, fsync_file, sha256_file
+from durable import OutputError, atomic_directory, output_taken, sha256_file
 from pretrain.config import ModelConfig
 from pretrain.dtypes import DTYPES
 from pretrain.model.state_dict_adapter import hf_config, to_hf
 from pretrain.weights import HF_INDEX, TOKENIZER_MODEL, Weights
 
-# ------------------------------------------------------------------------------------------ atomic output
+# ------------------------------------------------------------------------------------------ output
 
 
-def output_taken(out: Path) -> bool:
-    return out.exists() and (not out.is_dir() or any(out.iterdir()))
-
-
-@contextlib.contextmanager
-def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
-    """Yields a fresh temporary directory next to `out`; on success it is fsynced and renamed to `out`."""
+def check_output(out: Path, force: bool) -> None:
+    """An export replaces its whole --out directory (durable.atomic_directory): only an empty one, or with --force."""
     if output_taken(out) and not force:
-        raise FileExistsError(f"{out} exists and is not empty: choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+        raise OutputError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, whose I/O errors (a full disk) come back as OSError like every other write's."""
     try:
-        yield tmp
-        for path in sorted(tmp.rglob("*")):
-            if path.is_file():
-                fsync_file(path)
-        for sub in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
-            fsync_dir(sub)
-        if out.exists():
-            # Only with --force: the old directory goes aside first, so `out` is never half old, half new.
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # the error number is only in its text: "... (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -236,10 +221,11 @@ def export_hf(weights: Weights, out: Path, *, dtype: str = "float32", max_shard_
     # Copies: q/k/v and gate/up are views into our fused matrices, and safetensors refuses shared storage.
     hf_state = {name: tensor.to(torch_dtype, copy=True)
                 for name, tensor in to_hf(weights.full_state, weights.model).items()}
-    with atomic_directory(out, force) as tmp:
+    check_output(out, force)
+    with atomic_directory(out) as tmp:
         weight_map = {}
         for file_name, names in _shards(hf_state, max_shard_size):
-            save_file({name: hf_state[name] for name in names}, str(tmp / file_name), metadata={"format": "pt"})
+            _save_safetensors({name: hf_state[name] for name in names}, tmp / file_name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(names, file_name))
             print(f"wrote {file_name} ({len(names)} tensors)", file=sys.stderr)
         total_size = sum(t.numel() * t.element_size() for t in hf_state.values())
@@ -346,8 +332,9 @@ def export_mistral(weights: Weights, out: Path, *, dtype: str = "float32", token
     tokenizer_path = tokenizer_model_path(weights, tokenizer)
     check_tokenizer_fits(tokenizer_path, weights.model)
     state = {name: t.to(DTYPES[dtype], copy=True) for name, t in to_mistral(weights.full_state, weights.model).items()}
-    with atomic_directory(out, force) as tmp:
-        save_file(state, str(tmp / "consolidated.safetensors"))
+    check_output(out, force)
+    with atomic_directory(out) as tmp:
+        _save_safetensors(state, tmp / "consolidated.safetensors")
         _write_json(tmp / "params.json", mistral_params(weights.model))
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER_MODEL)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.errors import DataError
+from durable import atomic_directory
 from pretrain.checkpoint.state import (
     LAYOUT_ONLY_MODEL_KEYS,
     code_version,
@@ -24,7 +25,7 @@ from pretrain.checkpoint.state import (
 )
 from pretrain.checkpoint.store import CheckpointStore, mark_rank_done
 from pretrain.config import Config, ConfigError, DataConfig, apply_override, load_config, save_resolved, validate
-from pretrain.export import atomic_directory, check_tokenizer_fits, tokenizer_model_path
+from pretrain.export import check_output, check_tokenizer_fits, tokenizer_model_path
 from pretrain.model.sharding import shard_parameter
 from pretrain.weights import TOKENIZER_MODEL, Weights, model_fields_from_hf, read_hf_config, read_hf_dir
 
@@ -80,7 +81,8 @@ def import_hf(hf_dir: Path, run_dir: Path, *, base_config: Path | None = None, o
                         f"sentencepiece {TOKENIZER_MODEL} into {hf_dir} or pass data.tokenizer=DIR")
     tokenizer = tokenizer_model_path(weights, None if own_tokenizer else Path(cfg.data.tokenizer))
     check_tokenizer_fits(tokenizer, cfg.model)
-    with atomic_directory(run_dir, force) as tmp:
+    check_output(run_dir, force)
+    with atomic_directory(run_dir) as tmp:
         if own_tokenizer:
             (tmp / "tokenizer").mkdir()
             shutil.copyfile(tokenizer, tmp / "tokenizer" / TOKENIZER_MODEL)

@@ -3,10 +3,6 @@ worker counts), the manifest, atomicity when a run fails or is killed, and --kee
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import data_pipeline.prepare as prepare_module
-from data_pipeline.errors import DataError
-from data_pipeline.loader import TokenLoader, read_manifest
+from data_pipeline.loader import read_manifest
 from data_pipeline.prepare import MANIFEST, prepare
 from data_pipeline.tokenizer import Tokenizer
 from tests.data_helpers import make_dataset, make_tokenizer, tar_samples, write_jsonl
@@ -100,50 +95,6 @@ def test_rerun_into_the_same_directory_replaces_it(tmp_path, tokenizer, mixed_in
     assert len(list(tmp_path.glob("shard-*.tar"))) < len(first["shards"])
     prepare([str(inputs / "*")], tokenizer, SEQ_LEN, tmp_path, shard_mb=0.01, workers=1, progress=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-
-
-def test_failure_later_in_the_input_leaves_no_manifest(tmp_path, tokenizer, mixed_inputs, monkeypatch):
-    inputs, _ = mixed_inputs
-    monkeypatch.setattr(prepare_module, "_CHUNK_BYTES", 1000)  # tokenize and write before reading on
-    out = tmp_path / "out"
-    prepare([str(inputs / "*")], tokenizer, SEQ_LEN, out, shard_mb=0.01, workers=1, progress=False)
-    assert (out / MANIFEST).is_file()
-    # z.jsonl sorts last: shards from the good files are written before its bad line is reached.
-    write_jsonl(tmp_path / "z.jsonl", ["fine"])
-    with open(tmp_path / "z.jsonl", "a") as f:
-        f.write('{"txt": "no text field"}\n')
-    for workers in (1, 2):
-        with pytest.raises(DataError, match="z.jsonl:2"):
-            prepare([str(inputs / "*"), str(tmp_path / "z.jsonl")], tokenizer, SEQ_LEN, out, shard_mb=0.01,
-                    workers=workers, progress=False)
-        assert not (out / MANIFEST).exists()
-        assert list(out.glob("shard-*.tar")) and not list(out.glob(".*tmp"))
-        with pytest.raises(DataError, match="manifest.json not found"):
-            TokenLoader([(str(out), 1.0)], micro_batch=1)
-
-
-def test_killed_run_leaves_no_manifest(tmp_path, tokenizer):
-    out = tmp_path / "out"
-    inputs = str(tokenizer.parent / "corpus" / "train" / "*.jsonl")
-    make_dataset(out, [inputs], tokenizer)  # a finished dataset first: the killed run must invalidate it
-    process = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "data", "prepare", "--input", inputs, "--tokenizer", str(tokenizer),
-         "--seq-len", "8", "--out", str(out), "--shard-mb", "0.001", "--workers", "1"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "shard-000003.tar").exists() or (out / MANIFEST).exists():
-            assert process.poll() is None, "prepare finished before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        process.kill()
-    assert not (out / MANIFEST).exists()
-    with pytest.raises(DataError, match="interrupted prepare leaves no manifest"):
-        read_manifest(str(out))
 
 
 def test_keep_documents_keeps_boundaries(tmp_path, tokenizer, mixed_inputs):

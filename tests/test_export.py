@@ -175,7 +175,7 @@ def test_hf_export_loads_in_transformers_with_our_logits(trained_run, hf_export,
     state = json.loads((trained_run / "checkpoints" / "step_00000003" / "trainer.json").read_text())
     card = (hf_export / "README.md").read_text()
     train_manifest = Path(next(o for o in tiny_data if o.startswith("data.train=")).split("path: ")[1].rstrip("}]"))
-    from pretrain.checkpoint.store import sha256_file
+    from durable import sha256_file
 
     for fact in ("| optimizer steps | 3 |", f"| training tokens | {state['tokens']:,} |",
                  f"| final training loss | {state['loss']:.4f} |", sha256_file(train_manifest / "manifest.json"),
@@ -502,13 +502,3 @@ def test_a_run_without_a_checkpoint_yet_says_so_in_one_line(imported_random, tin
                            "checkpoint is saved (checkpoint.every_steps, or the end of the run), or pass a checkpoint "
                            "directory\n"), (args, err)
     assert not (tmp_path / "out").exists()
-
-
-def test_interrupted_export_leaves_nothing(tmp_path):
-    from pretrain.export import atomic_directory
-
-    out = tmp_path / "model"
-    with pytest.raises(KeyboardInterrupt), atomic_directory(out, force=False) as tmp:
-        (tmp / "config.json").write_text("{}")
-        raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []

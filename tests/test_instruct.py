@@ -459,6 +459,8 @@ def test_chat_and_moderate_refuse_prompts_longer_than_max_seq_len(random_export)
     assert code == 0, err
     reply = json.loads(out)
     assert len(reply["prompt_ids"]) + len(reply["new_ids"]) <= SEQ_LEN  # the answer stops at max_seq_len
+    if reply["new_ids"][-1] != 2:  # </s> (id 2) did not come first
+        assert f"cut at the model's max_seq_len, {SEQ_LEN} tokens" in err
     code, _, err = cli("moderate", random_export, "--text", "Fine.", long_message)
     assert code == 2 and err.count("\n") == 1, err
     assert f"past the model's max_seq_len {SEQ_LEN}: shorten the text to judge" in err

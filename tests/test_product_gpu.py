@@ -59,8 +59,9 @@ BF16 = 1e-2  # relative agreement of two bf16 computations of the same function 
 # Two runs of the same command on the GPU are not bitwise equal: by step 12 the losses differ by up to 4.2e-4
 # relative (one H200). At 17d12f5 step 1 was equal and step 2 differed by 1e-5, so a backward kernel adds in a
 # varying order (cuDNN's attention backward runs without its deterministic algorithm, `is_deterministic=False`, the
-# likely one); at 233064e step 1 differed too (1.5e-6), so a forward kernel varies as well. Not isolated yet. A resume that lost or misplaced state (data position, Adam moments, the
-# schedule) moves the loss by far more within a few steps.
+# likely one); at 233064e step 1 differed too (1.5e-6), so a forward kernel varies as well. Not isolated yet. A
+# resume that lost or misplaced state (data position, Adam moments, the schedule) moves the loss by far more within
+# a few steps.
 RUN_TO_RUN = 2e-3
 CPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 

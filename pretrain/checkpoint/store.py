@@ -12,7 +12,6 @@ first renamed away so that a half-deleted one never looks complete.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -22,6 +21,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from durable import WRITE_CHUNK, fsync_dir, fsync_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -40,40 +41,6 @@ class DamagedCheckpoint(CheckpointError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-WRITE_CHUNK = 64 << 20  # bytes per read or write: large, sequential
-
-
-def sha256_file(path: Path) -> str:
-    """The file's sha256 in one sequential pass: each chunk is hashed in a second thread while the next is read
-    (both release the GIL), so verifying runs at the disk's read speed where hashing alone would be slower."""
-    digest = hashlib.sha256()
-    buffers = [bytearray(WRITE_CHUNK), bytearray(WRITE_CHUNK)]
-    with ThreadPoolExecutor(1) as hasher, open(path, "rb", buffering=0) as f:
-        hashed = None
-        for index in itertools.count():
-            buffer = buffers[index % 2]  # the other one may still be hashed
-            size = f.readinto(buffer)
-            if hashed is not None:
-                hashed.result()
-            if not size:
-                break
-            hashed = hasher.submit(digest.update, memoryview(buffer)[:size])
-    return digest.hexdigest()
 
 
 # Checkpoint files are hashed in blocks of HASH_BLOCK bytes, several at once: one sha256 stream runs at 1.3 GB/s on
@@ -129,16 +96,6 @@ def sha256_range(path: Path, offset: int, length: int) -> str:
             digest.update(data)
             length -= len(data)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
 
 
 def mark_rank_done(tmp_dir: Path, rank: int, files: dict[Path, list[str]]) -> None:
@@ -279,7 +236,7 @@ class CheckpointStore:
         for marker in markers:
             files.update(json.loads(marker.read_text()))
             marker.unlink()
-        for sub in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
+        for sub in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):  # each rank synced its files
             fsync_dir(sub)
         write_json_atomic(tmp / MANIFEST, {"step": step, "files": files, "meta": meta})
         final = self.root / step_dir_name(step)

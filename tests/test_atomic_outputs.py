@@ -1,0 +1,325 @@
+"""Whatever stops a command that writes a dataset, a tokenizer, a corpus or an export (bad input, SIGKILL, a full
+disk, Ctrl-C), what was there before stays byte for byte and readable, and nothing half-written carries its name
+(durable.atomic_directory). The commands run as users type them, in their own processes; the disks are real tmpfs
+mounts and the kills real signals."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.loader import TokenLoader, read_manifest
+from data_pipeline.prepare import prepare, prepare_chat
+from data_pipeline.tokenizer import Tokenizer
+from durable import atomic_directory, clear_leftovers
+from tests.data_helpers import make_tokenizer, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pretrain(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def started(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def snapshot(path: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `path` (hidden ones too) with its bytes and mode."""
+    return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mode) for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def kill_when(process: subprocess.Popen, ready, timeout_s: float = 120) -> None:
+    """SIGKILL `process` as soon as `ready()` holds (it must not finish first)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ready():
+            assert process.poll() is None, "the command finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        process.kill()
+
+
+def being_written(out: Path, pattern: str) -> bool:
+    return any(tmp.glob(pattern) for tmp in out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def fill(mount: Path, leave_bytes: int) -> None:
+    """Take the free space of the file system at `mount` down to about `leave_bytes`."""
+    stats = os.statvfs(mount)
+    (mount / "filler").write_bytes(b"\0" * max(stats.f_bavail * stats.f_frsize - leave_bytes, 0))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """The built-in corpus (0.4 MB) and a tokenizer of 1000 pieces."""
+    root = tmp_path_factory.mktemp("atomic")
+    make_tokenizer(root)
+    return root
+
+
+def corpus(root: Path) -> str:
+    return str(root / "corpus" / "train" / "*.jsonl")
+
+
+def small_input(path: Path) -> Path:
+    return write_jsonl(path, [f"a short document number {i}, with a few words in it." for i in range(40)])
+
+
+def assert_dataset_intact(out: Path, before: dict) -> None:
+    assert snapshot(out) == before
+    assert leftovers(out) == [] or all(name.startswith(f".{out.name}.tmp-") for name in leftovers(out))
+    read_manifest(str(out))
+    TokenLoader([(str(out), 1.0)], micro_batch=1)
+
+
+# ------------------------------------------------------------------------------------------ prepare
+
+
+def test_a_bad_line_late_in_the_input_leaves_the_dataset_in_out_as_it_was(root, tmp_path):
+    out = tmp_path / "data"
+    prepare([str(small_input(tmp_path / "small.jsonl"))], root / "tokenizer", 8, out, progress=False)
+    before = snapshot(out)
+    late = write_jsonl(tmp_path / "zz.jsonl", ["fine"])  # sorts after the corpus: its shards are written first
+    with open(late, "a") as f:
+        f.write('{"txt": "no text field"}\n')
+    result = pretrain("data", "prepare", "--input", corpus(root), late, "--tokenizer", root / "tokenizer",
+                      "--seq-len", 8, "--out", out, "--shard-mb", 0.01, "--workers", 1)
+    one_line_error(result, "zz.jsonl:2")
+    assert_dataset_intact(out, before)
+    assert leftovers(out) == []
+
+
+def test_a_bad_chat_line_leaves_the_chat_dataset_in_out_as_it_was(root, tmp_path):
+    conversation = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(conversation) + "\n")
+    out = tmp_path / "chat"
+    prepare_chat([str(good)], root / "tokenizer", 64, out, progress=False)
+    before = snapshot(out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(conversation) + "\n" + '{"messages": [{"role": "tool", "content": "x"}]}\n')
+    result = pretrain("data", "prepare", "--chat", "--input", bad, "--tokenizer", root / "tokenizer", "--seq-len", 64,
+                      "--out", out)
+    one_line_error(result, "bad.jsonl:2")
+    assert_dataset_intact(out, before)
+
+
+def test_a_killed_prepare_leaves_the_dataset_and_the_next_run_clears_what_it_left(root, tmp_path):
+    out = tmp_path / "data"
+    prepare([str(small_input(tmp_path / "small.jsonl"))], root / "tokenizer", 8, out, progress=False)
+    before = snapshot(out)
+    process = started("data", "prepare", "--input", corpus(root), "--tokenizer", root / "tokenizer", "--seq-len", 8,
+                      "--out", out, "--shard-mb", 0.001, "--workers", 1)
+    kill_when(process, lambda: being_written(out, "shard-000003.tar"))
+    assert_dataset_intact(out, before)
+    assert len(leftovers(out)) == 1  # the killed run's temporary directory, hidden, holding no manifest
+    result = pretrain("data", "prepare", "--input", corpus(root), "--tokenizer", root / "tokenizer", "--seq-len", 64,
+                      "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert leftovers(out) == [] and read_manifest(str(out))["seq_len"] == 64
+
+
+def test_a_full_disk_during_prepare_is_one_line_and_leaves_the_dataset(root, tmp_path, mount_tmpfs):
+    disk = mount_tmpfs("4m")
+    out = disk / "data"
+    prepare([str(small_input(tmp_path / "small.jsonl"))], root / "tokenizer", 8, out, progress=False)
+    before = snapshot(out)
+    fill(disk, 256 << 10)
+    result = pretrain("data", "prepare", "--input", corpus(root), "--tokenizer", root / "tokenizer", "--seq-len", 8,
+                      "--out", out, "--workers", 1)
+    one_line_error(result, f"no space left to write {out}", "free space", "the previous content (if any) is unchanged")
+    assert_dataset_intact(out, before)
+    assert leftovers(out) == []
+
+
+def test_prepare_never_replaces_a_directory_that_is_not_a_dataset(root, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a dataset")
+    (out / "shard-000000.tar").write_bytes(b"")
+    result = pretrain("data", "prepare", "--input", small_input(tmp_path / "small.jsonl"), "--tokenizer",
+                      root / "tokenizer", "--seq-len", 8, "--out", out)
+    one_line_error(result, f"{out} holds 'notes.txt', which is not part of a prepared dataset", "choose a new or empty")
+    assert snapshot(out) == {"notes.txt": ((out / "notes.txt").read_bytes(), (out / "notes.txt").stat().st_mode),
+                             "shard-000000.tar": (b"", (out / "shard-000000.tar").stat().st_mode)}
+    assert leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------------------ tokenizer, corpus
+
+
+def test_tokenizer_train_over_a_tokenizer_keeps_it_on_bad_input_and_a_full_disk(root, tmp_path, mount_tmpfs):
+    disk = mount_tmpfs("4m")
+    out = disk / "tokenizer"
+    shutil.copytree(root / "tokenizer", out)
+    before = snapshot(out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    one_line_error(pretrain("tokenizer", "train", "--input", bad, "--vocab-size", 300, "--out", out), "bad.jsonl:2")
+    assert snapshot(out) == before and leftovers(out) == []
+    fill(disk, 16 << 10)  # less than a tokenizer of 2000 pieces
+    result = pretrain("tokenizer", "train", "--input", corpus(root), "--vocab-size", 2000, "--out", out)
+    one_line_error(result, "no space left to write")
+    assert snapshot(out) == before and leftovers(out) == []
+    assert Tokenizer.load(out).vocab_size == 1000
+
+
+def test_corpus_is_replaced_whole_or_not_at_all(tmp_path, mount_tmpfs):
+    disk = mount_tmpfs("2m")
+    out = disk / "corpus"
+    result = pretrain("data", "corpus", "--out", out, "--max-mb", 0.2)
+    assert result.returncode == 0, result.stderr
+    before = snapshot(out)
+    fill(disk, 64 << 10)
+    one_line_error(pretrain("data", "corpus", "--out", out, "--max-mb", 1), "no space left to write")
+    assert snapshot(out) == before and leftovers(out) == []
+    (disk / "filler").unlink()
+    (out / "mine.txt").write_text("kept")
+    one_line_error(pretrain("data", "instruct", "--out", out), "holds 'mine.txt', which is not part of a corpus")
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+@pytest.fixture(scope="module")
+def run(root, tmp_path_factory) -> Path:
+    """A random model of this tokenizer's vocabulary, imported as a run directory (its step-0 checkpoint)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    where = tmp_path_factory.mktemp("run")
+    MistralForCausalLM(MistralConfig(
+        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=32, max_position_embeddings=64, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2)).save_pretrained(where / "hf")
+    shutil.copyfile(root / "tokenizer" / "tokenizer.model", where / "hf" / "tokenizer.model")
+    result = pretrain("import", where / "hf", "--out", where / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return where / "run"
+
+
+def test_exported_files_are_readable_as_the_other_files_are(run, tmp_path):
+    out = tmp_path / "export"
+    assert pretrain("export", run, "--out", out).returncode == 0
+    modes = {name: mode & 0o777 for name, (_, mode) in snapshot(out).items()}
+    assert set(modes.values()) == {0o666 & ~_umask()}, modes
+    assert any(name.endswith(".safetensors") for name in modes)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_export_force_keeps_the_previous_export_when_killed_or_the_disk_fills(run, tmp_path, mount_tmpfs):
+    disk = mount_tmpfs("16m")
+    out = disk / "export"
+    assert pretrain("export", run, "--out", out).returncode == 0
+    before = snapshot(out)
+    one_line_error(pretrain("export", run, "--out", out), "exists and is not empty", "--force")
+    process = started("export", run, "--out", out, "--force", "--dtype", "bfloat16")
+    kill_when(process, lambda: being_written(out, "*.safetensors"))
+    assert snapshot(out) == before
+    fill(disk, 128 << 10)
+    result = pretrain("export", run, "--out", out, "--force", "--format", "mistral")
+    one_line_error(result, f"no space left to write {out}")
+    assert snapshot(out) == before and leftovers(out) == []  # the killed export's leftover went too
+    (disk / "filler").unlink()
+    assert pretrain("export", run, "--out", out, "--force", "--format", "mistral").returncode == 0
+    assert (out / "consolidated.safetensors").is_file() and leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------------------ the mechanism
+
+
+def test_ctrl_c_inside_leaves_the_previous_output_and_nothing_beside_it(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_directory(out) as tmp:
+        (tmp / "config.json").write_text("new")
+        raise KeyboardInterrupt
+    assert snapshot(out) == {"config.json": (b"old", (out / "config.json").stat().st_mode)}
+    assert leftovers(out) == []
+
+
+KILLED_CHILD = """
+import os, signal, sys
+from pathlib import Path
+import durable
+
+out = Path(sys.argv[1])
+if sys.argv[2] == "between-renames":  # a file system without RENAME_EXCHANGE, killed between its two renames
+    durable._exchange = lambda a, b: False
+    rename = Path.rename
+    def rename_then_die(self, target):
+        rename(self, target)
+        if Path(target).name.startswith(f".{out.name}.old-"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    Path.rename = rename_then_die
+with durable.atomic_directory(out) as tmp:
+    (tmp / "data").write_text("new")
+    if sys.argv[2] == "inside":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("when", ["inside", "between-renames"])
+def test_a_process_killed_at_any_point_leaves_the_previous_output(tmp_path, when):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "data").write_text("old")
+    child = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_CHILD), str(out), when], cwd=ROOT)
+    assert child.returncode == -signal.SIGKILL
+    if when == "between-renames":
+        assert not out.exists() and len(leftovers(out)) == 2  # the old output set aside, the new one complete
+    cleared = clear_leftovers(out)  # what the next write of `out` does first
+    assert (out / "data").read_text() == "old" and leftovers(out) == [], cleared
+    with atomic_directory(out) as tmp:
+        (tmp / "data").write_text("newer")
+    assert (out / "data").read_text() == "newer" and leftovers(out) == []
+
+
+def test_imports_only_go_down_the_floors():
+    """durable imports nothing of the project; data_pipeline only durable; pretrain never launch."""
+    below = {"durable": set(), "data_pipeline": {"durable", "data_pipeline"},
+             "pretrain": {"durable", "data_pipeline", "pretrain"}}
+    for floor, allowed in below.items():
+        for path in (ROOT / floor).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in {"durable", "data_pipeline", "pretrain", "launch"} and top != floor:
+                        assert top in allowed, f"{path.relative_to(ROOT)} imports {name}: an arrow going up"
