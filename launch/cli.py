@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import warnings
 
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, UserError, DataError, OutputError) as e:
         print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: outputs being written were left as they were (durable)
+        print(f"\npretrain {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -134,14 +134,26 @@ def test_a_bad_chat_line_leaves_the_chat_dataset_in_out_as_it_was(root, tmp_path
     assert_dataset_intact(out, before)
 
 
-def test_a_killed_prepare_leaves_the_dataset_and_the_next_run_clears_what_it_left(root, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_a_killed_or_interrupted_prepare_leaves_the_dataset(root, tmp_path, sig):
     out = tmp_path / "data"
     prepare([str(small_input(tmp_path / "small.jsonl"))], root / "tokenizer", 8, out, progress=False)
     before = snapshot(out)
-    process = started("data", "prepare", "--input", corpus(root), "--tokenizer", root / "tokenizer", "--seq-len", 8,
-                      "--out", out, "--shard-mb", 0.001, "--workers", 1)
-    kill_when(process, lambda: being_written(out, "shard-000003.tar"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "data", "prepare", "--input", corpus(root), "--tokenizer",
+         str(root / "tokenizer"), "--seq-len", "8", "--out", str(out), "--shard-mb", "0.001", "--workers", "1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not being_written(out, "shard-000003.tar"):
+        assert process.poll() is None and time.monotonic() < deadline, "prepare finished before the signal"
+        time.sleep(0.005)
+    process.send_signal(sig)
+    stderr = process.communicate(timeout=60)[1]
     assert_dataset_intact(out, before)
+    if sig == signal.SIGINT:  # Ctrl-C: one line, and the temporary directory removed on the way out
+        assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "pretrain data: interrupted", stderr
+        assert "Traceback" not in stderr and leftovers(out) == []
+        return
     assert len(leftovers(out)) == 1  # the killed run's temporary directory, hidden, holding no manifest
     result = pretrain("data", "prepare", "--input", corpus(root), "--tokenizer", root / "tokenizer", "--seq-len", 64,
                       "--out", out)
