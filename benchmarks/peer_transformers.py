@@ -1,11 +1,16 @@
 """The peer a user would pick instead of `pretrain train`: transformers' MistralForCausalLM in a plain training loop.
 
     python benchmarks/peer_transformers.py --layers 8 --seq-len 8192 --window 4096 --accum 8
+    python benchmarks/peer_transformers.py --layers 8 --recompute full        # with gradient checkpointing
+    python benchmarks/peer_transformers.py --layers 8 --float8 rowwise        # torchao float8 training
     python benchmarks/peer_transformers.py --smoke       # a tiny float32 model on CPU, to check the script
 
 The loop is what a careful user writes on one GPU: float32 weights under bf16 autocast, torch.compile over the
 whole model, FlexAttention (transformers' `attn_implementation="flex_attention"`, which carries the sliding window
-in its block mask), gradient checkpointing, fused AdamW, `--accum` micro-batches per optimizer step. Random tokens
+in its block mask), fused AdamW, `--accum` micro-batches per optimizer step. It runs at its best where it fits:
+without recomputation by default (the trainer does not recompute either); `--recompute full` turns gradient
+checkpointing on, for shapes that do not fit without it. `--float8 tensorwise|rowwise` converts every linear layer
+but the LM head with torchao's `convert_to_float8_training`, as torchao and torchtitan recommend. Random tokens
 (throughput does not depend on which tokens they are). Prints one JSON line: the mean tokens/s over the steps after
 --warmup (compilation, allocator warm-up) and the peak allocated memory. benchmarks/train_step.py --peer runs it
 at the shape of its own runs and prints the ratio.
@@ -48,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accum", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--recompute", choices=["none", "full"], default="none",
+                        help="gradient checkpointing of every layer (default %(default)s: none, when it fits)")
+    parser.add_argument("--float8", choices=["off", "tensorwise", "rowwise"], default="off",
+                        help="torchao float8 training of the linear layers, the LM head kept in bf16 (default off)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.layers, args.dim, args.hidden_dim, args.heads, args.kv_heads = 2, 64, 128, 4, 2
@@ -56,13 +65,21 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.smoke:
         parser.error("the peer benchmark needs a CUDA GPU; use --smoke on CPU")
+    if args.float8 != "off" and not (on_gpu and torch.cuda.get_device_capability() >= (8, 9)):
+        parser.error("--float8 needs a GPU with float8 matmuls (compute capability 8.9 or newer: Ada, Hopper)")
     device = "cuda" if on_gpu else "cpu"
 
     torch.manual_seed(0)
     model = peer_model(args).to(device)
-    # Newer transformers rename the method and warn; the old name works in every version the image may hold.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.recompute == "full":
+        # Newer transformers rename the method and warn; the old name works in every version the image may hold.
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.float8 != "off":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(args.float8),
+                                   module_filter_fn=lambda module, name: name != "lm_head")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=on_gpu)
     forward = model if args.smoke else torch.compile(model)
@@ -89,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         "first_step_s": times[0],
         "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
         "loss": loss.item() * args.accum,
+        "recompute": args.recompute,
+        "float8": args.float8,
     }))
 
 

@@ -8,6 +8,7 @@
     python benchmarks/train_step.py --nproc 4 --layers 32 --layouts zero1 zero3 tp2async pp2 pp4 --steps 5 --warmup 2
     python benchmarks/train_step.py --nproc 1 2 4 --layers 8          # weak scaling: the same work per GPU
     python benchmarks/train_step.py --peer                   # and transformers' MistralForCausalLM at the same shape
+    python benchmarks/train_step.py --peer --peer-float8     # and that peer in torchao float8 (tensorwise, rowwise)
     python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
 
 Each configuration is `pretrain train` on configs/mistral-7b.yaml (with fewer layers where the whole 7B does not
@@ -28,7 +29,8 @@ and, where the kinds add up to more than the step, how much of them overlapped.
 With several --nproc, each layout runs at each number of GPUs with the same micro-batches per data-parallel
 replica (weak scaling), and a last table gives each one's tokens/s/GPU over that at the fewest GPUs.
 --peer (one GPU) also runs benchmarks/peer_transformers.py, the plain compiled transformers loop a user would
-write instead, at each row's shape, and prints the trainer's tokens/s over the peer's.
+write instead, at each row's shape, at its best (no recomputation, as the trainer) and with gradient checkpointing,
+and prints the trainer's tokens/s over each and over the faster; --peer-float8 adds the peer in torchao float8.
 """
 
 from __future__ import annotations
@@ -194,13 +196,19 @@ def run_config(args, layout: str, nproc: int, seq_len: int, window: int | None, 
             "profile": profile.read_text() if profile.exists() else None, "device_ms_by_kind": by_kind}
 
 
-def run_peer(args, seq_len: int, window: int | None) -> dict:
-    """benchmarks/peer_transformers.py at this run's shape: its JSON line, or {"error": ...}."""
+# The peer's configurations: at its best where it fits (no recomputation, as the trainer), with gradient
+# checkpointing as a second row, and torchao float8 for the FP8 rows (--peer-float8).
+PEER_BF16 = {"peer": [], "peer, gradient checkpointing": ["--recompute", "full"]}
+PEER_FLOAT8 = {"peer, float8 tensorwise": ["--float8", "tensorwise"], "peer, float8 rowwise": ["--float8", "rowwise"]}
+
+
+def run_peer(args, seq_len: int, window: int | None, options: list[str]) -> dict:
+    """benchmarks/peer_transformers.py at this run's shape with `options`: its JSON line, or {"error": ...}."""
     micro_batch = micro_batch_size(args, seq_len)
     command = [sys.executable, str(ROOT / "benchmarks" / "peer_transformers.py"), "--layers", str(args.layers),
                "--vocab", str(args.vocab), "--seq-len", str(seq_len), "--window", str(window or 0),
                "--micro-batch", str(micro_batch), "--accum", str(args.accum), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
+               "--warmup", str(args.warmup), *options] + (["--smoke"] if args.smoke else [])
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -235,7 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=int, default=900, help="seconds one configuration may take")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of 3 steps after the warm-up")
     parser.add_argument("--peer", action="store_true",
-                        help="also run transformers' MistralForCausalLM at each row's shape (1 GPU), print the ratio")
+                        help="also run transformers' MistralForCausalLM at each row's shape (1 GPU), without and with "
+                             "gradient checkpointing, and print the ratio to the faster")
+    parser.add_argument("--peer-float8", action="store_true",
+                        help="with --peer: also the peer in torchao float8 training, tensorwise and rowwise")
     parser.add_argument("--work-dir", type=Path, help="where shards and runs go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides after --")
     args = parser.parse_args(argv)
@@ -253,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the benchmark needs CUDA GPUs; use --smoke on CPU")
     if args.peer and args.nproc != [1]:
         parser.error("--peer compares one GPU with one GPU: use it with --nproc 1")
+    if args.peer_float8 and not args.peer:
+        parser.error("--peer-float8 adds rows to --peer: pass both")
     matmul = measured_matmul_tflops() if on_gpu else None
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     sheet = datasheet_peak_tflops(device, "bfloat16")
@@ -291,7 +304,9 @@ def main(argv: list[str] | None = None) -> None:
                         scaling.setdefault((layout, seq_len, window_text), []).append(
                             (nproc, row["tokens_per_s_per_gpu"]))
                         if args.peer:
-                            peers.append((row, run_peer(args, seq_len, window)))
+                            variants = {**PEER_BF16, **(PEER_FLOAT8 if args.peer_float8 else {})}
+                            peers.append((row, {label: run_peer(args, seq_len, window, options)
+                                                for label, options in variants.items()}))
     if len(args.nproc) > 1:
         print("\nweak scaling (the same micro-batches per data-parallel replica): tokens/s/GPU over that at the "
               "fewest GPUs")
@@ -302,15 +317,20 @@ def main(argv: list[str] | None = None) -> None:
     for name, times in phases:
         print(f"startup of {name} (rank 0, from its process start): "
               + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s" for key, value in times.items()))
-    for row, peer in peers:
-        if "error" in peer:
-            print(f"peer at {row['name']}: FAILED {peer['error']}")
-            continue
-        memory = f", {peer['memory_gib']:.1f} GiB" if peer["memory_gib"] is not None else ""
-        print(f"peer at {row['name']} (transformers MistralForCausalLM, compiled, flex, gradient checkpointing, "
-              f"fused AdamW): {peer['tokens_per_s']:,.0f} tokens/s, step {peer['step_time_s']:.3f} s, first step "
-              f"{peer['first_step_s']:.1f} s{memory}; pretrain train / peer = "
-              f"{row['tokens_per_s_per_gpu'] / peer['tokens_per_s']:.2f}x")
+    for row, results in peers:
+        print(f"\npeers at {row['name']} (transformers MistralForCausalLM, compiled, flex, fused AdamW): "
+              f"pretrain train {row['tokens_per_s_per_gpu']:,.0f} tokens/s")
+        for label, peer in results.items():
+            if "error" in peer:
+                print(f"  {label}: FAILED {peer['error']}")
+                continue
+            memory = f", {peer['memory_gib']:.1f} GiB" if peer["memory_gib"] is not None else ""
+            print(f"  {label}: {peer['tokens_per_s']:,.0f} tokens/s, step {peer['step_time_s']:.3f} s, first step "
+                  f"{peer['first_step_s']:.1f} s{memory}; pretrain train / {label} = "
+                  f"{row['tokens_per_s_per_gpu'] / peer['tokens_per_s']:.2f}x")
+        bf16 = [results[label]["tokens_per_s"] for label in PEER_BF16 if "error" not in results[label]]
+        if bf16:
+            print(f"  pretrain train / the faster bf16 peer = {row['tokens_per_s_per_gpu'] / max(bf16):.2f}x")
     for name, table, by_kind, step_time_s in profiles:
         if table:
             print(f"\nprofile of {name}: {table}")
