@@ -4,7 +4,8 @@
     python benchmarks/train_step.py --seq-lens 4096 8192 16384 32768 --windows 4096 none
     python benchmarks/train_step.py --nproc 2 --layers 8 --layouts zero1 zero3 tp2 pp2
     python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 pp2 --steps 6 --warmup 2
-    python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 tp2sp tp2async --steps 8 --warmup 2 --profile
+    python benchmarks/train_step.py --nproc 2 --layers 32 --layouts zero1 zero3 tp2 tp2sp tp2async --steps 8 \\
+        --warmup 2 --profile
     python benchmarks/train_step.py --nproc 4 --layers 32 --layouts zero1 zero3 tp2async pp2 pp4 --steps 5 --warmup 2
     python benchmarks/train_step.py --nproc 1 2 4 --layers 8          # weak scaling: the same work per GPU
     python benchmarks/train_step.py --peer                   # and transformers' MistralForCausalLM at the same shape
