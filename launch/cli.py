@@ -7,6 +7,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 import warnings
 
 from data_pipeline.errors import DataError
@@ -72,9 +73,21 @@ def quiet_known_library_noise() -> None:
     logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to" not in record.getMessage())
 
 
+class Terminated(BaseException):
+    """SIGTERM (Slurm's time limit, scancel, kill) raised where the command is, like Ctrl-C's KeyboardInterrupt, so
+    that an output being written is removed on the way out (durable) instead of left beside the old one."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_known_library_noise()
     args = build_parser().parse_args(argv)
+    # Commands that pass stop signals on to their ranks (train) install their own handler while they run.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.func(args) or 0
     except (ConfigError, CheckpointError, UserError, DataError, OutputError) as e:
@@ -83,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: outputs being written were left as they were (durable)
         print(f"\npretrain {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except Terminated:
+        print(f"pretrain {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def test_a_bad_chat_line_leaves_the_chat_dataset_in_out_as_it_was(root, tmp_path
     assert_dataset_intact(out, before)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_a_killed_or_interrupted_prepare_leaves_the_dataset(root, tmp_path, sig):
     out = tmp_path / "data"
     prepare([str(small_input(tmp_path / "small.jsonl"))], root / "tokenizer", 8, out, progress=False)
@@ -150,8 +150,9 @@ def test_a_killed_or_interrupted_prepare_leaves_the_dataset(root, tmp_path, sig)
     process.send_signal(sig)
     stderr = process.communicate(timeout=60)[1]
     assert_dataset_intact(out, before)
-    if sig == signal.SIGINT:  # Ctrl-C: one line, and the temporary directory removed on the way out
-        assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "pretrain data: interrupted", stderr
+    if sig != signal.SIGKILL:  # Ctrl-C, or Slurm's time limit: one line, the temporary directory removed on the way out
+        last = {signal.SIGINT: "pretrain data: interrupted", signal.SIGTERM: "pretrain data: terminated (SIGTERM)"}
+        assert process.returncode == 128 + sig and stderr.strip().splitlines()[-1] == last[sig], stderr
         assert "Traceback" not in stderr and leftovers(out) == []
         return
     assert len(leftovers(out)) == 1  # the killed run's temporary directory, hidden, holding no manifest
