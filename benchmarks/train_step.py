@@ -10,6 +10,7 @@
     python benchmarks/train_step.py --nproc 1 2 4 --layers 8          # weak scaling: the same work per GPU
     python benchmarks/train_step.py --peer                   # and transformers' MistralForCausalLM at the same shape
     python benchmarks/train_step.py --peer --peer-float8     # and that peer in torchao float8 (tensorwise, rowwise)
+    python benchmarks/train_step.py --fp8 off tensorwise rowwise --peer --peer-float8 --peer-recompute none
     python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
 
 Each configuration is `pretrain train` on configs/mistral-7b.yaml (with fewer layers where the whole 7B does not
@@ -29,9 +30,12 @@ n/a for a GPU not in its table) and against the bf16 matmul rate measured on the
 and, where the kinds add up to more than the step, how much of them overlapped.
 With several --nproc, each layout runs at each number of GPUs with the same micro-batches per data-parallel
 replica (weak scaling), and a last table gives each one's tokens/s/GPU over that at the fewest GPUs.
---peer (one GPU) also runs benchmarks/peer_transformers.py, the plain compiled transformers loop a user would
-write instead, at each row's shape, at its best (no recomputation, as the trainer) and with gradient checkpointing,
-and prints the trainer's tokens/s over each and over the faster; --peer-float8 adds the peer in torchao float8.
+--fp8 runs each layout with each train.fp8 recipe (off: bf16), and prints each FP8 row's tokens/s over the bf16
+row's. --peer (one GPU) also runs benchmarks/peer_transformers.py, the plain compiled transformers loop a user would
+write instead, once at each shape, at its best (no recomputation, as the trainer) and with gradient checkpointing
+(--peer-recompute picks), and prints each trainer row's tokens/s over each peer and over the faster bf16 one;
+--peer-float8 adds the peer in torchao float8, which each FP8 row is also set against (the same recipe, and the
+faster float8 peer).
 """
 
 from __future__ import annotations
@@ -129,9 +133,9 @@ def micro_batch_size(args, seq_len: int) -> int:
     return args.tokens_per_micro_batch // seq_len if args.tokens_per_micro_batch else args.micro_batch
 
 
-def run_config(args, layout: str, nproc: int, seq_len: int, window: int | None, work: Path) -> dict:
+def run_config(args, layout: str, nproc: int, seq_len: int, window: int | None, fp8: str, work: Path) -> dict:
     """One `pretrain train` run on `nproc` GPUs; returns its averaged metrics after the warm-up steps."""
-    name = f"{layout}-x{nproc}-seq{seq_len}-w{window or 'full'}"
+    name = f"{layout}-x{nproc}-seq{seq_len}-w{window or 'full'}" + ("" if fp8 == "off" else f"-fp8{fp8}")
     if nproc % model_parallel_size(layout):
         return {"name": name, "error": f"{layout} needs a multiple of {model_parallel_size(layout)} GPUs"}
     micro_batch = micro_batch_size(args, seq_len)
@@ -146,6 +150,7 @@ def run_config(args, layout: str, nproc: int, seq_len: int, window: int | None, 
         *LAYOUTS[layout], f"parallel.micro_batch={micro_batch}",
         f"train.global_batch={global_batch}",
         f"train.steps={args.steps}", "train.eval_every=0", f"train.compile={str(not args.no_compile).lower()}",
+        f"train.fp8={fp8}",
         "checkpoint.every_steps=0", "checkpoint.save_final=false", "logging.every_steps=1",
         "logging.tensorboard=false", "optim.warmup_steps=1",
         f"logging.profile_step={args.warmup + 1 if args.profile else 0}",
@@ -193,14 +198,47 @@ def run_config(args, layout: str, nproc: int, seq_len: int, window: int | None, 
     profile = run_dir / "profile" / "top.txt"
     traces = sorted((run_dir / "profile").glob("trace-*.json"))
     by_kind = device_ms_by_kind(traces[0], PROFILED_STEPS) if traces else None
-    return {"name": name, "seq_len": seq_len, "window": window, **mean, "phases": phases,
+    return {"name": name, "seq_len": seq_len, "window": window, "fp8": fp8, **mean, "phases": phases,
             "profile": profile.read_text() if profile.exists() else None, "device_ms_by_kind": by_kind}
 
 
 # The peer's configurations: at its best where it fits (no recomputation, as the trainer), with gradient
-# checkpointing as a second row, and torchao float8 for the FP8 rows (--peer-float8).
-PEER_BF16 = {"peer": [], "peer, gradient checkpointing": ["--recompute", "full"]}
-PEER_FLOAT8 = {"peer, float8 tensorwise": ["--float8", "tensorwise"], "peer, float8 rowwise": ["--float8", "rowwise"]}
+# checkpointing as a second row (--peer-recompute), and torchao float8 for the FP8 rows (--peer-float8).
+PEER_BF16 = {"none": ("peer", []), "full": ("peer, gradient checkpointing", ["--recompute", "full"])}
+PEER_FLOAT8 = {"tensorwise": ("peer, float8 tensorwise", ["--float8", "tensorwise"]),
+               "rowwise": ("peer, float8 rowwise", ["--float8", "rowwise"])}
+
+
+def peer_variants(args) -> dict[str, list[str]]:
+    """The peer rows to run, by label: its options."""
+    variants = dict(PEER_BF16[recompute] for recompute in args.peer_recompute)
+    if args.peer_float8:
+        variants.update(PEER_FLOAT8.values())
+    return variants
+
+
+def print_peer_ratios(rows: list[dict], results: dict[str, dict]) -> None:
+    """Each trainer row at one shape over each peer run at that shape, and the ratios the FP8 work is judged by."""
+    for label, peer in results.items():
+        if "error" in peer:
+            print(f"  {label}: FAILED {peer['error']}")
+            continue
+        memory = f", {peer['memory_gib']:.1f} GiB" if peer["memory_gib"] is not None else ""
+        print(f"  {label}: {peer['tokens_per_s']:,.0f} tokens/s, step {peer['step_time_s']:.3f} s, first step "
+              f"{peer['first_step_s']:.1f} s{memory}; "
+              + ", ".join(f"{row['name']} / this = {row['tokens_per_s_per_gpu'] / peer['tokens_per_s']:.2f}x"
+                          for row in rows))
+    measured = {label: peer["tokens_per_s"] for label, peer in results.items() if "error" not in peer}
+    bf16_peers = [measured[label] for label, _ in PEER_BF16.values() if label in measured]
+    float8_peers = {recipe: measured[label] for recipe, (label, _) in PEER_FLOAT8.items() if label in measured}
+    for row in rows:
+        ours = row["tokens_per_s_per_gpu"]
+        if row["fp8"] == "off" and bf16_peers:
+            print(f"  {row['name']} / the faster bf16 peer = {ours / max(bf16_peers):.2f}x")
+        if row["fp8"] != "off" and float8_peers:
+            same = (f"the peer in float8 {row['fp8']} = {ours / float8_peers[row['fp8']]:.2f}x, "
+                    if row["fp8"] in float8_peers else "")
+            print(f"  {row['name']} / {same}the faster float8 peer = {ours / max(float8_peers.values()):.2f}x")
 
 
 def run_peer(args, seq_len: int, window: int | None, options: list[str]) -> dict:
@@ -248,6 +286,12 @@ def main(argv: list[str] | None = None) -> None:
                              "gradient checkpointing, and print the ratio to the faster")
     parser.add_argument("--peer-float8", action="store_true",
                         help="with --peer: also the peer in torchao float8 training, tensorwise and rowwise")
+    parser.add_argument("--peer-recompute", nargs="+", choices=list(PEER_BF16), default=list(PEER_BF16),
+                        help="with --peer: the bf16 peer rows, without recomputation (none: its best where it fits) "
+                             "and with gradient checkpointing (full); default both")
+    parser.add_argument("--fp8", nargs="+", choices=["off", "tensorwise", "rowwise"], default=["off"],
+                        help="train.fp8 recipes to run each layout with (off: bf16); FP8 rows are set against the "
+                             "bf16 row")
     parser.add_argument("--work-dir", type=Path, help="where shards and runs go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides after --")
     args = parser.parse_args(argv)
@@ -267,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--peer compares one GPU with one GPU: use it with --nproc 1")
     if args.peer_float8 and not args.peer:
         parser.error("--peer-float8 adds rows to --peer: pass both")
+    if args.fp8 != ["off"] and args.smoke:
+        parser.error("--fp8 needs GPUs with float8 tensor cores: train.fp8 is refused on CPU (drop --fp8 with --smoke)")
     matmul = measured_matmul_tflops() if on_gpu else None
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     sheet = datasheet_peak_tflops(device, "bfloat16")
@@ -277,61 +323,63 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: Mistral 7B width, {args.layers} layers, vocab {args.vocab}; micro-batch {micro} x "
           f"{args.accum} accumulation per replica, activation checkpointing {args.checkpointing or 'as the preset'}, "
           f"compile={'off' if args.no_compile else 'on'} {' '.join(args.overrides)}")
-    header = (f"{'layout':>6} {'GPUs':>4} {'seq':>6} {'window':>6} {'to step 1 s':>11} {'tokens/s/GPU':>13} "
-              f"{'step s':>8} {'GFLOP/token':>11} {'MFU(sheet)':>10} {'MFU(meas)':>10} {'mem GiB':>8} {'loss':>7}")
+    header = (f"{'layout':>6} {'fp8':>10} {'GPUs':>4} {'seq':>6} {'window':>6} {'to step 1 s':>11} "
+              f"{'tokens/s/GPU':>13} {'step s':>8} {'GFLOP/token':>11} {'MFU(sheet)':>10} {'MFU(meas)':>10} "
+              f"{'mem GiB':>8} {'loss':>7}")
     print(header)
     print("-" * len(header))
-    profiles, phases, peers, scaling = [], [], [], {}
+    profiles, phases, rows_by_shape, scaling = [], [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         for layout in args.layouts:
             for seq_len in args.seq_lens:
                 for window_text in args.windows:
                     window = None if window_text == "none" else int(window_text)
-                    for nproc in args.nproc:
-                        row = run_config(args, layout, nproc, seq_len, window, work)
-                        columns = f"{layout:>6} {nproc:>4} {seq_len:>6} {window_text:>6}"
-                        if "error" in row:
-                            print(f"{columns}  FAILED {row['error']}", flush=True)
-                            continue
-                        achieved = row["tokens_per_s_per_gpu"] * row["flops_per_token"] / 1e12
-                        mfu_sheet = f"{achieved / sheet[1]:>10.1%}" if sheet else f"{'n/a':>10}"
-                        mfu_measured = f"{achieved / matmul:>10.1%}" if matmul else f"{'n/a':>10}"
-                        print(f"{columns} {row['to_step_1_s']:>11.1f} {row['tokens_per_s_per_gpu']:>13,.0f} "
-                              f"{row['step_time_s']:>8.3f} {row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet} "
-                              f"{mfu_measured} {row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
-                        profiles.append((row["name"], row["profile"], row["device_ms_by_kind"], row["step_time_s"]))
-                        phases.append((row["name"], row["phases"]))
-                        scaling.setdefault((layout, seq_len, window_text), []).append(
-                            (nproc, row["tokens_per_s_per_gpu"]))
-                        if args.peer:
-                            variants = {**PEER_BF16, **(PEER_FLOAT8 if args.peer_float8 else {})}
-                            peers.append((row, {label: run_peer(args, seq_len, window, options)
-                                                for label, options in variants.items()}))
+                    for fp8 in args.fp8:
+                        for nproc in args.nproc:
+                            row = run_config(args, layout, nproc, seq_len, window, fp8, work)
+                            columns = f"{layout:>6} {fp8:>10} {nproc:>4} {seq_len:>6} {window_text:>6}"
+                            if "error" in row:
+                                print(f"{columns}  FAILED {row['error']}", flush=True)
+                                continue
+                            achieved = row["tokens_per_s_per_gpu"] * row["flops_per_token"] / 1e12
+                            mfu_sheet = f"{achieved / sheet[1]:>10.1%}" if sheet else f"{'n/a':>10}"
+                            mfu_measured = f"{achieved / matmul:>10.1%}" if matmul else f"{'n/a':>10}"
+                            print(f"{columns} {row['to_step_1_s']:>11.1f} {row['tokens_per_s_per_gpu']:>13,.0f} "
+                                  f"{row['step_time_s']:>8.3f} {row['flops_per_token'] / 1e9:>11.2f} {mfu_sheet} "
+                                  f"{mfu_measured} {row['memory_gib']:>8.1f} {row['loss']:>7.3f}", flush=True)
+                            profiles.append((row["name"], row["profile"], row["device_ms_by_kind"],
+                                             row["step_time_s"]))
+                            phases.append((row["name"], row["phases"]))
+                            scaling.setdefault((layout, fp8, seq_len, window_text), []).append(
+                                (nproc, row["tokens_per_s_per_gpu"]))
+                            rows_by_shape.setdefault((layout, seq_len, window), []).append(row)
+        peers = {(seq_len, window): {label: run_peer(args, seq_len, window, options)
+                                     for label, options in peer_variants(args).items()}
+                 for seq_len, window in dict.fromkeys((seq, window) for _, seq, window in rows_by_shape)
+                 } if args.peer else {}
     if len(args.nproc) > 1:
         print("\nweak scaling (the same micro-batches per data-parallel replica): tokens/s/GPU over that at the "
               "fewest GPUs")
-        for (layout, seq_len, window_text), runs in scaling.items():
+        for (layout, fp8, seq_len, window_text), runs in scaling.items():
             fewest, base = runs[0]
-            print(f"{layout:>6} seq {seq_len} window {window_text}: "
+            print(f"{layout:>6} fp8 {fp8} seq {seq_len} window {window_text}: "
                   + ", ".join(f"{n} GPUs {tokens / base:.1%}" for n, tokens in runs) + f" (of {fewest} GPUs)")
     for name, times in phases:
         print(f"startup of {name} (rank 0, from its process start): "
               + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s" for key, value in times.items()))
-    for row, results in peers:
-        print(f"\npeers at {row['name']} (transformers MistralForCausalLM, compiled, flex, fused AdamW): "
-              f"pretrain train {row['tokens_per_s_per_gpu']:,.0f} tokens/s")
-        for label, peer in results.items():
-            if "error" in peer:
-                print(f"  {label}: FAILED {peer['error']}")
-                continue
-            memory = f", {peer['memory_gib']:.1f} GiB" if peer["memory_gib"] is not None else ""
-            print(f"  {label}: {peer['tokens_per_s']:,.0f} tokens/s, step {peer['step_time_s']:.3f} s, first step "
-                  f"{peer['first_step_s']:.1f} s{memory}; pretrain train / {label} = "
-                  f"{row['tokens_per_s_per_gpu'] / peer['tokens_per_s']:.2f}x")
-        bf16 = [results[label]["tokens_per_s"] for label in PEER_BF16 if "error" not in results[label]]
-        if bf16:
-            print(f"  pretrain train / the faster bf16 peer = {row['tokens_per_s_per_gpu'] / max(bf16):.2f}x")
+    for rows in rows_by_shape.values():
+        bf16 = next((row for row in rows if row["fp8"] == "off"), None)
+        for row in rows:
+            if bf16 is not None and row["fp8"] != "off" and row["name"] != bf16["name"]:
+                print(f"{row['name']} / {bf16['name']} (bf16) = "
+                      f"{row['tokens_per_s_per_gpu'] / bf16['tokens_per_s_per_gpu']:.2f}x")
+    for (layout, seq_len, window), rows in rows_by_shape.items():
+        if (seq_len, window) in peers:
+            print(f"\npeers at seq {seq_len}, window {window or 'full'} (transformers MistralForCausalLM, compiled, "
+                  f"flex, fused AdamW), against {layout}: "
+                  + ", ".join(f"{row['name']} {row['tokens_per_s_per_gpu']:,.0f} tokens/s" for row in rows))
+            print_peer_ratios(rows, peers[(seq_len, window)])
     for name, table, by_kind, step_time_s in profiles:
         if table:
             print(f"\nprofile of {name}: {table}")

@@ -71,6 +71,10 @@ def quiet_known_library_noise() -> None:
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     # DeepSpeed creates this logger, and says it found no GPU, while it is imported: the filter must come first.
     logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to" not in record.getMessage())
+    # transformers imports torchao where it is installed (the [gpu] extra): torchao reports the optional kernels its
+    # wheel could not load for this torch, and torch that torchao registers its enums the deprecated way.
+    logging.getLogger("torchao").addFilter(lambda record: "Failed to load" not in record.getMessage())
+    logging.getLogger("torch.utils._pytree").addFilter(lambda record: "register_constant" not in record.getMessage())
 
 
 class Terminated(BaseException):

@@ -6,6 +6,7 @@ Every failure is a `ConfigError` whose message is one line naming the key and th
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import math
 import os
 import re
@@ -22,6 +23,8 @@ class ConfigError(ValueError):
 
 # The dtypes a run computes in, by name; pretrain.dtypes maps them to torch's. `auto` picks one by device.
 DtypeName = Literal["bfloat16", "float32"]
+# torchao's float8 training recipes (train.fp8): one scale per tensor, or one per row (finer, more accurate).
+Float8Recipe = Literal["tensorwise", "rowwise"]
 
 
 class _Section(BaseModel):
@@ -152,6 +155,12 @@ class TrainConfig(_Section):
     # auto: bfloat16 on a GPU, float32 on CPU.
     dtype: Literal["auto", DtypeName] = "auto"
     compile: bool = False
+    # FP8 matmuls in the linear layers (pretrain/model/float8.py): weights, optimizer state and checkpoints stay as
+    # they are, so a run resumes with it on or off. GPUs with float8 tensor cores only (Ada, Hopper and later).
+    fp8: Literal["off", Float8Recipe] = "off"
+    # With fp8: the linear layers that stay in bf16, as patterns over their names (linear_layer_names), e.g.
+    # head.lm_head, layers.0.*, layers.*.mlp.down_proj.
+    fp8_bf16_layers: list[str] = Field(default_factory=lambda: ["head.lm_head"])
     eval_every: int = Field(0, ge=0)
     eval_steps: int = Field(10, gt=0)
     run_dir: str = "runs/default"
@@ -172,6 +181,12 @@ class TrainConfig(_Section):
     # A test of what a crash leaves behind: the last rank raises an error in this step (0: never), as a bug or a
     # lost device would; a save still being written completes first. Announced at the start of the run.
     inject_error_at_step: int = Field(0, ge=0)
+
+    @field_validator("fp8", mode="before")
+    @classmethod
+    def _fp8_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` (fp8: off, train.fp8=off) as false."""
+        return "off" if value is False else value
 
 
 class CheckpointConfig(_Section):
@@ -291,13 +306,40 @@ class Config(_Section):
             raise ValueError("train.inject_nonfinite_batches works with parallel.pp=1 only: set parallel.pp=1 or "
                              "train.inject_nonfinite_batches=[]")
         check_zero_stage_for_dtype(self, self.train.dtype)  # `auto` is checked when the engine is built
+        self._check_fp8()
         if p.dp is not None:
             check_batch(self, p.dp)
         return self
 
+    def _check_fp8(self) -> None:
+        """The devices are checked when the engine is built (pretrain.model.float8.check_float8_device)."""
+        t = self.train
+        if t.fp8 == "off":
+            return
+        if t.dtype == "float32":
+            raise ValueError(f"train.fp8={t.fp8} with train.dtype=float32: float8 training casts bfloat16 "
+                             "activations; set train.dtype=bfloat16 (or auto, on GPUs) or train.fp8=off")
+        names = linear_layer_names(self.model)
+        for pattern in t.fp8_bf16_layers:
+            if not fnmatch.filter(names, pattern):
+                last = self.model.n_layers - 1
+                raise ValueError(f"train.fp8_bf16_layers: {pattern!r} matches no linear layer; they are named "
+                                 f"layers.N.{{{','.join(DECODER_LINEAR_LAYERS)}}} (N from 0 to {last}) and "
+                                 "head.lm_head: fix the pattern")
+
     @property
     def model_parallel_size(self) -> int:
         return self.parallel.tp * self.parallel.pp
+
+
+# The projections of a decoder layer and the LM head: pretrain/model/mistral.py's linear layers, by canonical name
+# (tests/test_float8.py checks that the model has exactly these).
+DECODER_LINEAR_LAYERS = ("attention.qkv_proj", "attention.out_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def linear_layer_names(model: ModelConfig) -> list[str]:
+    """The canonical names of the model's linear layers, in order."""
+    return [f"layers.{i}.{name}" for i in range(model.n_layers) for name in DECODER_LINEAR_LAYERS] + ["head.lm_head"]
 
 
 def _divisors(n: int) -> list[int]:

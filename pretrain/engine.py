@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from pretrain import parallel  # noqa: E402
 from pretrain.config import Config, check_zero_stage_for_dtype, grad_accum_steps  # noqa: E402
 from pretrain.dtypes import resolve_dtype  # noqa: E402
 from pretrain.hardware import concrete_dtype  # noqa: E402
+from pretrain.model.float8 import check_float8_device, use_float8  # noqa: E402
 from pretrain.model.mistral import (  # noqa: E402
     DecoderLayer,
     Embedding,
@@ -158,6 +160,8 @@ class Built:
     setup_s: dict[str, float]
     # the pipeline's loss function (pp > 1), whose divisor the trainer sets per batch
     pipeline_loss: PipelineLoss | None
+    # canonical names of this rank's linear layers that multiply in float8 (train.fp8)
+    float8_layers: list[str]
 
     @property
     def pipelined(self) -> bool:
@@ -170,6 +174,12 @@ def _stage_prefix(index: int, n_layers: int) -> str:
     if index == n_layers + 1:
         return "head."
     return f"layers.{index - 1}."
+
+
+def _canonical(name: str, n_layers: int) -> str:
+    """A pipeline module's parameter or submodule name ('3.attention.qkv_proj') as in the pp=1 `Mistral`."""
+    index, rest = name.split(".", 1)
+    return _stage_prefix(int(index), n_layers) + rest
 
 
 def build_model(cfg: Config, eos_id: int | None,
@@ -188,24 +198,35 @@ def build_model(cfg: Config, eos_id: int | None,
     topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=p.dp)
     model = PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
                            partition_method="type:DecoderLayer")
-    named = {}
-    for name, param in model.named_parameters():
-        index, rest = name.split(".", 1)
-        named[_stage_prefix(int(index), m.n_layers) + rest] = param
+    named = {_canonical(name, m.n_layers): param for name, param in model.named_parameters()}
     init_weights(named, m, cfg.train.seed)
     return model, named
+
+
+def canonical_named_modules(model: torch.nn.Module, cfg: Config) -> Iterator[tuple[str, torch.nn.Module]]:
+    """The submodules of `build_model`'s module on this rank, by their names in the pp=1 `Mistral`."""
+    for name, module in model.named_modules():
+        if cfg.parallel.pp == 1:
+            yield name, module
+        elif "." in name:  # below a stage (the stages themselves are named by their index only)
+            yield _canonical(name, cfg.model.n_layers), module
 
 
 def build_engine(cfg: Config, eos_id: int | None) -> Built:
     """The initialized model in DeepSpeed's engine; a checkpoint is loaded into it afterwards (Checkpointer.load)."""
     # The config's validation could not check `auto`: what it computes in is known only here.
     check_zero_stage_for_dtype(cfg, concrete_dtype(cfg.train.dtype, on_gpu=torch.cuda.is_available()))
+    if cfg.train.fp8 != "off":
+        check_float8_device(cfg.train.fp8)
     # DeepSpeed's communication layer adopts the process group parallel.init_distributed started; the pipeline
     # module needs it before deepspeed.initialize would set it up.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     start = time.perf_counter()
     pipeline_loss = PipelineLoss() if cfg.parallel.pp > 1 else None
     model, named = build_model(cfg, eos_id, pipeline_loss)
+    float8_layers = []
+    if cfg.train.fp8 != "off":
+        float8_layers = use_float8(canonical_named_modules(model, cfg), cfg.train.fp8, cfg.train.fp8_bf16_layers)
     if torch.cuda.is_available():
         model.cuda()
     built = time.perf_counter()
@@ -233,4 +254,4 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         args=argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None,
     )
     setup_s = {"model_s": built - start, "deepspeed_s": time.perf_counter() - built}
-    return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss)
+    return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss, float8_layers)

@@ -97,6 +97,10 @@ class Trainer:
                                  resolve_dtype(cfg.train.dtype),
                                  needs_mask(cfg.data.seq_len, m.sliding_window, m.document_masking))
         self.log_rank0(f"attention: {kernel}" + (" (auto)" if m.attention_backend == "auto" else ""))
+        if cfg.train.fp8 != "off":
+            self.log_rank0(f"fp8 ({cfg.train.fp8} scaling): {len(self.built.float8_layers)} linear layers of this "
+                           f"rank multiply in float8; in bf16: {', '.join(cfg.train.fp8_bf16_layers) or 'none'}; MFU "
+                           "is counted against the bf16 peak")
         self.inject_nonfinite = set(cfg.train.inject_nonfinite_batches)
         if self.inject_nonfinite:
             self.log_rank0(f"train.inject_nonfinite_batches: the loss of global batches "

@@ -7,6 +7,8 @@ evaluation) at Mistral 7B's width with 2 of its 32 layers, through the commands 
   run's within the difference of two uninterrupted runs (RUN_TO_RUN; bit for bit on CPU).
 - ZeRO 0 (refused in one line in bf16), 2 and 3 start and train in bf16 with evaluation (ZeRO 1 above).
 - Non-finite steps skipped and rolled back with the bf16 optimizers of ZeRO-1 (BF16_Optimizer) and ZeRO-3.
+- FP8 (train.fp8): tensorwise with evaluation and checkpoints, the loss within FLOAT8 of the bf16 run's; resumed with
+  FP8 off; float32 master weights in its checkpoints and the same export as a bf16 run's; rowwise trains too.
 - One GPU per rank: --nproc above the GPU count and two ranks on one GPU are refused in one line; a rank that sees
   one GPU trains on it whatever its local rank (Slurm's --gpus-per-task).
 - Export of the bf16 run: transformers on the GPU gives our logits within bf16 rounding and the same greedy tokens.
@@ -63,6 +65,10 @@ BF16 = 1e-2  # relative agreement of two bf16 computations of the same function 
 # resume that lost or misplaced state (data position, Adam moments, the schedule) moves the loss by far more within
 # a few steps.
 RUN_TO_RUN = 2e-3
+# FP8 against bf16, the same run: the loss of every step within 3 % (torchao's float8 recipes track bf16 loss curves
+# to well under 1 % over long runs; 12 steps from the same weights move less). A float8 cast with a wrong scale
+# moves it by far more.
+FLOAT8 = 3e-2
 CPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -185,6 +191,20 @@ def rollback_lane(data, root: Path) -> dict:
     return results
 
 
+def fp8_lane(data, root: Path) -> dict:
+    """FP8 tensorwise (the run's settings: evaluation, asynchronous checkpoints), the same command with FP8 off and
+    4 more steps, the export; rowwise for 3 steps."""
+    run_dir = root / "fp8"
+    tensorwise = train(data, run_dir, ["train.fp8=tensorwise"])
+    resumed = train(data, run_dir, ["train.fp8=off", f"train.steps={STEPS + 4}"])
+    export = root / "export-fp8"
+    exported = cli("export", run_dir, "--out", export, "--dtype", "bfloat16")
+    rowwise = train(data, root / "fp8-rowwise", ["train.fp8=rowwise", "train.steps=3", "train.eval_every=3",
+                                                 "checkpoint.every_steps=0", "checkpoint.save_final=false"])
+    return {"run_dir": run_dir, "tensorwise": tensorwise, "resumed": resumed, "export": export, "exported": exported,
+            "rowwise": rowwise}
+
+
 def gpu_per_rank_runs(data, root: Path) -> dict:
     """--nproc above the GPU count; ranks started as Slurm starts them (launch.rank with torchrun's variables) in a
     run directory that `pretrain train` prepared: local rank 3 seeing one GPU, and two ranks seeing the same one."""
@@ -239,11 +259,12 @@ def timed(name: str, lane, *args):
 @pytest.fixture(scope="module")
 def lanes(data, tmp_path_factory) -> dict[str, Future]:
     root = tmp_path_factory.mktemp("lanes")
-    pool = ThreadPoolExecutor(6)
+    pool = ThreadPoolExecutor(7)
     started = {name: pool.submit(timed, name, lane, *args) for name, lane, args in (
         ("reference", reference_lane, (data, root)), ("fault", fault_lane, (data, root)),
         ("zero", zero_lane, (data, root)), ("rollback", rollback_lane, (data, root)),
-        ("gpu_per_rank", gpu_per_rank_runs, (data, root)), ("demo", demo_lane, (root,)))}
+        ("gpu_per_rank", gpu_per_rank_runs, (data, root)), ("demo", demo_lane, (root,)),
+        ("fp8", fp8_lane, (data, root)))}
     yield started
     pool.shutdown(wait=True)
 
@@ -322,6 +343,49 @@ def test_nonfinite_steps_are_skipped_and_rolled_back_with_the_bf16_optimizers(la
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 5, 6, 7]
     assert (records[-1]["skipped_steps"], records[-1]["rollbacks"]) == (2, 1)
     assert all(r["loss"] == r["loss"] for r in records[6:])
+
+
+def test_fp8_trains_like_bf16_resumes_without_it_and_exports_the_same_weights(lanes, reference):
+    from safetensors import safe_open
+
+    lane = lanes["fp8"].result()
+    if ON_CPU:  # refused before a step: torch's CPU float8 matmuls would only be slower
+        assert lane["tensorwise"].returncode == 2
+        refusal = error_lines(lane["tensorwise"])[-1]
+        assert "train.fp8=tensorwise needs an NVIDIA GPU with float8 tensor cores" in refusal
+        return
+    first = ok(lane["tensorwise"])
+    assert "fp8 (tensorwise scaling): 8 linear layers of this rank multiply in float8; in bf16: head.lm_head" in \
+        first.stderr
+    bf16, fp8 = losses(reference["run_dir"]), losses(lane["run_dir"])
+    print(f"\nlosses, bf16 and fp8 tensorwise: {[(step, bf16[step], fp8[step]) for step in bf16]}")
+    assert all(abs(fp8[step] - bf16[step]) <= FLOAT8 * bf16[step] for step in bf16), (bf16, fp8)
+    evals = [r["loss"] for r in metrics(lane["run_dir"]) if r["kind"] == "eval"]
+    assert len(evals) >= 3 and all(loss == loss for loss in evals)
+    resumed = ok(lane["resumed"])
+    assert resumed_step(resumed.stderr) == STEPS and "fp8 (" not in resumed.stderr
+    assert sorted(losses(lane["run_dir"])) == list(range(1, STEPS + 5))
+
+    def tensors(path: Path) -> dict[str, tuple]:
+        with safe_open(str(path), "pt") as f:
+            return {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())) for key in f.keys()}
+
+    def master_weights(run_dir: Path, step: int) -> dict[str, tuple]:
+        saved = tensors(run_dir / "checkpoints" / f"step_{step:08d}" / "model" / "tp00-pp00-dp0000.safetensors")
+        return {key: value for key, value in saved.items() if key.startswith("param/")}
+
+    masters = master_weights(lane["run_dir"], STEPS + 4)
+    assert masters == master_weights(reference["run_dir"], STEPS)
+    assert {dtype for dtype, _ in masters.values()} == {"F32"}
+    ok(lane["exported"])
+
+    def exported(export: Path) -> dict[str, tuple]:
+        return {key: value for path in sorted(export.glob("*.safetensors")) for key, value in tensors(path).items()}
+
+    assert exported(lane["export"]) == exported(reference["export"]) != {}
+    rowwise = ok(lane["rowwise"])
+    assert "fp8 (rowwise scaling)" in rowwise.stderr
+    assert all(loss == loss for loss in losses(lane["run_dir"].with_name("fp8-rowwise")).values())
 
 
 def test_one_gpu_per_rank(lanes):

@@ -1,0 +1,121 @@
+"""FP8 training (`train.fp8`, pretrain/model/float8.py): the tensor-parallel linear layers multiply in float8 through
+torchao, with tensor parallelism, compiled or not; it is refused in one line where it cannot run.
+
+torch's CPU build multiplies float8 too (torch._scaled_mm), so the layers' numerics and their tensor-parallel
+communication are checked here in real gloo processes; `pretrain train` itself refuses FP8 on CPU, where it would
+only be slower. Tolerances, normwise against the bf16 model: activations and weights in float8 e4m3 keep 4
+significant bits, so the logits differ by about 2 %; output gradients in e5m2 keep 3, so weight and norm gradients
+differ by up to 10 % (tp=1 and tp=2 alike). Without the input gradient's tensor-parallel all-reduce the norms'
+gradients were off by 70-79 %; a layer left in bf16 would not differ at all.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pretrain import parallel
+from pretrain.config import ConfigError, linear_layer_names, load_config
+from pretrain.model.float8 import float8_linear, use_float8
+from pretrain.model.mistral import Mistral
+from pretrain.model.sharding import gather_full_state, load_full_state
+from tests.distributed import run_distributed
+from tests.runs import ROOT, error_line, run_train
+from tests.test_tensor_parallel import CFG, EOS_ID, reference_full_state
+
+pytest.importorskip("torchao")
+
+FLOAT8_LOGITS, FLOAT8_GRADS = 0.05, 0.2  # normwise differences of float8 from bf16 (module docstring)
+
+
+def float8_worker(tp: int, recipe: str, compile: bool = False) -> dict | None:
+    """The tensor-parallel test model in bf16 with its linear layers but the LM head in float8 (`recipe`; "off":
+    bf16 throughout): full logits, loss and full gradients of one batch, on tensor-parallel rank 0."""
+    parallel.init_distributed(tp=tp, pp=1)
+    with torch.no_grad():
+        weights = reference_full_state(CFG)
+    model = Mistral(CFG, eos_id=EOS_ID, params_dtype=torch.bfloat16)
+    load_full_state(model, weights, CFG)
+    converted = [] if recipe == "off" else use_float8(model.named_modules(), recipe, ["head.lm_head"])
+    if compile:
+        for layer in model.layers:
+            layer.compile_computation()
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
+    labels = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
+    tokens[0, 12] = EOS_ID
+    logits_shard = model(tokens)
+    loss = model(tokens, labels)
+    loss.backward()
+    shards = [torch.empty_like(logits_shard) for _ in range(tp)]
+    dist.all_gather(shards, logits_shard.detach().contiguous(), group=parallel.tp_group())
+    result = {"converted": converted, "logits": torch.cat(shards, dim=-1).float(), "loss": loss.item(),
+              "grads": {name: grad.float() for name, grad in gather_full_state(model, CFG, grads=True).items()}}
+    return result if parallel.tp_rank() == 0 else None
+
+
+def normwise(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm(ours - reference) / torch.linalg.vector_norm(reference)).item()
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    return run_distributed(float8_worker, 1, 1, "off")[0]
+
+
+@pytest.mark.parametrize(("tp", "recipe", "compile"),
+                         [(1, "tensorwise", False), (1, "rowwise", False), (2, "tensorwise", False),
+                          (2, "rowwise", False), (2, "tensorwise", True)])
+def test_float8_layers_compute_the_bf16_model_within_float8_rounding(bf16, tp, recipe, compile):
+    ours = run_distributed(float8_worker, tp, tp, recipe, compile)[0]
+    expected = [name for name in linear_layer_names(CFG) if name != "head.lm_head"]
+    assert ours["converted"] == expected
+    logits = normwise(ours["logits"], bf16["logits"])
+    assert 1e-3 < logits < FLOAT8_LOGITS, "float8 matmuls differ from bf16 ones, by float8's rounding"
+    assert abs(ours["loss"] - bf16["loss"]) / bf16["loss"] < 1e-2
+    for name, grad in bf16["grads"].items():
+        assert normwise(ours["grads"][name], grad) < FLOAT8_GRADS, name
+
+
+def test_the_models_linear_layers_are_the_ones_the_config_names(single_process_group):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    model = Mistral(CFG, eos_id=EOS_ID)
+    linear = [name for name, module in model.named_modules()
+              if isinstance(module, ColumnParallelLinear | RowParallelLinear)]
+    assert linear == linear_layer_names(CFG)
+
+
+def test_layers_kept_in_bf16_by_pattern(single_process_group):
+    model = Mistral(CFG, eos_id=EOS_ID)
+    converted = use_float8(model.named_modules(), "rowwise", ["head.lm_head", "layers.0.*", "*.down_proj"])
+    assert converted == ["layers.1.attention.qkv_proj", "layers.1.attention.out_proj", "layers.1.mlp.gate_up_proj"]
+    assert model.layers[1].mlp.gate_up_proj._forward_impl.func is float8_linear
+    assert "_forward_impl" not in vars(model.layers[0].mlp.gate_up_proj)  # megatron's own method
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.fp8=tensorwise", "train.dtype=float32"],
+     "train.fp8=tensorwise with train.dtype=float32: float8 training casts bfloat16 activations; set "
+     "train.dtype=bfloat16 (or auto, on GPUs) or train.fp8=off"),
+    (["train.fp8=rowwise", "train.fp8_bf16_layers=[lm_head]"],
+     "train.fp8_bf16_layers: 'lm_head' matches no linear layer; they are named layers.N.{attention.qkv_proj,"
+     "attention.out_proj,mlp.gate_up_proj,mlp.down_proj} (N from 0 to 3) and head.lm_head: fix the pattern"),
+])
+def test_float8_config_mistakes_are_refused_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    assert str(e.value) == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_pretrain_train_with_fp8_on_cpu_is_refused_in_one_line(tmp_path, tiny_data):
+    run_dir = tmp_path / "run"
+    result = run_train(run_dir, tiny_data, ["train.fp8=tensorwise", "train.dtype=auto", "train.steps=2"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_line(result) == (
+        "[pretrain] rank 0: error: train.fp8=tensorwise needs an NVIDIA GPU with float8 tensor cores (compute "
+        "capability 8.9 or newer: Ada, Hopper, Blackwell) and this machine has none: set train.fp8=off")
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    assert "Traceback" not in result.stderr
