@@ -29,13 +29,13 @@ pytest.importorskip("torchao")
 FLOAT8_LOGITS, FLOAT8_GRADS = 0.05, 0.2  # normwise differences of float8 from bf16 (module docstring)
 
 
-def float8_worker(tp: int, recipe: str, compile: bool = False) -> dict | None:
+def float8_worker(tp: int, recipe: str, compile: bool = False, sequence_parallel: bool = False) -> dict | None:
     """The tensor-parallel test model in bf16 with its linear layers but the LM head in float8 (`recipe`; "off":
-    bf16 throughout): full logits, loss and full gradients of one batch, on tensor-parallel rank 0."""
+    bf16 throughout): full logits, loss and full gradients of one batch, on tensor-parallel rank 0 (on the host)."""
     parallel.init_distributed(tp=tp, pp=1)
     with torch.no_grad():
         weights = reference_full_state(CFG)
-    model = Mistral(CFG, eos_id=EOS_ID, params_dtype=torch.bfloat16)
+    model = Mistral(CFG, eos_id=EOS_ID, params_dtype=torch.bfloat16, sequence_parallel=sequence_parallel)
     load_full_state(model, weights, CFG)
     converted = [] if recipe == "off" else use_float8(model.named_modules(), recipe, ["head.lm_head"])
     if compile:
@@ -45,13 +45,15 @@ def float8_worker(tp: int, recipe: str, compile: bool = False) -> dict | None:
     tokens = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
     labels = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
     tokens[0, 12] = EOS_ID
+    device = model.head.norm.weight.device
+    tokens, labels = tokens.to(device), labels.to(device)
     logits_shard = model(tokens)
     loss = model(tokens, labels)
     loss.backward()
     shards = [torch.empty_like(logits_shard) for _ in range(tp)]
     dist.all_gather(shards, logits_shard.detach().contiguous(), group=parallel.tp_group())
-    result = {"converted": converted, "logits": torch.cat(shards, dim=-1).float(), "loss": loss.item(),
-              "grads": {name: grad.float() for name, grad in gather_full_state(model, CFG, grads=True).items()}}
+    result = {"converted": converted, "logits": torch.cat(shards, dim=-1).float().cpu(), "loss": loss.item(),
+              "grads": {name: grad.float().cpu() for name, grad in gather_full_state(model, CFG, grads=True).items()}}
     return result if parallel.tp_rank() == 0 else None
 
 
@@ -74,6 +76,19 @@ def test_float8_layers_compute_the_bf16_model_within_float8_rounding(bf16, tp, r
     logits = normwise(ours["logits"], bf16["logits"])
     assert 1e-3 < logits < FLOAT8_LOGITS, "float8 matmuls differ from bf16 ones, by float8's rounding"
     assert abs(ours["loss"] - bf16["loss"]) / bf16["loss"] < 1e-2
+    for name, grad in bf16["grads"].items():
+        assert normwise(ours["grads"][name], grad) < FLOAT8_GRADS, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (sequence parallelism runs on GPUs only)")
+@pytest.mark.parametrize("compile", [False, True])
+def test_float8_with_sequence_parallelism_computes_the_bf16_model(compile):
+    """The sequence is gathered before each column-parallel float8 matmul and its gradient reduce-scattered after;
+    against the bf16 model on one GPU (a float8 reference on the GPU differs from the CPU's float8 one)."""
+    bf16 = run_distributed(float8_worker, 1, 1, "off")[0]
+    ours = run_distributed(float8_worker, 2, 2, "tensorwise", compile, True)[0]
+    assert 1e-3 < normwise(ours["logits"], bf16["logits"]) < FLOAT8_LOGITS
     for name, grad in bf16["grads"].items():
         assert normwise(ours["grads"][name], grad) < FLOAT8_GRADS, name
 
