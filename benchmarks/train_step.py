@@ -353,10 +353,10 @@ def main(argv: list[str] | None = None) -> None:
                             phases.append((row["name"], row["phases"]))
                             scaling.setdefault((layout, fp8, seq_len, window_text), []).append(
                                 (nproc, row["tokens_per_s_per_gpu"]))
-                            rows_by_shape.setdefault((layout, seq_len, window), []).append(row)
+                            rows_by_shape.setdefault((layout, nproc, seq_len, window), []).append(row)
         peers = {(seq_len, window): {label: run_peer(args, seq_len, window, options)
                                      for label, options in peer_variants(args).items()}
-                 for seq_len, window in dict.fromkeys((seq, window) for _, seq, window in rows_by_shape)
+                 for seq_len, window in dict.fromkeys((seq, window) for _, _, seq, window in rows_by_shape)
                  } if args.peer else {}
     if len(args.nproc) > 1:
         print("\nweak scaling (the same micro-batches per data-parallel replica): tokens/s/GPU over that at the "
@@ -371,10 +371,10 @@ def main(argv: list[str] | None = None) -> None:
     for rows in rows_by_shape.values():
         bf16 = next((row for row in rows if row["fp8"] == "off"), None)
         for row in rows:
-            if bf16 is not None and row["fp8"] != "off" and row["name"] != bf16["name"]:
+            if bf16 is not None and row["fp8"] != "off":
                 print(f"{row['name']} / {bf16['name']} (bf16) = "
                       f"{row['tokens_per_s_per_gpu'] / bf16['tokens_per_s_per_gpu']:.2f}x")
-    for (layout, seq_len, window), rows in rows_by_shape.items():
+    for (layout, _, seq_len, window), rows in rows_by_shape.items():
         if (seq_len, window) in peers:
             print(f"\npeers at seq {seq_len}, window {window or 'full'} (transformers MistralForCausalLM, compiled, "
                   f"flex, fused AdamW), against {layout}: "

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pretrain import parallel
 from pretrain.config import ConfigError, linear_layer_names, load_config
 from pretrain.model.float8 import float8_linear, use_float8
 from pretrain.model.mistral import Mistral
-from pretrain.model.sharding import gather_full_state, load_full_state
+from pretrain.model.sharding import load_full_state
 from tests.distributed import run_distributed
 from tests.runs import ROOT, error_line, run_train
-from tests.test_tensor_parallel import CFG, EOS_ID, reference_full_state
+from tests.test_tensor_parallel import CFG, EOS_ID, one_batch, reference_full_state
 
 pytest.importorskip("torchao")
 
@@ -46,14 +45,7 @@ def float8_worker(tp: int, recipe: str, compile: bool = False, sequence_parallel
     labels = torch.randint(0, CFG.vocab_size, (2, 40), generator=generator)
     tokens[0, 12] = EOS_ID
     device = model.head.norm.weight.device
-    tokens, labels = tokens.to(device), labels.to(device)
-    logits_shard = model(tokens)
-    loss = model(tokens, labels)
-    loss.backward()
-    shards = [torch.empty_like(logits_shard) for _ in range(tp)]
-    dist.all_gather(shards, logits_shard.detach().contiguous(), group=parallel.tp_group())
-    result = {"converted": converted, "logits": torch.cat(shards, dim=-1).float().cpu(), "loss": loss.item(),
-              "grads": {name: grad.float().cpu() for name, grad in gather_full_state(model, CFG, grads=True).items()}}
+    result = {"converted": converted, **one_batch(model, tokens.to(device), labels.to(device))}
     return result if parallel.tp_rank() == 0 else None
 
 

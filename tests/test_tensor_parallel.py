@@ -78,20 +78,24 @@ def tp_worker(tp: int, activation_checkpointing: str, sequence_parallel: bool = 
     labels[1, 30:] = mistral.IGNORE_INDEX  # positions left out of the loss (sequence parallel turns the labels)
     device = model.head.norm.weight.device
     tokens, labels = tokens.to(device), labels.to(device)
+    result = {"init": {name: tensor.cpu() for name, tensor in init.items()}, **one_batch(model, tokens, labels)}
+    return result if parallel.tp_rank() == 0 else None
+
+
+def one_batch(model: Mistral, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Forward and backward of one batch: the full logits, this rank's logits shape, the loss and the full
+    gradients, in float32 on the host."""
     logits_shard = model(tokens)
     loss = model(tokens, labels)
     loss.backward()
-
-    shards = [torch.empty_like(logits_shard) for _ in range(tp)]
+    shards = [torch.empty_like(logits_shard) for _ in range(parallel.tp_size())]
     dist.all_gather(shards, logits_shard.detach().contiguous(), group=parallel.tp_group())
-    result = {
-        "init": {name: tensor.cpu() for name, tensor in init.items()},
-        "logits": torch.cat(shards, dim=-1).cpu(),
+    return {
+        "logits": torch.cat(shards, dim=-1).float().cpu(),
         "logits_shard_shape": tuple(logits_shard.shape),
         "loss": loss.item(),
-        "grads": {name: grad.cpu() for name, grad in gather_full_state(model, CFG, grads=True).items()},
+        "grads": {name: grad.float().cpu() for name, grad in gather_full_state(model, CFG, grads=True).items()},
     }
-    return result if parallel.tp_rank() == 0 else None
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

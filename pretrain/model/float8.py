@@ -52,7 +52,6 @@ def check_float8_device(recipe: Float8Recipe) -> None:
                           f"project's [gpu] extra), or {fix}") from None
 
 
-@functools.cache
 def _torchao_float8():
     """torchao's float8 training pieces, imported when FP8 is on."""
     from torchao.float8 import Float8LinearConfig
@@ -63,29 +62,29 @@ def _torchao_float8():
 
 
 def float8_linear(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
-                  grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, *, config):
+                  grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, *, matmul, mm_config, config):
     """megatron's tensor-parallel linear (`linear_with_grad_accumulation_and_async_allreduce`, the same arguments)
-    with its matmul in float8 under torchao's `config`.
+    with its matmul in float8: torchao's `matmul` (matmul_with_hp_or_float8_args) under its `mm_config` and `config`.
 
     Column-parallel: with sequence parallelism the sequence is gathered first (backward: the input gradient is
     reduce-scattered); without it the input gradient is all-reduced over the tensor-parallel ranks. Row-parallel
     layers pass neither, and reduce their output themselves."""
     assert not gradient_accumulation_fusion and grad_output_buffer is None, "megatron options the model never sets"
-    _, matmul_with_hp_or_float8_args, LinearMMConfig = _torchao_float8()
     tp_group = get_tensor_model_parallel_group_if_none(tp_group)
     if sequence_parallel:
         input = funcol.all_gather_tensor_autograd(input, 0, tp_group)  # [S / tp, B, D] -> [S, B, D]
     elif allreduce_dgrad:
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    output = matmul_with_hp_or_float8_args.apply(input, weight.t(), LinearMMConfig(), config)
+    output = matmul.apply(input, weight.t(), mm_config, config)
     return output if bias is None else output + bias
 
 
 def use_float8(modules: Iterable[tuple[str, nn.Module]], recipe: Float8Recipe, bf16_layers: list[str]) -> list[str]:
     """Make the linear layers among `modules` (canonical name, module) multiply in float8 with torchao's `recipe`,
     but those whose name matches a pattern of `bf16_layers`; returns the names of the layers converted."""
-    Float8LinearConfig, _, _ = _torchao_float8()
-    config = Float8LinearConfig.from_recipe_name(recipe)
+    Float8LinearConfig, matmul_with_hp_or_float8_args, LinearMMConfig = _torchao_float8()
+    float8 = functools.partial(float8_linear, matmul=matmul_with_hp_or_float8_args, mm_config=LinearMMConfig(),
+                               config=Float8LinearConfig.from_recipe_name(recipe))
     converted = []
     for name, module in modules:
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
@@ -93,6 +92,6 @@ def use_float8(modules: Iterable[tuple[str, nn.Module]], recipe: Float8Recipe, b
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in bf16_layers):
             continue
         # An instance attribute over megatron's method of the same name: the layer's forward calls it.
-        module._forward_impl = functools.partial(float8_linear, config=config)
+        module._forward_impl = float8
         converted.append(name)
     return converted
