@@ -12,6 +12,10 @@ samples of the source chosen for step t; rank r takes slice [r*micro_batch, (r+1
 the cursor counts samples consumed by all ranks, the state is identical on every rank, and restoring it under
 another dp_size still hands each remaining sample of the epoch to exactly one rank.
 
+*Context parallelism takes a chunk of each sample.* The cp ranks of a data-parallel rank read the same samples;
+rank c of cp keeps tokens [c*L, (c+1)*L + 1) of each (L = seq_len / cp: its chunk and the next token, the label of
+the chunk's last position). The state is the same as without it, so a run resumes under another cp.
+
 *Mixing by weight without state.* The source of global step t is a categorical draw with the source weights
 from an RNG seeded by (seed, t), so the mixture's "rng position" is the step counter itself.
 
@@ -307,9 +311,9 @@ class _StepBatches(IterableDataset):
     message, and the user should see one line."""
 
     def __init__(self, sources: list[_Source], options: _Options, state: dict,
-                 dp_rank: int, dp_size: int, micro_batch: int) -> None:
+                 dp_rank: int, dp_size: int, micro_batch: int, chunk: slice) -> None:
         self.sources, self.options, self.state = sources, options, state
-        self.dp_rank, self.dp_size, self.micro_batch = dp_rank, dp_size, micro_batch
+        self.dp_rank, self.dp_size, self.micro_batch, self.chunk = dp_rank, dp_size, micro_batch, chunk
 
     def __iter__(self) -> Iterator[tuple[dict | None, dict | None, list[str] | None, str | None]]:
         try:
@@ -333,19 +337,20 @@ class _StepBatches(IterableDataset):
             if local % workers == worker:
                 samples = stream.take(global_batch, rank_slice)
                 state = {"version": STATE_VERSION, "step": step + 1, "sources": [s.position() for s in streams]}
-                yield _batch(samples, self.options), state, sorted(skipped), None
+                yield _batch(samples, self.options, self.chunk), state, sorted(skipped), None
             else:
                 stream.skip(global_batch)
             step += 1
             local += 1
 
 
-def _batch(samples: np.ndarray, options: _Options) -> dict:
-    """{"tokens": [micro_batch, seq_len + 1]}, with "loss_mask" (bool, the same shape) for masked data."""
-    tokens = torch.from_numpy(samples[:, :options.sample_tokens].astype(np.int64))
+def _batch(samples: np.ndarray, options: _Options, chunk: slice) -> dict:
+    """{"tokens": [micro_batch, chunk length]} (the whole sample of seq_len + 1 tokens without context parallelism),
+    with "loss_mask" (bool, the same shape) for masked data."""
+    tokens = torch.from_numpy(samples[:, :options.sample_tokens][:, chunk].astype(np.int64))
     if not options.loss_mask:
         return {"tokens": tokens}
-    return {"tokens": tokens, "loss_mask": torch.from_numpy(samples[:, options.sample_tokens:] != 0)}
+    return {"tokens": tokens, "loss_mask": torch.from_numpy(samples[:, options.sample_tokens:][:, chunk] != 0)}
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -424,6 +429,7 @@ atexit.register(_close_open_batches)
 class TokenLoader:
     """Batches {"tokens": LongTensor[micro_batch, seq_len + 1]} for one data-parallel rank, forever; data prepared
     with --chat adds "loss_mask": BoolTensor[micro_batch, seq_len + 1] (True where a token is a target of the loss).
+    With cp_size > 1 each holds context-parallel rank cp_rank's chunk: seq_len / cp_size + 1 tokens.
 
     Iterate it for batches (`Batches`: close them when done); `state_dict()` after consuming a batch describes the
     position after that batch (the same dict on every rank), and `load_state_dict()` before iterating resumes
@@ -437,6 +443,8 @@ class TokenLoader:
         micro_batch: int,
         dp_rank: int = 0,
         dp_size: int = 1,
+        cp_rank: int = 0,
+        cp_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
         window_shards: int = 4,
@@ -449,6 +457,8 @@ class TokenLoader:
             raise DataError("no data sources: list prepared directories in data.train")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
+        if not 0 <= cp_rank < cp_size:
+            raise ValueError(f"cp_rank={cp_rank} must lie in [0, cp_size={cp_size})")
         if micro_batch < 1 or num_workers < 0 or window_shards < 1:
             raise ValueError("micro_batch and window_shards must be >= 1 and num_workers >= 0")
         self.sources = []
@@ -470,6 +480,11 @@ class TokenLoader:
         self.options = _Options(seed, window_shards, verify_checksums, skip_corrupt_shards,
                                 first["sample_tokens"], first["dtype"], masked[0])
         self.dp_rank, self.dp_size, self.micro_batch, self.num_workers = dp_rank, dp_size, micro_batch, num_workers
+        if self.seq_len % cp_size:
+            raise DataError(f"{self.sources[0].path} holds sequences of {self.seq_len} tokens, which do not split into "
+                            f"{cp_size} equal context-parallel chunks: prepare a seq_len divisible by {cp_size}")
+        chunk_len = self.seq_len // cp_size
+        self.chunk = slice(cp_rank * chunk_len, (cp_rank + 1) * chunk_len + 1)
         self._state = {"version": STATE_VERSION, "step": 0,
                        "sources": [{"epoch": 0, "window": 0, "offset": 0} for _ in self.sources]}
         self._skipped: set[str] = set()
@@ -480,7 +495,7 @@ class TokenLoader:
 
     def __iter__(self) -> Batches:
         dataset = _StepBatches(self.sources, self.options, copy.deepcopy(self._state),
-                               self.dp_rank, self.dp_size, self.micro_batch)
+                               self.dp_rank, self.dp_size, self.micro_batch, self.chunk)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available(),
                             worker_init_fn=_ignore_stop_signals)
@@ -519,7 +534,7 @@ class TokenLoader:
 
 
 def build_loader(data_cfg, *, dp_rank: int, dp_size: int, micro_batch: int, vocab_size: int | None = None,
-                 split: str = "train") -> TokenLoader:
+                 split: str = "train", cp_rank: int = 0, cp_size: int = 1) -> TokenLoader:
     """The loader a trainer needs from its `DataConfig`: train mixes data.train by weight, eval reads data.eval."""
     from data_pipeline.tokenizer import Tokenizer
 
@@ -533,7 +548,7 @@ def build_loader(data_cfg, *, dp_rank: int, dp_size: int, micro_batch: int, voca
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
     tokenizer_sha = Tokenizer.load(data_cfg.tokenizer).sha256 if data_cfg.tokenizer else None
     loader = TokenLoader(sources, micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size,
-                         num_workers=data_cfg.num_workers, seed=data_cfg.seed,
+                         cp_rank=cp_rank, cp_size=cp_size, num_workers=data_cfg.num_workers, seed=data_cfg.seed,
                          skip_corrupt_shards=data_cfg.skip_corrupt_shards,
                          vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha)
     if loader.options.loss_mask != data_cfg.loss_mask:

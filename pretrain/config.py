@@ -72,7 +72,10 @@ class ModelConfig(_Section):
 class ParallelConfig(_Section):
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
-    # null: derived from the world size as world / (tp * pp).
+    # Context parallelism: each sequence split into cp contiguous chunks, one per rank of a context-parallel group; a
+    # rank receives the keys and values of the sliding window's reach before its chunk from the ranks before it.
+    cp: int = Field(1, ge=1)
+    # null: derived from the world size as world / (tp * pp * cp).
     dp: int | None = Field(None, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 1
     micro_batch: int = Field(1, ge=1)
@@ -100,6 +103,9 @@ class ParallelConfig(_Section):
         if self.async_tensor_parallel and not self.sequence_parallel:
             raise ValueError("parallel.async_tensor_parallel=true needs parallel.sequence_parallel=true: it overlaps "
                              "the sequence-parallel gathers and scatters with their matmuls; set both or neither")
+        if self.cp > 1 and self.pp > 1:
+            raise ValueError(f"parallel.cp={self.cp} with parallel.pp={self.pp}: DeepSpeed's pipeline engine passes "
+                             "whole sequences between stages; set parallel.cp=1 or parallel.pp=1")
         if self.sequence_parallel and self.pp > 1:
             raise ValueError(
                 f"parallel.sequence_parallel=true with parallel.pp={self.pp}: the pipeline stages do not pass "
@@ -293,11 +299,17 @@ class Config(_Section):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
                 "shorten data.seq_len or raise model.max_seq_len"
             )
-        if p.sequence_parallel and self.data.seq_len % p.tp:
+        if self.data.seq_len % p.cp:
             raise ValueError(
-                f"data.seq_len={self.data.seq_len} is not divisible by parallel.tp={p.tp}: with "
+                f"data.seq_len={self.data.seq_len} is not divisible by parallel.cp={p.cp}: each context-parallel rank "
+                f"holds an equal chunk of the sequence; set seq_len to a multiple of {p.cp} or change parallel.cp"
+            )
+        if p.sequence_parallel and (self.data.seq_len // p.cp) % p.tp:
+            chunk = "" if p.cp == 1 else f" (its chunk of {self.data.seq_len // p.cp} tokens at parallel.cp={p.cp})"
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len}{chunk} is not divisible by parallel.tp={p.tp}: with "
                 "parallel.sequence_parallel=true each tensor-parallel rank holds an equal slice of the sequence; "
-                f"set seq_len to a multiple of {p.tp} or sequence_parallel=false"
+                f"set seq_len to a multiple of {p.tp * p.cp} or sequence_parallel=false"
             )
         if p.async_tensor_parallel and not self.train.compile:
             raise ValueError("parallel.async_tensor_parallel=true needs train.compile=true: the compiler fuses each "
@@ -329,7 +341,8 @@ class Config(_Section):
 
     @property
     def model_parallel_size(self) -> int:
-        return self.parallel.tp * self.parallel.pp
+        """The ranks that hold one data-parallel replica: tensor, pipeline and context parallel."""
+        return self.parallel.tp * self.parallel.pp * self.parallel.cp
 
 
 # The projections of a decoder layer and the LM head: pretrain/model/mistral.py's linear layers, by canonical name
@@ -373,13 +386,14 @@ def resolve_world(cfg: Config, world_size: int) -> Config:
     mp = cfg.model_parallel_size
     if world_size % mp:
         raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
-            f"{cfg.parallel.tp} * {cfg.parallel.pp} = {mp}: launch a multiple of {mp} processes or change tp/pp"
+            f"world size {world_size} is not divisible by parallel.tp * parallel.pp * parallel.cp = "
+            f"{cfg.parallel.tp} * {cfg.parallel.pp} * {cfg.parallel.cp} = {mp}: launch a multiple of {mp} processes "
+            "or change tp/pp/cp"
         )
     dp = world_size // mp
     if cfg.parallel.dp is not None and cfg.parallel.dp != dp:
         raise ConfigError(
-            f"parallel.dp={cfg.parallel.dp} does not match world size {world_size} / (tp*pp={mp}) = {dp}: "
+            f"parallel.dp={cfg.parallel.dp} does not match world size {world_size} / (tp*pp*cp={mp}) = {dp}: "
             f"set parallel.dp={dp} or null, or launch {cfg.parallel.dp * mp} processes"
         )
     try:

@@ -94,7 +94,9 @@ BF16_Optimizer._update_hp_grad = _add_bf16_grad_into_float32
 
 
 class MegatronMPU:
-    """DeepSpeed's `mpu` interface answered by megatron-core's parallel_state, so both see the same groups."""
+    """DeepSpeed's `mpu` interface answered by megatron-core's parallel_state, so both see the same groups. DeepSpeed's
+    data-parallel group, over which it averages gradients and partitions ZeRO's state, spans the context-parallel
+    ranks too: they hold the same parameters and compute gradients over different tokens."""
 
     def get_model_parallel_rank(self) -> int:
         return parallel.tp_rank()
@@ -106,13 +108,13 @@ class MegatronMPU:
         return parallel.tp_group()
 
     def get_data_parallel_rank(self) -> int:
-        return parallel.dp_rank()
+        return parallel.dp_cp_rank()
 
     def get_data_parallel_world_size(self) -> int:
-        return parallel.dp_size()
+        return parallel.dp_cp_size()
 
     def get_data_parallel_group(self):
-        return parallel.dp_group()
+        return parallel.dp_cp_group()
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -126,7 +128,8 @@ def deepspeed_config(cfg: Config) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.parallel.micro_batch,
         "gradient_accumulation_steps": grad_accum_steps(cfg),
-        "train_batch_size": cfg.train.global_batch,
+        # DeepSpeed counts a sample per rank of its data-parallel group, which holds each sample's cp chunks.
+        "train_batch_size": cfg.train.global_batch * cfg.parallel.cp,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # With bf16, a non-finite gradient norm skips the step (float32 ZeRO always does; optim.py covers stage 0).

@@ -2,8 +2,13 @@
 
 Reads torchrun's environment only (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: the launchers in
 launch/ give every rank these, also under Slurm), starts torch.distributed (gloo on CPU, nccl on CUDA) and lets
-megatron-core build the tensor- and pipeline-parallel groups. Ranks are numbered tensor-parallel fastest, then
-data-parallel, then pipeline, which is also DeepSpeed's order.
+megatron-core build the tensor-, context- and pipeline-parallel groups. Ranks are numbered tensor-parallel fastest,
+then context-parallel, then data-parallel, then pipeline (megatron-core's order; DeepSpeed's pipeline topology, which
+has no context parallelism, numbers them as megatron does without it).
+
+Context parallelism splits each sequence over the ranks of a context-parallel group, which read the same samples:
+the loader shards samples over the data-parallel group (`dp_*`), while gradients, losses, ZeRO's partitions and a
+checkpoint's writers span data and context parallelism together (`dp_cp_*`); without it the two are the same.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def rendezvous_from_environment() -> tuple[int, int, int]:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_s: float = 600.0,
-                     rendezvous_timeout_s: float = 300.0) -> None:
+                     rendezvous_timeout_s: float = 300.0, cp: int = 1) -> None:
     """Join the process group described by torchrun's environment and build the model-parallel groups.
 
     Without it this starts a world of one process, so single-process runs and tests use the same code
@@ -49,8 +54,8 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
     `timeout_s` bounds every collective (NCCL's watchdog aborts the process past it).
     """
     rank, world_size, local_rank = rendezvous_from_environment()
-    if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by tp * pp = {tp} * {pp}")
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"world size {world_size} is not divisible by tp * pp * cp = {tp} * {pp} * {cp}")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -77,6 +82,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, timeo
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
 
@@ -189,3 +195,27 @@ def dp_size() -> int:
 
 def dp_group() -> dist.ProcessGroup:
     return parallel_state.get_data_parallel_group()
+
+
+def cp_rank() -> int:
+    return parallel_state.get_context_parallel_rank()
+
+
+def cp_size() -> int:
+    return parallel_state.get_context_parallel_world_size()
+
+
+def cp_group() -> dist.ProcessGroup:
+    return parallel_state.get_context_parallel_group()
+
+
+def dp_cp_rank() -> int:
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+
+def dp_cp_size() -> int:
+    return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+
+
+def dp_cp_group() -> dist.ProcessGroup:
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)

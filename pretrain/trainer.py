@@ -78,6 +78,7 @@ class Trainer:
         self.startup.update(self.built.setup_s)
         self.engine = self.built.engine
         loader_args = {"dp_rank": parallel.dp_rank(), "dp_size": parallel.dp_size(),
+                       "cp_rank": parallel.cp_rank(), "cp_size": parallel.cp_size(),
                        "micro_batch": cfg.parallel.micro_batch, "vocab_size": cfg.model.vocab_size}
         self.loader = build_loader(cfg.data, **loader_args)
         self.eval_loader_args = loader_args
@@ -129,15 +130,16 @@ class Trainer:
         trained tokens, so each one's loss is its summed loss divided by the global batch's trained tokens per
         micro-batch: the mean that DeepSpeed then takes over micro-batches and data-parallel ranks is the mean over
         every trained token of the global batch (as Megatron and torchtitan average), and a global batch without
-        any trained token gives 0."""
+        any trained token gives 0. With context parallelism a micro-batch is this rank's chunk of each sequence, and
+        the chunks' losses are averaged with the data-parallel ranks' (every chunk holds as many tokens)."""
         micro = [inputs_and_labels(next(batches), self.device)
                  for _ in range(self.engine.gradient_accumulation_steps())]
         if not self.cfg.data.loss_mask:
             return micro, None
         # Counted on the device and read once: one host sync per step, not one per micro-batch.
         trained = int(torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro]).sum())
-        [trained] = parallel.all_reduce_numbers([trained], group=parallel.dp_group())
-        return micro, max(trained, 1) / (len(micro) * parallel.dp_size())
+        [trained] = parallel.all_reduce_numbers([trained], group=parallel.dp_cp_group())
+        return micro, max(trained, 1) / (len(micro) * parallel.dp_cp_size())
 
     def train_step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step over a global batch: (mean loss over the global batch, data wait s, whether the
@@ -161,8 +163,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
-        [total_over_ranks] = parallel.all_reduce_numbers([float(total) / accum], group=parallel.dp_group())
-        return total_over_ranks / parallel.dp_size(), waited, self.engine.was_step_applied()
+        [total_over_ranks] = parallel.all_reduce_numbers([float(total) / accum], group=parallel.dp_cp_group())
+        return total_over_ranks / parallel.dp_cp_size(), waited, self.engine.was_step_applied()
 
     def _data_batch(self, accum: int) -> int:
         """The 1-based number of the global batch being consumed, as the data loader counts them."""
@@ -187,8 +189,8 @@ class Trainer:
                 losses += [float(self.engine(inputs, labels, loss_divisor=divisor))
                            for inputs, labels in micro_batches]
         self.engine.train()
-        [total] = parallel.all_reduce_numbers([sum(losses) / len(losses)], group=parallel.dp_group())
-        return total / parallel.dp_size()
+        [total] = parallel.all_reduce_numbers([sum(losses) / len(losses)], group=parallel.dp_cp_group())
+        return total / parallel.dp_cp_size()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int | str:
@@ -328,7 +330,7 @@ def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
     stop = StopSignals.install()  # before process-group setup and DeepSpeed: a stop signal must end them too
     timeout_s = collective_timeout_s(cfg.train)
     parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, timeout_s=timeout_s,
-                              rendezvous_timeout_s=cfg.train.rendezvous_timeout_s)
+                              rendezvous_timeout_s=cfg.train.rendezvous_timeout_s, cp=cfg.parallel.cp)
     print(f"[pretrain] process group: {dist.get_backend()}, {dist.get_world_size()} ranks, collective timeout "
           f"{timeout_s:.0f} s (train.watchdog_s={cfg.train.watchdog_s})", flush=True)
     trainer = None

@@ -217,7 +217,7 @@ def test_async_tensor_parallel_without_its_prerequisites_is_refused():
 
 def test_world_size_not_divisible_by_model_parallel_size():
     cfg = load_config(MISTRAL, ["parallel.tp=2", "parallel.pp=2"])
-    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tp \* parallel.pp = 2 \* 2 = 4"):
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tp \* parallel.pp \* parallel.cp = 2 \* 2 \* 1 = 4"):
         resolve_world(cfg, 6)
 
 

@@ -304,7 +304,7 @@ def test_collectives_wait_longer_than_the_watchdog(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "nproc", "expected"), [
-    (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp * parallel.pp = 2 * 1 = 2"),
+    (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp * parallel.pp * parallel.cp = 2 * 1 * 1 = 2"),
     (["parallel.tp=3"], 3, "model.n_heads=8 is not divisible by parallel.tp=3"),
 ], ids=["layout-does-not-fit-world", "tp-does-not-divide-heads"])
 def test_layout_errors_are_one_line_before_any_process_starts(overrides, nproc, expected, tiny_data, tmp_path):

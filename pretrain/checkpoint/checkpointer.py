@@ -212,7 +212,7 @@ class Checkpointer:
         scheduled = self.cfg.checkpoint.every_steps > 0 or self.cfg.checkpoint.save_final
         if self._staging is None or self._staging_thread is not None or not scheduled:
             return
-        share = rank_share(self.canonical, parallel.dp_rank(), parallel.dp_size())
+        share = rank_share(self.canonical, parallel.dp_cp_rank(), parallel.dp_cp_size())
         self._staging_thread = threading.Thread(target=self._allocate_staging, args=(share,), daemon=True)
         self._staging_thread.start()
 

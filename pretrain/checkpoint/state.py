@@ -148,8 +148,8 @@ def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], traine
     _relink_optimizer_state(engine)
     tensors: dict[str, torch.Tensor] = {}
     stepped = _adam_step(optimizer) > 0
-    dp_rank = parallel.dp_rank()
-    mine = {name for name, _ in rank_share(canonical, dp_rank, parallel.dp_size())}
+    dp_rank = parallel.dp_cp_rank()  # context-parallel ranks hold the same state: they share the writing too
+    mine = {name for name, _ in rank_share(canonical, dp_rank, parallel.dp_cp_size())}
     for name, param in _by_name(canonical):
         values = _full_master(param, optimizer, stepped)  # collective: every rank, every parameter
         if name in mine:
@@ -166,7 +166,7 @@ def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], traine
             "adam_step": _adam_step(optimizer),
             "scheduler": engine.lr_scheduler.state_dict(),
             "layout": {"tp": parallel.tp_size(), "pp": parallel.pp_size(), "dp": parallel.dp_size(),
-                       "world": dist.get_world_size()},
+                       "cp": parallel.cp_size(), "world": dist.get_world_size()},
             "config": config,
             "code_version": code_version(),
         }
@@ -417,8 +417,10 @@ def _set_weight(param: torch.nn.Parameter, master: torch.Tensor) -> None:
 def load_rng_state(ckpt: Path, saved_layout: dict) -> bool:
     """This rank's generators, when the layout is the one saved (otherwise ranks do not correspond and the
     generators start from the seed). Returns whether they were restored."""
-    current = {"tp": parallel.tp_size(), "pp": parallel.pp_size(), "world": dist.get_world_size()}
-    if any(saved_layout.get(key) != value for key, value in current.items()):
+    current = {"tp": parallel.tp_size(), "pp": parallel.pp_size(), "cp": parallel.cp_size(),
+               "world": dist.get_world_size()}
+    # Checkpoints from before context parallelism have no "cp": they were saved at cp = 1.
+    if any(saved_layout.get(key, 1 if key == "cp" else None) != value for key, value in current.items()):
         return False
     path = ckpt / "rng" / f"rank{dist.get_rank():05d}.pt"
     if not path.is_file():

@@ -23,6 +23,11 @@ the tensor-parallel ranks in the backward pass. Parameters are the same as witho
 `Embedding`, `DecoderLayer` and `OutputHead` are separate modules so a pipeline engine can place
 them on stages. Weights are initialised from a seed independently of the tensor-parallel size.
 
+Context parallelism (`ContextParallel`, cp > 1): each rank holds a contiguous chunk of every sequence (tokens,
+labels, activations); its rotary positions start at the chunk's, and its attention gets the keys and values of the
+window's reach before the chunk from the ranks before it (context_parallel.py). The loss is this rank's chunk's;
+the caller reduces it over the group as over data-parallel ranks.
+
 Inference: `forward(tokens, cache=RollingKVCache)` runs a chunk that continues where the cache stopped (rotary
 positions offset, attention over the cached keys); training never passes a cache and computes as before.
 """
@@ -53,6 +58,7 @@ from pretrain import parallel
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.model import traceable_megatron  # noqa: F401  (how compiled layers trace megatron-core)
 from pretrain.model.attention import attention, document_ids
+from pretrain.model.context_parallel import ContextParallel
 from pretrain.model.kv_cache import LayerCache, RollingKVCache
 from pretrain.model.sharding import full_shape, parameter_layout, shard_parameter
 
@@ -150,11 +156,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def halo_reach(cfg: ModelConfig) -> int | None:
+    """How many positions before its own a query's keys reach: W - 1, unbounded without a window."""
+    return None if cfg.sliding_window is None else cfg.sliding_window - 1
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig, recompute_core: bool):
+    def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig, recompute_core: bool,
+                 context_parallel: ContextParallel | None = None):
         super().__init__()
         self.cfg = cfg
         self.recompute_core = recompute_core
+        self.context_parallel = context_parallel
         self.sequence_first = layer_config.sequence_parallel
         q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv_proj = FusedColumnParallelLinear(cfg.dim, [q_rows, kv_rows, kv_rows], config=layer_config)
@@ -169,18 +182,22 @@ class Attention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, cache: LayerCache | None = None) -> torch.Tensor:
+        """doc_ids: those of the keys ([B, S], or [B, halo + S] with context parallelism), or None."""
         head_dim = self.cfg.head_dim
+        cp = self.context_parallel
         q, k, v = self.qkv_proj(x)  # [B, S, heads of this rank * D]; sequence parallel: [S, B, ...]
         if self.sequence_first:
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         batch, seq_len, _ = q.shape
         q, k, v = (t.view(batch, seq_len, -1, head_dim) for t in (q, k, v))  # [B, S, heads of this rank, D]
-        start = 0 if cache is None else cache.start
+        start = cache.start if cache is not None else cp.chunk_start(seq_len) if cp is not None else 0
         cos, sin = rotary_cos_sin(start + seq_len, head_dim, self.cfg.rope_theta, x.device)
         q, k = apply_rotary(q, cos[start:], sin[start:]), apply_rotary(k, cos[start:], sin[start:])
         if cache is not None:
             out, _ = self.out_proj(cache.attend(q, k, v).flatten(2))
             return out
+        if cp is not None:
+            k, v = cp.extend_keys(k, v, halo_reach(self.cfg))  # [B, halo + S, heads of this rank, D]
         core_args = (q, k, v, self.cfg.sliding_window, self.cfg.attention_backend, doc_ids)
         if self.recompute_core and torch.is_grad_enabled():
             # Selective recomputation: the attention core's activations are large and cheap to redo.
@@ -234,11 +251,13 @@ class DecoderLayer(nn.Module):
         cfg: ModelConfig,
         layer_config: ModelParallelConfig,
         activation_checkpointing: ActivationCheckpointing = "none",
+        context_parallel: ContextParallel | None = None,
     ):
         super().__init__()
         self.recompute_layer = activation_checkpointing == "full"
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, layer_config)
-        self.attention = Attention(cfg, layer_config, recompute_core=activation_checkpointing == "selective")
+        self.attention = Attention(cfg, layer_config, recompute_core=activation_checkpointing == "selective",
+                                   context_parallel=context_parallel)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, layer_config)
         self.mlp = SwiGLU(cfg, layer_config)
 
@@ -315,6 +334,7 @@ class VocabParallelLoss:
 class Mistral(nn.Module):
     """forward(tokens [B, S], labels [B, S] | None) -> logits shard [B, S, vocab / tp], or the mean loss.
 
+    With context parallelism (parallel.cp > 1) S is this rank's chunk of the sequence.
     With `cache`, tokens are the next chunk of a sequence whose earlier positions the cache holds (inference)."""
 
     def __init__(
@@ -335,17 +355,24 @@ class Mistral(nn.Module):
         self.cfg = cfg
         self.eos_id = eos_id
         self.sequence_first = sequence_parallel
+        self.context_parallel = ContextParallel.of_current_group()
         layer_config = megatron_layer_config(params_dtype, sequence_parallel)
         self.embedding = Embedding(cfg, layer_config)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, layer_config, activation_checkpointing) for _ in range(cfg.n_layers)
+            DecoderLayer(cfg, layer_config, activation_checkpointing, self.context_parallel)
+            for _ in range(cfg.n_layers)
         )
         self.head = OutputHead(cfg, layer_config)
         self.loss = VocabParallelLoss()
         init_weights(dict(self.named_parameters()), cfg, seed)
 
     def document_ids(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        return document_ids(tokens, self.eos_id) if self.cfg.document_masking else None
+        """The document ids of the attention's keys: of `tokens`, after those of the context-parallel halo."""
+        if not self.cfg.document_masking:
+            return None
+        if self.context_parallel is not None:
+            tokens = self.context_parallel.extend_tokens(tokens, halo_reach(self.cfg))
+        return document_ids(tokens, self.eos_id)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: RollingKVCache | None = None, loss_divisor: float | None = None) -> torch.Tensor:
