@@ -72,7 +72,7 @@ def activation_bytes_per_layer(cfg: Config, bytes_per_value: int) -> float:
     (no S x S scores kept). Counts the tensors our layer saves: norm inputs and outputs, q/k/v, attention
     output, gate/up outputs and their product; tensor-parallel shards divide the inner ones."""
     m, p = cfg.model, cfg.parallel
-    tokens = cfg.data.seq_len * p.micro_batch
+    tokens = cfg.data.seq_len // p.cp * p.micro_batch  # this rank's chunk of each sequence
     qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
     # Sequence parallelism splits what lies between the tensor-parallel regions (norms, the layer's input) over tp.
     sequence_split = p.tp if p.sequence_parallel else 1
@@ -82,7 +82,9 @@ def activation_bytes_per_layer(cfg: Config, bytes_per_value: int) -> float:
     norm_output_split = 1 if cfg.train.compile else sequence_split
     replicated = 2 * m.dim / sequence_split + 2 * m.dim / norm_output_split
     sharded = qkv + m.n_heads * m.head_dim + 3 * m.hidden_dim
-    full = tokens * (replicated + sharded / p.tp) * bytes_per_value
+    # Context parallelism: the halo's keys and values, kept with the chunk's for the attention's backward.
+    halo = halo_tokens(cfg) * p.micro_batch * 2 * m.n_kv_heads * m.head_dim / p.tp
+    full = (tokens * (replicated + sharded / p.tp) + halo) * bytes_per_value
     if p.activation_checkpointing == "full":
         return tokens * m.dim * bytes_per_value / sequence_split
     # selective keeps the same tensors: the recomputed attention core's inputs (q, k, v) are kept for it, and its
@@ -117,17 +119,35 @@ def memory_per_gpu(cfg: Config, dp: int, mixed_precision: bool = True) -> Memory
     n = parameters_per_rank(m, p.tp, p.pp)
     weight_b, grad_b, optim_b = bytes_per_parameter(p.zero_stage, mixed_precision)
     zero = p.zero_stage
-    weights = n * weight_b / (dp if zero >= 3 else 1)
-    grads = n * grad_b / (dp if zero >= 2 else 1)
-    optim = n * optim_b / (dp if zero >= 1 else 1)
+    shards = dp * p.cp  # ZeRO partitions over the context-parallel ranks too
+    weights = n * weight_b / (shards if zero >= 3 else 1)
+    grads = n * grad_b / (shards if zero >= 2 else 1)
+    optim = n * optim_b / (shards if zero >= 1 else 1)
     act_b = 2 if mixed_precision else 4
     layers_per_stage = m.n_layers // p.pp
     # 1F1B keeps up to pp micro-batches in flight on the first stage.
     in_flight = min(p.pp, max(1, cfg.train.global_batch // (p.micro_batch * dp))) if p.pp > 1 else 1
     activations = activation_bytes_per_layer(cfg, act_b) * layers_per_stage * in_flight
-    # float32 logits and their gradient for one micro-batch, vocab sharded over tp.
-    logits = 2 * cfg.data.seq_len * p.micro_batch * m.vocab_size / p.tp * 4
+    # float32 logits and their gradient for one micro-batch (this rank's chunk), vocab sharded over tp.
+    logits = 2 * cfg.data.seq_len // p.cp * p.micro_batch * m.vocab_size / p.tp * 4
     return MemoryPlan(weights, grads, optim, activations, logits)
+
+
+def halo_tokens(cfg: Config) -> int:
+    """Context parallelism: the most positions before its chunk a rank receives keys and values for (the window's
+    reach, W - 1, or every position before the last chunk without a window); 0 at cp = 1."""
+    p, window = cfg.parallel, cfg.model.sliding_window
+    before_last_chunk = cfg.data.seq_len - cfg.data.seq_len // p.cp
+    return before_last_chunk if window is None else min(window - 1, before_last_chunk)
+
+
+def context_parallel_traffic(cfg: Config, bytes_per_value: int) -> tuple[float, float]:
+    """Bytes a rank receives per decoder layer and micro-batch in the forward pass (the backward pass sends as many
+    back): (the halo exchange, an all-gather of the whole sequence's keys and values as other frameworks do)."""
+    m, p = cfg.model, cfg.parallel
+    kv_per_token = 2 * m.n_kv_heads * m.head_dim / p.tp * bytes_per_value * p.micro_batch
+    gathered = cfg.data.seq_len * (p.cp - 1) // p.cp
+    return halo_tokens(cfg) * kv_per_token, gathered * kv_per_token
 
 
 def plan_peak_tflops(cfg: Config, flag: float | None) -> tuple[float, str]:
@@ -150,6 +170,10 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
@@ -169,9 +193,9 @@ def describe(cfg: Config, mfu: float, peak_tflops: float | None) -> list[tuple[s
                                else " (sequence parallel)" if p.sequence_parallel else "")
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     peak, peak_source = plan_peak_tflops(cfg, peak_tflops)
-    return [
-        ("layout", f"tp={p.tp}{sequence_parallel_label} pp={p.pp} dp={dp} "
-                   f"(world {p.tp * p.pp * dp}), ZeRO-{p.zero_stage}, "
+    rows = [
+        ("layout", f"tp={p.tp}{sequence_parallel_label} pp={p.pp} cp={p.cp} dp={dp} "
+                   f"(world {p.tp * p.pp * p.cp * dp}), ZeRO-{p.zero_stage}, "
                    f"micro-batch {p.micro_batch}, grad accumulation {cfg.train.global_batch // (p.micro_batch * dp)}"),
         ("parameters", f"{_count(c['total'])} ({c['total']:,}): embedding {c['embedding']:,}, "
                        f"{m.n_layers} layers x {c['per_layer']:,}, final norm {c['final_norm']:,}, "
@@ -191,3 +215,10 @@ def describe(cfg: Config, mfu: float, peak_tflops: float | None) -> list[tuple[s
         ("throughput at MFU", f"{implied_tokens_per_second_per_gpu(cfg, mfu, peak):,.0f} tokens/s/GPU "
                               f"at {mfu:.0%} of {peak:g} TFLOP/s ({peak_source})"),
     ]
+    if p.cp > 1:
+        halo, gathered = context_parallel_traffic(cfg, 2 if mixed else 4)
+        rows.insert(1, ("context parallel", f"chunks of {cfg.data.seq_len // p.cp:,} tokens; per layer and micro-batch "
+                                            f"a rank receives the keys and values of {halo_tokens(cfg):,} positions "
+                                            f"before its chunk, {_mib(halo)} (an all-gather of the sequence's: "
+                                            f"{_mib(gathered)}), and returns their gradients in the backward pass"))
+    return rows

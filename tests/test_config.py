@@ -208,6 +208,17 @@ def test_sequence_parallel_combinations_that_cannot_work_are_refused():
     assert cfg.parallel.sequence_parallel
 
 
+def test_context_parallel_combinations_that_cannot_work_are_refused():
+    assert _error(["parallel.cp=2", "parallel.pp=2"]) == (
+        "parallel.cp=2 with parallel.pp=2: DeepSpeed's pipeline engine passes whole sequences between stages; set "
+        "parallel.cp=1 or parallel.pp=1")
+    assert _error(["parallel.cp=3"]).startswith("data.seq_len=8192 is not divisible by parallel.cp=3: each ")
+    assert _error(["parallel.cp=2", "parallel.tp=8", "parallel.sequence_parallel=true", "data.seq_len=8120"]) \
+        .startswith("data.seq_len=8120 (its chunk of 4060 tokens at parallel.cp=2) is not divisible by parallel.tp=8")
+    cfg = resolve_world(load_config(MISTRAL, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]), 8)
+    assert (cfg.parallel.dp, cfg.model_parallel_size) == (2, 4)
+
+
 def test_async_tensor_parallel_without_its_prerequisites_is_refused():
     assert _error(["parallel.tp=2", "parallel.async_tensor_parallel=true"]).startswith(
         "parallel.async_tensor_parallel=true needs parallel.sequence_parallel=true")
@@ -217,7 +228,8 @@ def test_async_tensor_parallel_without_its_prerequisites_is_refused():
 
 def test_world_size_not_divisible_by_model_parallel_size():
     cfg = load_config(MISTRAL, ["parallel.tp=2", "parallel.pp=2"])
-    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tp \* parallel.pp \* parallel.cp = 2 \* 2 \* 1 = 4"):
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tp \* parallel.pp \* "
+                                          r"parallel.cp = 2 \* 2 \* 1 = 4"):
         resolve_world(cfg, 6)
 
 

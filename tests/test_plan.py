@@ -11,6 +11,7 @@ from pretrain.config import load_config, resolve_world
 from pretrain.hardware import datasheet_peak_tflops, peak_flops
 from pretrain.plan import (
     activation_bytes_per_layer,
+    context_parallel_traffic,
     count_parameters,
     flops_per_token,
     mean_attended_keys,
@@ -89,6 +90,22 @@ def test_sequence_parallel_splits_the_norm_activations_over_tp(checkpointing, co
     # eager mode the two norm outputs too (compiled, the projections keep them gathered).
     halved = 1 if checkpointing == "full" else 2 if compile else 4
     assert activation_bytes_per_layer(tp2, 2) - activation_bytes_per_layer(sp, 2) == 8192 * 4096 * 2 * halved / 2
+
+
+def test_context_parallel_splits_activations_and_zero_state_and_counts_the_halo():
+    long = ["data.seq_len=131072", "model.max_seq_len=131072", "parallel.activation_checkpointing=full"]
+    cp1 = resolve_world(load_config(MISTRAL, long), 2)
+    cp2 = resolve_world(load_config(MISTRAL, [*long, "parallel.cp=2"]), 2)
+    assert (cp1.parallel.dp, cp2.parallel.dp) == (2, 1)
+    one, two = memory_per_gpu(cp1, 2), memory_per_gpu(cp2, 1)
+    # ZeRO-1 partitions the optimizer over dp x cp = 2 either way; each rank keeps half the sequence's activations.
+    assert two.optimizer == one.optimizer and two.activations == one.activations / 2 and two.logits == one.logits / 2
+    # bf16 keys and values of 4095 positions (W - 1), 8 kv heads of 128: 16 MiB per layer, where an all-gather of the
+    # other half of the sequence would bring 65,536 positions: 256 MiB.
+    halo, gathered = context_parallel_traffic(load_config(MISTRAL, [*long, "parallel.cp=2"]), 2)
+    assert (halo, gathered) == (4095 * 2 * 8 * 128 * 2, 65536 * 2 * 8 * 128 * 2)
+    out = _plan(*long, "parallel.cp=2", "--world-size", "2")
+    assert "cp=2 dp=1 (world 2)" in out and "16.0 MiB" in out and "256.0 MiB" in out
 
 
 def test_plan_command_prints_7_24_b():

@@ -1,5 +1,5 @@
-"""Training with real processes on CPU (gloo): layout parity, a run whose loss falls, resharding a checkpoint into
-another layout, exact resume after SIGTERM.
+"""Training with real processes on CPU (gloo): layout parity (data, tensor, pipeline and context parallel), a run
+whose loss falls, resharding a checkpoint into another layout, exact resume after SIGTERM.
 
 Parity tolerance: every layout computes the same float32 function of the same global batch; they differ only in
 the order of float32 sums (gradient reduction over dp, tp all-reduces, micro-batch accumulation), about 1e-7
@@ -29,6 +29,9 @@ LAYOUTS = {
     "tp2": (["parallel.tp=2"], 2),
     "pp2": (["parallel.pp=2"], 2),
     "tp2-pp2": (["parallel.tp=2", "parallel.pp=2"], 4),
+    # Each sequence in two chunks of 64 tokens, the window (64) reaching 63 tokens into the chunk before; with
+    # evaluation and a data worker, as users run it.
+    "cp2": (["parallel.cp=2", "train.eval_every=10", "data.num_workers=1"], 2),
 }
 
 
@@ -128,7 +131,7 @@ def test_rank_share_splits_a_checkpoint_over_data_parallel_ranks():
 
 
 RESHARDS = [("dp2-zero1", "single"), ("single", "dp2-zero3"), ("tp2", "single"), ("pp2", "single"),
-            ("dp2-zero3", "tp2")]
+            ("dp2-zero3", "tp2"), ("cp2", "single"), ("single", "cp2")]
 
 
 @pytest.mark.parametrize(("source", "target"), RESHARDS, ids=[f"{s}-to-{t}" for s, t in RESHARDS])
@@ -145,7 +148,7 @@ def test_checkpoint_continues_in_another_layout(source, target, runs, tiny_data,
     assert_close(got, {step: source_losses[step] for step in got}, f"{source} -> {target}")
 
 
-@pytest.mark.parametrize("layout", ["dp2-zero1", "tp2"])
+@pytest.mark.parametrize("layout", ["dp2-zero1", "tp2", "cp2"])
 def test_sigterm_then_resume_is_bit_exact(layout, runs, tiny_data, tmp_path):
     overrides, nproc = LAYOUTS[layout]
     uninterrupted = runs(layout)[1]
