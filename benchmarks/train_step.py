@@ -8,23 +8,25 @@
         --warmup 2 --profile
     python benchmarks/train_step.py --nproc 4 --layers 32 --layouts zero1 zero3 tp2async pp2 pp4 --steps 5 --warmup 2
     python benchmarks/train_step.py --nproc 1 2 4 --layers 8          # weak scaling: the same work per GPU
+    python benchmarks/train_step.py --nproc 2 --layouts zero1 cp2 --seq-lens 8192 65536 131072 --accum 2
     python benchmarks/train_step.py --peer                   # and transformers' MistralForCausalLM at the same shape
     python benchmarks/train_step.py --peer --peer-float8     # and that peer in torchao float8 (tensorwise, rowwise)
     python benchmarks/train_step.py --fp8 off tensorwise rowwise --peer --peer-float8 --peer-recompute none
     python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
 
 Each configuration is `pretrain train` on configs/mistral-7b.yaml (with fewer layers where the whole 7B does not
-fit: one GPU holds 8 of its 32 with their optimizer state), random tokens in real shards, bf16, no checkpoints
-(not even the final one) or evaluation, run to --steps; the first --warmup steps (compilation, allocator warm-up)
-are left out of the averages. A layout is a data-parallel run with ZeRO-1 (zero1) or ZeRO-3 (zero3), or tp=2
-(tp2), tp=2 with sequence parallelism (tp2sp; GPUs only) and with its gathers and scatters fused with their
-matmuls (tp2async: parallel.async_tensor_parallel; GPUs only), pp=2 (pp2) or pp=4 (pp4) with data parallelism over
-the remaining GPUs; "mem GiB" is rank 0's peak allocated memory. "to step 1" is the time from starting
-`pretrain train` to the end of the first step, compilation included (each run starts with an empty compilation
-cache, as on a new machine); the trainer's own breakdown of it (model build, DeepSpeed, first step) is printed
-under the table. MFU counts the model FLOPs of `pretrain plan` (6 x matmul parameters + exact causal/window
-attention) against the GPU's dense bf16 datasheet peak (pretrain.hardware; 989 TFLOP/s on an H100 SXM or H200,
-n/a for a GPU not in its table) and against the bf16 matmul rate measured on the same GPU in the same run.
+fit: one GPU holds 8 of its 32 with their optimizer state), random tokens in real shards, bf16, no checkpoints (not
+even the final one) or evaluation, run to --steps; the first --warmup steps (compilation, allocator warm-up) are
+left out of the averages. A layout is a data-parallel run with ZeRO-1 (zero1) or ZeRO-3 (zero3), or tp=2 (tp2), tp=2
+with sequence parallelism (tp2sp; GPUs only) and with its gathers and scatters fused with their matmuls (tp2async:
+parallel.async_tensor_parallel; GPUs only), pp=2 (pp2) or pp=4 (pp4), or each sequence split over 2 GPUs (cp2:
+context parallelism), with data parallelism over the remaining GPUs; "mem GiB" is rank 0's peak allocated memory.
+"to step 1" is the time from starting `pretrain train` to the end of the first step, compilation included (each run
+starts with an empty compilation cache, as on a new machine); the trainer's own breakdown of it (model build,
+DeepSpeed, first step) is printed under the table. MFU counts the model FLOPs of `pretrain plan` (6 x matmul
+parameters + exact causal/window attention) against the GPU's dense bf16 datasheet peak (pretrain.hardware; 989
+TFLOP/s on an H100 SXM or H200, n/a for a GPU not in its table) and against the bf16 matmul rate measured on the
+same GPU in the same run.
 --profile prints rank 0's top kernels over 3 steps after the warm-up and their device time per step by kind
 (matmul, attention, NCCL communication, the rest) beside the step time: what the kernels of one kind add up to,
 and, where the kinds add up to more than the step, how much of them overlapped.
@@ -94,15 +96,16 @@ LAYOUTS = {"zero1": ["parallel.zero_stage=1"], "zero3": ["parallel.zero_stage=3"
            "tp2sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"],
            "tp2async": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.async_tensor_parallel=true",
                         "parallel.zero_stage=1"],
-           "pp2": ["parallel.pp=2", "parallel.zero_stage=1"], "pp4": ["parallel.pp=4", "parallel.zero_stage=1"]}
+           "pp2": ["parallel.pp=2", "parallel.zero_stage=1"], "pp4": ["parallel.pp=4", "parallel.zero_stage=1"],
+           "cp2": ["parallel.cp=2", "parallel.zero_stage=1"]}
 
 
 def model_parallel_size(layout: str) -> int:
-    """GPUs one model replica spans in `layout` (tp x pp, from its overrides)."""
+    """GPUs one model replica spans in `layout` (tp x pp x cp, from its overrides)."""
     size = 1
     for override in LAYOUTS[layout]:
         key, value = override.split("=")
-        if key in ("parallel.tp", "parallel.pp"):
+        if key in ("parallel.tp", "parallel.pp", "parallel.cp"):
             size *= int(value)
     return size
 

@@ -147,6 +147,34 @@ def test_cuda_kernels_match_the_reference(backend, dtype, with_documents):
         assert ((grad.float() - reference).norm() / reference.norm()).item() < bound
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("with_documents", [False, True])
+@pytest.mark.parametrize(("backend", "dtype"), CUDA_CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CUDA_CASES])
+def test_cuda_kernels_over_keys_that_start_before_the_queries(backend, dtype, with_documents):
+    """Context parallelism's call: the last 600 of 1000 positions as queries against the window's reach before them
+    (255 keys) and their own, the causal diagonal at the bottom right. The result and every gradient are those of
+    attention over the whole sequence restricted to those queries, against the explicit mask in float32. With
+    documents, row 1 has a document that lies wholly among the earlier keys (no query of its own)."""
+    seq_len, window, queries, generator = 1000, 256, 600, torch.Generator(device="cuda").manual_seed(1)
+    first_key = seq_len - queries - (window - 1)
+    q, k, v = (torch.randn(2, seq_len, heads, 128, device="cuda", dtype=dtype, generator=generator).requires_grad_()
+               for heads in (8, 2, 2))
+    tokens = torch.randint(1, 50, (2, seq_len), device="cuda", generator=generator)
+    tokens[0, [100, 600]] = 0
+    tokens[1, [0, 200, 300, seq_len - 1]] = 0
+    doc_ids = document_ids(tokens, eos_id=0) if with_documents else None
+    out = attention(q[:, -queries:], k[:, first_key:], v[:, first_key:], window, backend,
+                    None if doc_ids is None else doc_ids[:, first_key:])
+    expected = reference_attention(*(t.float() for t in (q, k, v)), window, doc_ids)[:, -queries:]
+    bound = 2e-3 if dtype == torch.float32 else 2e-2
+    assert ((out.float() - expected).norm() / expected.norm()).item() < bound
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for grad, reference in zip(grads, expected_grads, strict=True):
+        assert ((grad.float() - reference).norm() / reference.norm()).item() < bound
+
+
 def test_backend_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("auto", cpu, torch.float32) == "sdpa"

@@ -131,3 +131,10 @@ def test_attention_over_longer_keys_is_the_tail_of_the_whole(backend, documents,
         out = attention(q[:, 8:], k[:, keys], v[:, keys], window, backend,
                         None if doc_ids is None else doc_ids[:, keys])
         torch.testing.assert_close(out, whole_out[:, 8:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_context_parallel_over_nccl_equals_one_gpu(whole):
+    """cp = 2 on 2 GPUs (the exchange over NCCL), compiled, against one GPU (float32, the same kernels)."""
+    assert_same(run_distributed(cp_worker, 2, 2, 1, 16, True, True)[0], whole(16))
