@@ -33,7 +33,7 @@ from pretrain.launch_contract import EXIT_FAILURE, EXIT_SAVED_ON_SIGNAL, EXIT_US
 from pretrain.metrics import MetricsLogger, StepProfiler
 from pretrain.model.attention import needs_mask, resolve_backend
 from pretrain.model.mistral import IGNORE_INDEX
-from pretrain.plan import flops_per_token
+from pretrain.plan import flops_per_token, halo_tokens
 from pretrain.stop import StopSignals
 
 
@@ -94,10 +94,15 @@ class Trainer:
         self.peak_flops = peak_flops(cfg, torch.cuda.get_device_name(self.device) if self.device is not None else None,
                                      self.log_rank0)
         m = cfg.model
+        # With context parallelism, the last chunk's queries over its keys (the halo's, then its own).
+        chunk_len, halo = cfg.data.seq_len // cfg.parallel.cp, halo_tokens(cfg)
         kernel = resolve_backend(m.attention_backend, self.device or torch.device("cpu"),
                                  resolve_dtype(cfg.train.dtype),
-                                 needs_mask(cfg.data.seq_len, m.sliding_window, m.document_masking))
+                                 needs_mask(chunk_len, m.sliding_window, m.document_masking, chunk_len + halo))
         self.log_rank0(f"attention: {kernel}" + (" (auto)" if m.attention_backend == "auto" else ""))
+        if cfg.parallel.cp > 1:
+            self.log_rank0(f"context parallel: {cfg.parallel.cp} chunks of {chunk_len} tokens per sequence; each rank "
+                           f"receives the keys and values of up to {halo} positions before its chunk")
         if cfg.train.fp8 != "off":
             self.log_rank0(f"fp8 ({cfg.train.fp8} scaling): {len(self.built.float8_layers)} linear layers of this "
                            f"rank multiply in float8; in bf16: {', '.join(cfg.train.fp8_bf16_layers) or 'none'}; MFU "
