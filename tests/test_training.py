@@ -32,6 +32,9 @@ LAYOUTS = {
     # Each sequence in two chunks of 64 tokens, the window (64) reaching 63 tokens into the chunk before; with
     # evaluation and a data worker, as users run it.
     "cp2": (["parallel.cp=2", "train.eval_every=10", "data.num_workers=1"], 2),
+    # Two data-parallel replicas of two context-parallel ranks: each replica reads its own samples, ZeRO-3 partitions
+    # over all four ranks.
+    "cp2-dp2": (["parallel.cp=2", "parallel.zero_stage=3"], 4),
 }
 
 
