@@ -158,15 +158,17 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     `out`'s place in one step. When the block fails, `out` is untouched and the temporary directory removed; a full
     disk is reported as an OutputError. Callers check first that `out` may be replaced (check_replaceable)."""
     out = Path(out)
+    tmp = _sibling(out, "tmp", os.getpid())
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clear_leftovers(out)
-        tmp = _sibling(out, "tmp", os.getpid())
-        tmp.mkdir()
-    except OSError as e:
-        raise OutputError(f"cannot create a directory beside {out} ({e.strerror}): check the permissions and the "
-                          "file system of its parent, or choose another --out") from None
-    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            clear_leftovers(out)
+            # Inside the try whose finally removes it: a stop signal raised as the mkdir returns would otherwise
+            # leave the new directory behind.
+            tmp.mkdir()
+        except OSError as e:
+            raise OutputError(f"cannot create a directory beside {out} ({e.strerror}): check the permissions and "
+                              "the file system of its parent, or choose another --out") from None
         try:
             yield tmp
             _readable_as_other_files(tmp)

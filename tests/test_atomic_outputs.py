@@ -70,7 +70,8 @@ def kill_when(process: subprocess.Popen, ready, timeout_s: float = 120) -> None:
 
 
 def being_written(out: Path, pattern: str) -> bool:
-    return any(tmp.glob(pattern) for tmp in out.parent.glob(f".{out.name}.tmp-*"))
+    """A file matching `pattern` exists in a temporary directory beside `out`."""
+    return any(any(tmp.glob(pattern)) for tmp in out.parent.glob(f".{out.name}.tmp-*"))
 
 
 def fill(mount: Path, leave_bytes: int) -> None:
@@ -148,7 +149,12 @@ def test_a_killed_or_interrupted_prepare_leaves_the_dataset(root, tmp_path, sig)
         assert process.poll() is None and time.monotonic() < deadline, "prepare finished before the signal"
         time.sleep(0.005)
     process.send_signal(sig)
-    stderr = process.communicate(timeout=60)[1]
+    try:
+        stderr = process.communicate(timeout=60)[1]
+    finally:  # a prepare that outlived its signal must not outlive the test (later tests count this one's children)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert_dataset_intact(out, before)
     if sig != signal.SIGKILL:  # Ctrl-C, or Slurm's time limit: one line, the temporary directory removed on the way out
         last = {signal.SIGINT: "pretrain data: interrupted", signal.SIGTERM: "pretrain data: terminated (SIGTERM)"}
@@ -284,6 +290,34 @@ def test_ctrl_c_inside_leaves_the_previous_output_and_nothing_beside_it(tmp_path
         raise KeyboardInterrupt
     assert snapshot(out) == {"config.json": (b"old", (out / "config.json").stat().st_mode)}
     assert leftovers(out) == []
+
+
+class Stopped(Exception):
+    """What the stop-signal handler of the next test raises, as `pretrain`'s raises Terminated on SIGTERM."""
+
+
+def test_a_stop_signal_as_the_temporary_directory_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A real SIGTERM, sent as the temporary directory's mkdir returns: its handler raises there (a run signalled
+    just after it started), which once left the new, empty directory behind."""
+    out = tmp_path / "data"
+    make_directory = Path.mkdir
+
+    def mkdir_then_signal(self, *args, **kwargs):
+        make_directory(self, *args, **kwargs)
+        if self.name.startswith(f".{out.name}.tmp-"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(signum, frame):
+        raise Stopped
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_signal)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped), atomic_directory(out):
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
 
 
 KILLED_CHILD = """
