@@ -143,7 +143,10 @@ def test_a_killed_or_interrupted_prepare_leaves_the_dataset(root, tmp_path, sig)
     process = subprocess.Popen(
         [sys.executable, "-m", "launch.cli", "data", "prepare", "--input", corpus(root), "--tokenizer",
          str(root / "tokenizer"), "--seq-len", "8", "--out", str(out), "--shard-mb", "0.001", "--workers", "1"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C's default: a shell starts background commands with SIGINT ignored, which they inherit (and
+        # Python then keeps ignoring it), so a suite started with `&` would otherwise signal a deaf process.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not being_written(out, "shard-000003.tar"):
         assert process.poll() is None and time.monotonic() < deadline, "prepare finished before the signal"
@@ -151,10 +154,10 @@ def test_a_killed_or_interrupted_prepare_leaves_the_dataset(root, tmp_path, sig)
     process.send_signal(sig)
     try:
         stderr = process.communicate(timeout=60)[1]
-    finally:  # a prepare that outlived its signal must not outlive the test (later tests count this one's children)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    except subprocess.TimeoutExpired:  # killed, so that it does not outlive the test (later tests count children)
+        process.kill()
+        raise AssertionError(f"prepare still ran 60 s after {sig!r}; stderr: {process.communicate()[1][-3000:]}") \
+            from None
     assert_dataset_intact(out, before)
     if sig != signal.SIGKILL:  # Ctrl-C, or Slurm's time limit: one line, the temporary directory removed on the way out
         last = {signal.SIGINT: "pretrain data: interrupted", signal.SIGTERM: "pretrain data: terminated (SIGTERM)"}
