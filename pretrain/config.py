@@ -68,6 +68,11 @@ class ModelConfig(_Section):
             )
         return self
 
+    @property
+    def key_reach(self) -> int | None:
+        """How many positions before its own a query's keys reach: W - 1, unbounded (None) without a window."""
+        return None if self.sliding_window is None else self.sliding_window - 1
+
 
 class ParallelConfig(_Section):
     tp: int = Field(1, ge=1)

@@ -136,9 +136,9 @@ def memory_per_gpu(cfg: Config, dp: int, mixed_precision: bool = True) -> Memory
 def halo_tokens(cfg: Config) -> int:
     """Context parallelism: the most positions before its chunk a rank receives keys and values for (the window's
     reach, W - 1, or every position before the last chunk without a window); 0 at cp = 1."""
-    p, window = cfg.parallel, cfg.model.sliding_window
-    before_last_chunk = cfg.data.seq_len - cfg.data.seq_len // p.cp
-    return before_last_chunk if window is None else min(window - 1, before_last_chunk)
+    reach = cfg.model.key_reach
+    before_last_chunk = cfg.data.seq_len - cfg.data.seq_len // cfg.parallel.cp
+    return before_last_chunk if reach is None else min(reach, before_last_chunk)
 
 
 def context_parallel_traffic(cfg: Config, bytes_per_value: int) -> tuple[float, float]:

@@ -48,14 +48,9 @@ class ContextParallel:
         halo_start = 0 if reach is None else max(0, target_start - reach)
         return max(0, (source + 1) * chunk_len - max(source * chunk_len, halo_start))
 
-    def halo_len(self, chunk_len: int, reach: int | None) -> int:
-        """The positions before this rank's chunk within `reach` of it (all of them for `reach` None)."""
-        start = self.chunk_start(chunk_len)
-        return start if reach is None else min(reach, start)
-
     def halo(self, x: torch.Tensor, reach: int | None) -> torch.Tensor:
-        """x: this rank's chunk, sequence first [L, ...]. Returns the `halo_len(L, reach)` positions before the chunk
-        [H, ...], in order, gathered from the ranks before this one; differentiable."""
+        """x: this rank's chunk, sequence first [L, ...]. Returns the H positions before the chunk within `reach` of it
+        (all of them for `reach` None) [H, ...], in order, gathered from the ranks before this one; differentiable."""
         chunk_len = x.shape[0]
         send = [self._overlap(self.rank, target, chunk_len, reach) for target in range(self.size)]
         receive = [self._overlap(source, self.rank, chunk_len, reach) for source in range(self.size)]

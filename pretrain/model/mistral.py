@@ -156,11 +156,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-def halo_reach(cfg: ModelConfig) -> int | None:
-    """How many positions before its own a query's keys reach: W - 1, unbounded without a window."""
-    return None if cfg.sliding_window is None else cfg.sliding_window - 1
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_config: ModelParallelConfig, recompute_core: bool,
                  context_parallel: ContextParallel | None = None):
@@ -197,7 +192,7 @@ class Attention(nn.Module):
             out, _ = self.out_proj(cache.attend(q, k, v).flatten(2))
             return out
         if cp is not None:
-            k, v = cp.extend_keys(k, v, halo_reach(self.cfg))  # [B, halo + S, heads of this rank, D]
+            k, v = cp.extend_keys(k, v, self.cfg.key_reach)  # [B, halo + S, heads of this rank, D]
         core_args = (q, k, v, self.cfg.sliding_window, self.cfg.attention_backend, doc_ids)
         if self.recompute_core and torch.is_grad_enabled():
             # Selective recomputation: the attention core's activations are large and cheap to redo.
@@ -371,7 +366,7 @@ class Mistral(nn.Module):
         if not self.cfg.document_masking:
             return None
         if self.context_parallel is not None:
-            tokens = self.context_parallel.extend_tokens(tokens, halo_reach(self.cfg))
+            tokens = self.context_parallel.extend_tokens(tokens, self.cfg.key_reach)
         return document_ids(tokens, self.eos_id)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
