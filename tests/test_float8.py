@@ -11,12 +11,22 @@ gradients were off by 70-79 %; a layer left in bf16 would not differ at all.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from pretrain import parallel
 from pretrain.config import ConfigError, linear_layer_names, load_config
-from pretrain.model.float8 import float8_linear, use_float8
+from pretrain.model.float8 import (
+    E4M3,
+    E5M2,
+    TensorwiseFloat8Matmul,
+    cast_to_float8_and_transpose,
+    float8_linear,
+    torchao_matmul,
+    use_float8,
+)
 from pretrain.model.mistral import Mistral
 from pretrain.model.sharding import load_full_state
 from tests.distributed import run_distributed
@@ -83,6 +93,59 @@ def test_float8_with_sequence_parallelism_computes_the_bf16_model(compile):
     assert 1e-3 < normwise(ours["logits"], bf16["logits"]) < FLOAT8_LOGITS
     for name, grad in bf16["grads"].items():
         assert normwise(ours["grads"][name], grad) < FLOAT8_GRADS, name
+
+
+def tensorwise_matmul_and_grads(matmul, device: str) -> tuple[torch.Tensor, ...]:
+    """matmul(x, w) of a sequence-first input (S, B, K) and a weight (N, K), and its gradients for one output
+    gradient; shapes that are not multiples of the cast kernel's tiles."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(100, 2, 72, generator=generator).to(device, torch.bfloat16).requires_grad_()
+    w = (torch.randn(136, 72, generator=generator) * 0.05).to(device, torch.bfloat16).requires_grad_()
+    grad_output = torch.randn(100, 2, 136, generator=generator).to(device, torch.bfloat16)
+    output = matmul(x, w)
+    output.backward(grad_output)
+    return output.detach(), x.grad, w.grad
+
+
+def torchao_tensorwise():
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+
+    return functools.partial(torchao_matmul, mm_config=LinearMMConfig(),
+                             config=Float8LinearConfig.from_recipe_name("tensorwise"))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compile", [False, True])
+def test_tensorwise_matmul_is_torchaos_to_the_bit(device, compile):
+    """The tensorwise recipe's own matmul (casts in both layouts at once, float8 tensors kept for the backward pass)
+    computes what torchao's does: the output and both gradients, bit for bit."""
+    ours = tensorwise_matmul_and_grads(
+        torch.compile(TensorwiseFloat8Matmul.apply) if compile else TensorwiseFloat8Matmul.apply, device)
+    theirs = tensorwise_matmul_and_grads(torchao_tensorwise(), device)
+    for name, a, b in zip(["output", "input gradient", "weight gradient"], ours, theirs, strict=True):
+        assert a.abs().amax() > 0.1, name
+        assert torch.equal(a, b), f"{name}: {(a.float() - b.float()).abs().amax()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("shape", [(8192, 4096), (1000, 72), (3, 200)])
+def test_the_cuda_cast_kernel_is_torchs_cast(dtype, shape):
+    """The tiled Triton kernel (one read, two coalesced writes) rounds and saturates as torch's own cast does."""
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 300
+    scale = torch.tensor(2.5, device="cuda")
+    cast, cast_t = cast_to_float8_and_transpose(x, scale, dtype)
+    limit = torch.finfo(dtype).max
+    expected = (x.float() * scale).clamp(-limit, limit).to(dtype)
+    assert (x.float() * scale).abs().amax() > limit, "some values saturate"
+    assert torch.equal(cast.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(cast_t.view(torch.uint8), expected.t().contiguous().view(torch.uint8))
 
 
 def test_the_models_linear_layers_are_the_ones_the_config_names(single_process_group):
