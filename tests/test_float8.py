@@ -121,15 +121,19 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compile", [False, True])
-def test_tensorwise_matmul_is_torchaos_to_the_bit(device, compile):
+def test_tensorwise_matmul_is_torchaos(device, compile):
     """The tensorwise recipe's own matmul (casts in both layouts at once, float8 tensors kept for the backward pass)
-    computes what torchao's does: the output and both gradients, bit for bit."""
+    computes what torchao's does: on the CPU bit for bit; on a GPU to bf16's rounding, as cuBLAS may sum the weight
+    gradient in another order (ours is dy.T @ x, torchao's (x.T @ dy).T)."""
     ours = tensorwise_matmul_and_grads(
         torch.compile(TensorwiseFloat8Matmul.apply) if compile else TensorwiseFloat8Matmul.apply, device)
     theirs = tensorwise_matmul_and_grads(torchao_tensorwise(), device)
     for name, a, b in zip(["output", "input gradient", "weight gradient"], ours, theirs, strict=True):
-        assert a.abs().amax() > 0.1, name
-        assert torch.equal(a, b), f"{name}: {(a.float() - b.float()).abs().amax()}"
+        assert b.abs().amax() > 0.1, name
+        if device == "cpu":
+            assert torch.equal(a, b), f"{name}: {(a.float() - b.float()).abs().amax()}"
+        else:
+            torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-3 * b.abs().amax().item(), msg=name)
 
 
 @pytest.mark.gpu
@@ -138,10 +142,10 @@ def test_tensorwise_matmul_is_torchaos_to_the_bit(device, compile):
 @pytest.mark.parametrize("shape", [(8192, 4096), (1000, 72), (3, 200)])
 def test_the_cuda_cast_kernel_is_torchs_cast(dtype, shape):
     """The tiled Triton kernel (one read, two coalesced writes) rounds and saturates as torch's own cast does."""
-    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 300
-    scale = torch.tensor(2.5, device="cuda")
-    cast, cast_t = cast_to_float8_and_transpose(x, scale, dtype)
     limit = torch.finfo(dtype).max
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    scale = torch.tensor(limit / 2, device="cuda")  # values from float8's smallest (subnormal) to beyond its largest
+    cast, cast_t = cast_to_float8_and_transpose(x, scale, dtype)
     expected = (x.float() * scale).clamp(-limit, limit).to(dtype)
     assert (x.float() * scale).abs().amax() > limit, "some values saturate"
     assert torch.equal(cast.view(torch.uint8), expected.view(torch.uint8))
