@@ -31,7 +31,7 @@ from pretrain import parallel  # noqa: E402
 from pretrain.config import Config, check_zero_stage_for_dtype, grad_accum_steps  # noqa: E402
 from pretrain.dtypes import resolve_dtype  # noqa: E402
 from pretrain.hardware import concrete_dtype  # noqa: E402
-from pretrain.model.float8 import check_float8_device, use_float8  # noqa: E402
+from pretrain.model.float8 import Float8Layers, check_float8_device, use_float8  # noqa: E402
 from pretrain.model.mistral import (  # noqa: E402
     DecoderLayer,
     Embedding,
@@ -163,8 +163,8 @@ class Built:
     setup_s: dict[str, float]
     # the pipeline's loss function (pp > 1), whose divisor the trainer sets per batch
     pipeline_loss: PipelineLoss | None
-    # canonical names of this rank's linear layers that multiply in float8 (train.fp8)
-    float8_layers: list[str]
+    # this rank's linear layers that multiply in float8 (train.fp8), and their weights kept in float8
+    float8: Float8Layers
 
     @property
     def pipelined(self) -> bool:
@@ -227,9 +227,11 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
     start = time.perf_counter()
     pipeline_loss = PipelineLoss() if cfg.parallel.pp > 1 else None
     model, named = build_model(cfg, eos_id, pipeline_loss)
-    float8_layers = []
+    float8 = Float8Layers()
     if cfg.train.fp8 != "off":
-        float8_layers = use_float8(canonical_named_modules(model, cfg), cfg.train.fp8, cfg.train.fp8_bf16_layers)
+        # ZeRO-3 holds a weight whole only while its layer runs: there it is cast at each use.
+        float8 = use_float8(canonical_named_modules(model, cfg), cfg.train.fp8, cfg.train.fp8_bf16_layers,
+                            keep_weights=cfg.parallel.zero_stage < 3)
     if torch.cuda.is_available():
         model.cuda()
     built = time.perf_counter()
@@ -257,4 +259,4 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         args=argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None,
     )
     setup_s = {"model_s": built - start, "deepspeed_s": time.perf_counter() - built}
-    return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss, float8_layers)
+    return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss, float8)

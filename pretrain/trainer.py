@@ -104,7 +104,7 @@ class Trainer:
             self.log_rank0(f"context parallel: {cfg.parallel.cp} chunks of {chunk_len} tokens per sequence; each rank "
                            f"receives the keys and values of up to {halo} positions before its chunk")
         if cfg.train.fp8 != "off":
-            self.log_rank0(f"fp8 ({cfg.train.fp8} scaling): {len(self.built.float8_layers)} linear layers of this "
+            self.log_rank0(f"fp8 ({cfg.train.fp8} scaling): {len(self.built.float8.names)} linear layers of this "
                            f"rank multiply in float8; in bf16: {', '.join(cfg.train.fp8_bf16_layers) or 'none'}; MFU "
                            "is counted against the bf16 peak")
         self.inject_nonfinite = set(cfg.train.inject_nonfinite_batches)
@@ -155,6 +155,7 @@ class Trainer:
         start = time.perf_counter()
         micro_batches, divisor = self._global_batch(batches)
         waited = time.perf_counter() - start
+        self.built.float8.refresh_weights()  # the last step (or a checkpoint load) changed the weights
         if self.built.pipelined:
             self.built.pipeline_loss.divisor = divisor
             loss = self.engine.train_batch(data_iter=iter(micro_batches))
@@ -182,6 +183,7 @@ class Trainer:
         if not self.cfg.data.eval:
             return None
         self.engine.eval()
+        self.built.float8.refresh_weights()
         losses = []
         # A fresh loader each time: every evaluation reads the same held-out batches.
         with iter(build_loader(self.cfg.data, split="eval", **self.eval_loader_args)) as batches:

@@ -46,7 +46,11 @@ def float8_worker(tp: int, recipe: str, compile: bool = False, sequence_parallel
         weights = reference_full_state(CFG)
     model = Mistral(CFG, eos_id=EOS_ID, params_dtype=torch.bfloat16, sequence_parallel=sequence_parallel)
     load_full_state(model, weights, CFG)
-    converted = [] if recipe == "off" else use_float8(model.named_modules(), recipe, ["head.lm_head"])
+    converted = []
+    if recipe != "off":
+        float8 = use_float8(model.named_modules(), recipe, ["head.lm_head"])
+        float8.refresh_weights()
+        converted = float8.names
     if compile:
         for layer in model.layers:
             layer.compile_computation()
@@ -136,6 +140,54 @@ def test_tensorwise_matmul_is_torchaos(device, compile):
             torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-3 * b.abs().amax().item(), msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compile", [False, True])
+def test_weights_kept_in_float8_multiply_as_weights_cast_at_each_use(single_process_group, device, compile):
+    """Each weight cast once per refresh (the trainer's, before each step) gives the model what casting it at each
+    matmul gives, bit for bit, compiled (one graph for both layers) or not; changed weights (an optimizer step)
+    give the stale casts until the next refresh."""
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        weights = {name: weight.to(device) for name, weight in reference_full_state(CFG).items()}
+    models, float8 = {}, {}
+    for keep in (True, False):
+        models[keep] = Mistral(CFG, eos_id=EOS_ID, params_dtype=torch.bfloat16).to(device)
+        load_full_state(models[keep], weights, CFG)
+        float8[keep] = use_float8(models[keep].named_modules(), "tensorwise", ["head.lm_head"], keep_weights=keep)
+        if compile:
+            for layer in models[keep].layers:
+                layer.compile_computation()
+    assert len(float8[True].kept_weights) == len(float8[True].names) and not float8[False].kept_weights
+    generator = torch.Generator().manual_seed(5)
+    tokens, labels = (torch.randint(0, CFG.vocab_size, (2, 40), generator=generator).to(device) for _ in range(2))
+
+    def logits_and_grads(keep: bool) -> dict[str, torch.Tensor]:
+        models[keep].zero_grad(set_to_none=True)
+        result = one_batch(models[keep], tokens, labels)
+        return {"logits": result["logits"], **result["grads"]}
+
+    def assert_equal(kept: dict, cast_each_use: dict) -> None:
+        for name, tensor in cast_each_use.items():
+            assert torch.equal(kept[name], tensor), f"{name}: {(kept[name] - tensor).abs().amax()}"
+
+    if not compile:  # compiled, dynamo would give up on the layer whose trace raised
+        with pytest.raises(RuntimeError, match="used before its first refresh"):
+            models[True](tokens)
+    float8[True].refresh_weights()
+    assert_equal(logits_and_grads(True), logits_and_grads(False))
+    with torch.no_grad():  # an optimizer step, as DeepSpeed writes it: into the weights' data
+        for keep in (True, False):
+            for weight in float8[True].kept_weights if keep else models[False].parameters():
+                if weight.dim() == 2 and weight.shape[0] != CFG.vocab_size:
+                    weight.data.mul_(1.5)
+    updated = logits_and_grads(False)
+    assert not torch.equal(logits_and_grads(True)["logits"], updated["logits"])  # stale until refreshed
+    float8[True].refresh_weights()
+    assert_equal(logits_and_grads(True), updated)
+    if compile:  # one graph for the layers of each model
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [E4M3, E5M2])
@@ -164,7 +216,7 @@ def test_the_models_linear_layers_are_the_ones_the_config_names(single_process_g
 def test_layers_kept_in_bf16_by_pattern(single_process_group):
     model = Mistral(CFG, eos_id=EOS_ID)
     converted = use_float8(model.named_modules(), "rowwise", ["head.lm_head", "layers.0.*", "*.down_proj"])
-    assert converted == ["layers.1.attention.qkv_proj", "layers.1.attention.out_proj", "layers.1.mlp.gate_up_proj"]
+    assert converted.names == ["layers.1.attention.qkv_proj", "layers.1.attention.out_proj", "layers.1.mlp.gate_up_proj"]
     assert model.layers[1].mlp.gate_up_proj._forward_impl.func is float8_linear
     assert "_forward_impl" not in vars(model.layers[0].mlp.gate_up_proj)  # megatron's own method
 

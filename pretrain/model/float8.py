@@ -16,7 +16,9 @@ with a result in the input's dtype).
   the tensor (a row-wise reduction such as RMSNorm's backward) and stored it column by column: on one H200 these casts
   took 182 ms of a 1.17 s step. Here one tiled kernel (`cast_to_float8_and_transpose`) reads each tensor once and
   writes both layouts, and the forward pass keeps the float8 transposed input and weight for the backward pass
-  instead of the bf16 ones (the input's amax and cast are not redone, and they take half the memory).
+  instead of the bf16 ones (the input's amax and cast are not redone, and they take half the memory). Weights change
+  only at the optimizer step, so each is cast once per step (`Float8Weight`) and not once per micro-batch: the weights
+  were three quarters of the bytes these casts moved.
 - rowwise (one scale per row, finer): torchao's `matmul_with_hp_or_float8_args`.
 
 Parameters, their dtype, DeepSpeed's float32 master weights and optimizer state are untouched, so checkpoints and
@@ -31,6 +33,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -122,21 +125,26 @@ if torch.cuda.is_available():
 
 class TensorwiseFloat8Matmul(torch.autograd.Function):
     """input (..., K) @ weight (N, K).T in float8 with one scale per tensor: torchao's tensorwise recipe (its scales,
-    casts and matmul settings) on tensors cast once and in both layouts (module docstring)."""
+    casts and matmul settings) on tensors cast once and in both layouts (module docstring). The weight's float8
+    casts and scale may be given (`Float8Weight`); otherwise the weight is cast here."""
 
     @staticmethod
-    def forward(ctx, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, weight8: torch.Tensor | None = None,
+                weight8_t: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
         x = input.reshape(-1, input.shape[-1]).contiguous()  # (T, K)
-        x_scale, w_scale = tensorwise_scale(x, E4M3), tensorwise_scale(weight, E4M3)
+        x_scale = tensorwise_scale(x, E4M3)
         x8, x8_t = cast_to_float8_and_transpose(x, x_scale, E4M3)  # (T, K), (K, T)
-        w8, w8_t = cast_to_float8_and_transpose(weight.contiguous(), w_scale, E4M3)  # (N, K), (K, N)
+        w8, w8_t, w_scale = weight8, weight8_t, weight_scale
+        if w8 is None:
+            w_scale = tensorwise_scale(weight, E4M3)
+            w8, w8_t = cast_to_float8_and_transpose(weight.contiguous(), w_scale, E4M3)  # (N, K), (K, N)
         output = torch._scaled_mm(x8, w8.t(), scale_a=x_scale.reciprocal(), scale_b=w_scale.reciprocal(),
                                   out_dtype=input.dtype, use_fast_accum=True)  # (T, N)
         ctx.save_for_backward(x8_t, x_scale, w8_t, w_scale)
         return output.view(*input.shape[:-1], output.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x8_t, x_scale, w8_t, w_scale = ctx.saved_tensors
         dy = grad_output.reshape(-1, grad_output.shape[-1]).contiguous()  # (T, N)
         dy_scale = tensorwise_scale(dy, E5M2)
@@ -146,7 +154,34 @@ class TensorwiseFloat8Matmul(torch.autograd.Function):
                                       out_dtype=grad_output.dtype)  # (T, K)
         grad_weight = torch._scaled_mm(dy8_t, x8_t.t(), scale_a=dy_scale.reciprocal(),
                                        scale_b=x_scale.reciprocal(), out_dtype=grad_output.dtype)  # (N, K)
-        return grad_input.view(*grad_output.shape[:-1], grad_input.shape[-1]), grad_weight
+        return grad_input.view(*grad_output.shape[:-1], grad_input.shape[-1]), grad_weight, None, None, None
+
+
+class Float8Weight:
+    """A weight cast for `TensorwiseFloat8Matmul` (e4m3, as it is and transposed, with its scale), kept from one
+    optimizer step to the next: weights change only at the step, and cast for every micro-batch they made three
+    quarters of the bytes the float8 casts moved. Held by the weight itself (its `float8` attribute), where the
+    compiled layers find it: one graph still serves every layer, each one's casts being inputs of the graph.
+    `refresh` after every change of the weights (the trainer does before each step and each evaluation)."""
+
+    def __init__(self) -> None:
+        self.cast: torch.Tensor | None = None  # (N, K)
+        self.cast_t: torch.Tensor | None = None  # (K, N)
+        self.scale: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor) -> None:
+        # New tensors of the same shapes: the compiled layers neither recompile nor keep the old ones.
+        self.scale = tensorwise_scale(weight, E4M3)
+        self.cast, self.cast_t = cast_to_float8_and_transpose(weight.contiguous(), self.scale, E4M3)
+
+
+def kept_weight_tensorwise_matmul(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`TensorwiseFloat8Matmul` with the weight's kept float8 casts (`weight.float8`, a `Float8Weight`)."""
+    kept = weight.float8
+    if kept.cast is None:
+        raise RuntimeError("a float8 weight was used before its first refresh (Float8Layers.refresh_weights)")
+    return TensorwiseFloat8Matmul.apply(input, weight, kept.cast, kept.cast_t, kept.scale)
 
 
 def torchao_matmul(input: torch.Tensor, weight: torch.Tensor, *, mm_config, config) -> torch.Tensor:
@@ -183,17 +218,34 @@ def float8_linear(input, weight, bias, gradient_accumulation_fusion, allreduce_d
     return output if bias is None else output + bias
 
 
-def use_float8(modules: Iterable[tuple[str, nn.Module]], recipe: Float8Recipe, bf16_layers: list[str]) -> list[str]:
+@dataclass
+class Float8Layers:
+    """The linear layers `use_float8` converted: their canonical names, and the weights kept in float8 between
+    optimizer steps (tensorwise with kept weights only)."""
+
+    names: list[str] = field(default_factory=list)
+    kept_weights: list[torch.nn.Parameter] = field(default_factory=list)
+
+    def refresh_weights(self) -> None:
+        """Cast the kept weights again: after any change of the weights, before they are next used."""
+        for weight in self.kept_weights:
+            weight.float8.refresh(weight)
+
+
+def use_float8(modules: Iterable[tuple[str, nn.Module]], recipe: Float8Recipe, bf16_layers: list[str],
+               keep_weights: bool = True) -> Float8Layers:
     """Make the linear layers among `modules` (canonical name, module) multiply in float8 with `recipe`, but those
-    whose name matches a pattern of `bf16_layers`; returns the names of the layers converted."""
+    whose name matches a pattern of `bf16_layers`. With tensorwise and `keep_weights` each weight is cast once per
+    refresh (`Float8Weight`), not once per call: not where weights exist only while gathered (ZeRO-3)."""
+    keep_weights = keep_weights and recipe == "tensorwise"
     if recipe == "tensorwise":
-        matmul = TensorwiseFloat8Matmul.apply
+        matmul = kept_weight_tensorwise_matmul if keep_weights else TensorwiseFloat8Matmul.apply
     else:
         Float8LinearConfig, _, LinearMMConfig = _torchao_float8()
         matmul = functools.partial(torchao_matmul, mm_config=LinearMMConfig(),
                                    config=Float8LinearConfig.from_recipe_name(recipe))
     float8 = functools.partial(float8_linear, matmul=matmul)
-    converted = []
+    converted = Float8Layers()
     for name, module in modules:
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
             continue
@@ -201,5 +253,8 @@ def use_float8(modules: Iterable[tuple[str, nn.Module]], recipe: Float8Recipe, b
             continue
         # An instance attribute over megatron's method of the same name: the layer's forward calls it.
         module._forward_impl = float8
-        converted.append(name)
+        converted.names.append(name)
+        if keep_weights:
+            module.weight.float8 = Float8Weight()
+            converted.kept_weights.append(module.weight)
     return converted
