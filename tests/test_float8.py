@@ -216,7 +216,8 @@ def test_the_models_linear_layers_are_the_ones_the_config_names(single_process_g
 def test_layers_kept_in_bf16_by_pattern(single_process_group):
     model = Mistral(CFG, eos_id=EOS_ID)
     converted = use_float8(model.named_modules(), "rowwise", ["head.lm_head", "layers.0.*", "*.down_proj"])
-    assert converted.names == ["layers.1.attention.qkv_proj", "layers.1.attention.out_proj", "layers.1.mlp.gate_up_proj"]
+    assert converted.names == ["layers.1.attention.qkv_proj", "layers.1.attention.out_proj",
+                               "layers.1.mlp.gate_up_proj"]
     assert model.layers[1].mlp.gate_up_proj._forward_impl.func is float8_linear
     assert "_forward_impl" not in vars(model.layers[0].mlp.gate_up_proj)  # megatron's own method
 
