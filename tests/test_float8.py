@@ -101,11 +101,12 @@ def test_float8_with_sequence_parallelism_computes_the_bf16_model(compile):
 
 def tensorwise_matmul_and_grads(matmul, device: str) -> tuple[torch.Tensor, ...]:
     """matmul(x, w) of a sequence-first input (S, B, K) and a weight (N, K), and its gradients for one output
-    gradient; shapes that are not multiples of the cast kernel's tiles."""
+    gradient; shapes that are multiples of 16 (cuBLAS's float8 matmul needs them) but not of the cast kernel's
+    tiles."""
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(100, 2, 72, generator=generator).to(device, torch.bfloat16).requires_grad_()
-    w = (torch.randn(136, 72, generator=generator) * 0.05).to(device, torch.bfloat16).requires_grad_()
-    grad_output = torch.randn(100, 2, 136, generator=generator).to(device, torch.bfloat16)
+    x = torch.randn(100, 2, 80, generator=generator).to(device, torch.bfloat16).requires_grad_()
+    w = (torch.randn(144, 80, generator=generator) * 0.05).to(device, torch.bfloat16).requires_grad_()
+    grad_output = torch.randn(100, 2, 144, generator=generator).to(device, torch.bfloat16)
     output = matmul(x, w)
     output.backward(grad_output)
     return output.detach(), x.grad, w.grad
@@ -145,7 +146,10 @@ def test_tensorwise_matmul_is_torchaos(device, compile):
 def test_weights_kept_in_float8_multiply_as_weights_cast_at_each_use(single_process_group, device, compile):
     """Each weight cast once per refresh (the trainer's, before each step) gives the model what casting it at each
     matmul gives, bit for bit, compiled (one graph for both layers) or not; changed weights (an optimizer step)
-    give the stale casts until the next refresh."""
+    give the stale casts until the next refresh. Compiled on a GPU, the two models' graphs differ (casts inside
+    or outside them) and inductor fuses their bf16 arithmetic differently; float8 casts turn a last-bit
+    difference of bf16 into one of float8 (0.013 at most in the logits on one H200), so there they agree to
+    float8's rounding."""
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.no_grad():
         weights = {name: weight.to(device) for name, weight in reference_full_state(CFG).items()}
@@ -168,20 +172,24 @@ def test_weights_kept_in_float8_multiply_as_weights_cast_at_each_use(single_proc
 
     def assert_equal(kept: dict, cast_each_use: dict) -> None:
         for name, tensor in cast_each_use.items():
-            assert torch.equal(kept[name], tensor), f"{name}: {(kept[name] - tensor).abs().amax()}"
+            if device == "cpu" or not compile:
+                assert torch.equal(kept[name], tensor), f"{name}: {(kept[name] - tensor).abs().amax()}"
+            else:
+                assert normwise(kept[name], tensor) < (FLOAT8_LOGITS if name == "logits" else FLOAT8_GRADS), name
 
     if not compile:  # compiled, dynamo would give up on the layer whose trace raised
         with pytest.raises(RuntimeError, match="used before its first refresh"):
             models[True](tokens)
     float8[True].refresh_weights()
     assert_equal(logits_and_grads(True), logits_and_grads(False))
-    with torch.no_grad():  # an optimizer step, as DeepSpeed writes it: into the weights' data
-        for keep in (True, False):
-            for weight in float8[True].kept_weights if keep else models[False].parameters():
-                if weight.dim() == 2 and weight.shape[0] != CFG.vocab_size:
-                    weight.data.mul_(1.5)
+    with torch.no_grad():  # new weights, written as DeepSpeed's optimizer step writes them: into their data
+        generator = torch.Generator().manual_seed(7)
+        for kept, cast_each_use in zip(models[True].parameters(), models[False].parameters(), strict=True):
+            if any(kept is weight for weight in float8[True].kept_weights):
+                new = torch.randn(kept.shape, generator=generator) * kept.float().std().item()
+                kept.data.copy_(new), cast_each_use.data.copy_(new)
     updated = logits_and_grads(False)
-    assert not torch.equal(logits_and_grads(True)["logits"], updated["logits"])  # stale until refreshed
+    assert normwise(logits_and_grads(True)["logits"], updated["logits"]) > 0.3  # stale until refreshed
     float8[True].refresh_weights()
     assert_equal(logits_and_grads(True), updated)
     if compile:  # one graph for the layers of each model
