@@ -215,8 +215,8 @@ PEER_FLOAT8 = {"tensorwise": ("peer, float8 tensorwise", ["--float8", "tensorwis
 def peer_variants(args) -> dict[str, list[str]]:
     """The peer rows to run, by label: its options."""
     variants = dict(PEER_BF16[recompute] for recompute in args.peer_recompute)
-    if args.peer_float8:
-        variants.update(PEER_FLOAT8.values())
+    if args.peer_float8 is not None:
+        variants.update(PEER_FLOAT8[recipe] for recipe in args.peer_float8 or PEER_FLOAT8)
     return variants
 
 
@@ -287,11 +287,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer", action="store_true",
                         help="also run transformers' MistralForCausalLM at each row's shape (1 GPU), without and with "
                              "gradient checkpointing, and print the ratio to the faster")
-    parser.add_argument("--peer-float8", action="store_true",
-                        help="with --peer: also the peer in torchao float8 training, tensorwise and rowwise")
-    parser.add_argument("--peer-recompute", nargs="+", choices=list(PEER_BF16), default=list(PEER_BF16),
+    parser.add_argument("--peer-float8", nargs="*", choices=list(PEER_FLOAT8),
+                        help="with --peer: also the peer in torchao float8 training, in these recipes (default, "
+                             "the flag alone: tensorwise and rowwise)")
+    parser.add_argument("--peer-recompute", nargs="*", choices=list(PEER_BF16), default=list(PEER_BF16),
                         help="with --peer: the bf16 peer rows, without recomputation (none: its best where it fits) "
-                             "and with gradient checkpointing (full); default both")
+                             "and with gradient checkpointing (full); default both, none of them if given no value")
     parser.add_argument("--fp8", nargs="+", choices=["off", "tensorwise", "rowwise"], default=["off"],
                         help="train.fp8 recipes to run each layout with (off: bf16); FP8 rows are set against the "
                              "bf16 row")
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the benchmark needs CUDA GPUs; use --smoke on CPU")
     if args.peer and args.nproc != [1]:
         parser.error("--peer compares one GPU with one GPU: use it with --nproc 1")
-    if args.peer_float8 and not args.peer:
+    if args.peer_float8 is not None and not args.peer:
         parser.error("--peer-float8 adds rows to --peer: pass both")
     if args.fp8 != ["off"] and args.smoke:
         parser.error("--fp8 needs GPUs with float8 tensor cores: train.fp8 is refused on CPU (drop --fp8 with --smoke)")
