@@ -101,12 +101,12 @@ def test_float8_with_sequence_parallelism_computes_the_bf16_model(compile):
 
 def tensorwise_matmul_and_grads(matmul, device: str) -> tuple[torch.Tensor, ...]:
     """matmul(x, w) of a sequence-first input (S, B, K) and a weight (N, K), and its gradients for one output
-    gradient; shapes that are multiples of 16 (cuBLAS's float8 matmul needs them) but not of the cast kernel's
-    tiles."""
+    gradient; sizes that are multiples of 16 (cuBLAS's float8 matmul needs them, the 208 tokens too, the weight
+    gradient's inner size) but not of the cast kernel's tiles."""
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(100, 2, 80, generator=generator).to(device, torch.bfloat16).requires_grad_()
+    x = torch.randn(104, 2, 80, generator=generator).to(device, torch.bfloat16).requires_grad_()
     w = (torch.randn(144, 80, generator=generator) * 0.05).to(device, torch.bfloat16).requires_grad_()
-    grad_output = torch.randn(100, 2, 144, generator=generator).to(device, torch.bfloat16)
+    grad_output = torch.randn(104, 2, 144, generator=generator).to(device, torch.bfloat16)
     output = matmul(x, w)
     output.backward(grad_output)
     return output.detach(), x.grad, w.grad
