@@ -343,6 +343,20 @@ class Config(_Section):
                 raise ValueError(f"train.fp8_bf16_layers: {pattern!r} matches no linear layer; they are named "
                                  f"layers.N.{{{','.join(DECODER_LINEAR_LAYERS)}}} (N from 0 to {last}) and "
                                  "head.lm_head: fix the pattern")
+        m, p = self.model, self.parallel
+        # cuBLAS multiplies float8 only in sizes that are multiples of 16 (the rows, inner and output sizes).
+        sizes = {"parallel.micro_batch x data.seq_len / parallel.cp (the tokens of a matmul)":
+                 p.micro_batch * self.data.seq_len // p.cp,
+                 "model.dim": m.dim,
+                 "model.n_heads x model.head_dim / parallel.tp": m.n_heads * m.head_dim // p.tp,
+                 "model.n_kv_heads x model.head_dim / parallel.tp": m.n_kv_heads * m.head_dim // p.tp,
+                 "model.hidden_dim / parallel.tp": m.hidden_dim // p.tp}
+        if not any(fnmatch.fnmatchcase("head.lm_head", pattern) for pattern in t.fp8_bf16_layers):
+            sizes["model.vocab_size / parallel.tp"] = m.vocab_size // p.tp
+        for name, size in sizes.items():
+            if size % 16:
+                raise ValueError(f"train.fp8={t.fp8}: {name} is {size}, and float8 matmuls take only multiples of "
+                                 "16: change it, or set train.fp8=off")
 
     @property
     def model_parallel_size(self) -> int:

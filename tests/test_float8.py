@@ -237,6 +237,12 @@ def test_layers_kept_in_bf16_by_pattern(single_process_group):
     (["train.fp8=rowwise", "train.fp8_bf16_layers=[lm_head]"],
      "train.fp8_bf16_layers: 'lm_head' matches no linear layer; they are named layers.N.{attention.qkv_proj,"
      "attention.out_proj,mlp.gate_up_proj,mlp.down_proj} (N from 0 to 3) and head.lm_head: fix the pattern"),
+    (["train.fp8=tensorwise", "data.seq_len=250"],
+     "train.fp8=tensorwise: parallel.micro_batch x data.seq_len / parallel.cp (the tokens of a matmul) is 1000, and "
+     "float8 matmuls take only multiples of 16: change it, or set train.fp8=off"),
+    (["train.fp8=rowwise", "model.hidden_dim=680", "parallel.tp=2"],
+     "train.fp8=rowwise: model.hidden_dim / parallel.tp is 340, and float8 matmuls take only multiples of 16: "
+     "change it, or set train.fp8=off"),
 ])
 def test_float8_config_mistakes_are_refused_with_the_fix(overrides, message):
     with pytest.raises(ConfigError) as e:
