@@ -12,6 +12,7 @@
     python benchmarks/train_step.py --peer                   # and transformers' MistralForCausalLM at the same shape
     python benchmarks/train_step.py --peer --peer-float8     # and that peer in torchao float8 (tensorwise, rowwise)
     python benchmarks/train_step.py --fp8 off tensorwise rowwise --peer --peer-float8 --peer-recompute none
+    python benchmarks/train_step.py --fp8 off tensorwise --peer --peer-float8 tensorwise --peer-recompute none
     python benchmarks/train_step.py --smoke                  # a tiny float32 run on CPU, to check the script works
 
 Each configuration is `pretrain train` on configs/mistral-7b.yaml (with fewer layers where the whole 7B does not
@@ -220,17 +221,19 @@ def peer_variants(args) -> dict[str, list[str]]:
     return variants
 
 
+def peer_summary(label: str, peer: dict) -> str:
+    if "error" in peer:
+        return f"{label}: FAILED {peer['error']}"
+    memory = f", {peer['memory_gib']:.1f} GiB" if peer["memory_gib"] is not None else ""
+    return (f"{label}: {peer['tokens_per_s']:,.0f} tokens/s, step {peer['step_time_s']:.3f} s, first step "
+            f"{peer['first_step_s']:.1f} s{memory}")
+
+
 def print_peer_ratios(rows: list[dict], results: dict[str, dict]) -> None:
     """Each trainer row at one shape over each peer run at that shape, and the ratios the FP8 work is judged by."""
     for label, peer in results.items():
-        if "error" in peer:
-            print(f"  {label}: FAILED {peer['error']}")
-            continue
-        memory = f", {peer['memory_gib']:.1f} GiB" if peer["memory_gib"] is not None else ""
-        print(f"  {label}: {peer['tokens_per_s']:,.0f} tokens/s, step {peer['step_time_s']:.3f} s, first step "
-              f"{peer['first_step_s']:.1f} s{memory}; "
-              + ", ".join(f"{row['name']} / this = {row['tokens_per_s_per_gpu'] / peer['tokens_per_s']:.2f}x"
-                          for row in rows))
+        print(f"  {peer_summary(label, peer)}" + ("" if "error" in peer else "; " + ", ".join(
+            f"{row['name']} / this = {row['tokens_per_s_per_gpu'] / peer['tokens_per_s']:.2f}x" for row in rows)))
     measured = {label: peer["tokens_per_s"] for label, peer in results.items() if "error" not in peer}
     bf16_peers = [measured[label] for label, _ in PEER_BF16.values() if label in measured]
     float8_peers = {recipe: measured[label] for recipe, (label, _) in PEER_FLOAT8.items() if label in measured}
@@ -358,10 +361,12 @@ def main(argv: list[str] | None = None) -> None:
                             scaling.setdefault((layout, fp8, seq_len, window_text), []).append(
                                 (nproc, row["tokens_per_s_per_gpu"]))
                             rows_by_shape.setdefault((layout, nproc, seq_len, window), []).append(row)
-        peers = {(seq_len, window): {label: run_peer(args, seq_len, window, options)
-                                     for label, options in peer_variants(args).items()}
-                 for seq_len, window in dict.fromkeys((seq, window) for _, _, seq, window in rows_by_shape)
-                 } if args.peer else {}
+        peers = {}
+        for seq_len, window in dict.fromkeys((seq, window) for _, _, seq, window in rows_by_shape):
+            for label, options in (peer_variants(args) if args.peer else {}).items():
+                peer = peers.setdefault((seq_len, window), {})[label] = run_peer(args, seq_len, window, options)
+                # Printed as each ends: a run cut short by its time limit still shows the peers it finished.
+                print(f"seq {seq_len}, window {window or 'full'}, {peer_summary(label, peer)}", flush=True)
     if len(args.nproc) > 1:
         print("\nweak scaling (the same micro-batches per data-parallel replica): tokens/s/GPU over that at the "
               "fewest GPUs")
