@@ -1,0 +1,133 @@
+"""What accumulating each weight gradient straight into its float32 gradient would save (issue 31's
+gradient-accumulation fusion), measured on the weight-gradient matmuls alone before it is built into the trainer.
+
+    python benchmarks/wgrad_accumulation.py                 # the 8-layer slice of the 7B: seq 8192, 8 micro-batches
+    python benchmarks/wgrad_accumulation.py --smoke         # tiny shapes on CPU, to check the script works
+
+Each micro-batch every linear layer's weight gradient dW = dY.T @ X (dY (T, N), X (T, K)) is added into the float32
+gradient DeepSpeed keeps (ZeRO 0-1, bf16). The trainer today: the matmul writes dW in bf16, then one Triton kernel
+adds it into float32 (`pretrain.engine.accumulate_into_float32`). The fused way: one matmul that reads the float32
+gradient and writes the sum (`torch.addmm(..., out_dtype=torch.float32)`, cuBLAS's beta = 1; CUDA only). In float8
+(the tensorwise recipe) torch's `_scaled_mm` takes no matrix to add to, so the nearest is a float32 result plus an
+add. Times are per optimizer step (layers x micro-batches), from CUDA events around each variant; the result of
+each variant is compared with the float64 sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+from pretrain.engine import accumulate_into_float32  # noqa: E402
+
+# Mistral 7B's linear layers (N, K) per decoder layer, and the LM head once.
+LAYER_WEIGHTS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+HEAD_WEIGHT = (32000, 4096)
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def bf16_then_add(grad, operands):
+    dy, x = operands
+    accumulate_into_float32(grad, dy.t() @ x)
+
+
+def fused_addmm(grad, operands):
+    dy, x = operands
+    torch.addmm(grad, dy.t(), x, out_dtype=torch.float32, out=grad)
+
+
+def float8_operands(dy, x):
+    """dY.T and X in float8 as the tensorwise recipe multiplies them: (N, T) row-major @ (T, K) column-major."""
+    def cast(t, dtype):
+        scale = (torch.finfo(dtype).max / t.abs().amax().float().clamp(min=1e-12))
+        return (t.float() * scale).to(dtype), scale.reciprocal()
+    dy8, dy_inv = cast(dy.t().contiguous(), E5M2)
+    x8, x_inv = cast(x.t().contiguous(), E4M3)
+    return dy8, x8, dy_inv, x_inv
+
+
+def float8_bf16_then_add(grad, operands):
+    dy8, x8, dy_inv, x_inv = operands
+    dw = torch._scaled_mm(dy8, x8.t(), scale_a=dy_inv, scale_b=x_inv, out_dtype=torch.bfloat16)
+    accumulate_into_float32(grad, dw)
+
+
+def float8_float32_then_add(grad, operands):
+    dy8, x8, dy_inv, x_inv = operands
+    grad.add_(torch._scaled_mm(dy8, x8.t(), scale_a=dy_inv, scale_b=x_inv, out_dtype=torch.float32))
+
+
+def timed(device, repeats: int, run, *args) -> float:
+    """Seconds per call of run(*args)."""
+    run(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            run(*args)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / repeats
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run(*args)
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (T)")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--micro-batches", type=int, default=8, help="micro-batches per optimizer step")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    shrink = 64 if args.smoke else 1
+    tokens = args.tokens // shrink
+    weights = {name: (n // shrink, k // shrink, args.layers) for name, (n, k) in LAYER_WEIGHTS.items()}
+    weights["lm_head"] = (HEAD_WEIGHT[0] // shrink, HEAD_WEIGHT[1] // shrink, 1)
+    float8_ok = device.type == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+
+    variants = {"bf16 dW, then the add (the trainer)": ("bf16", bf16_then_add)}
+    if device.type == "cuda":
+        variants["addmm into float32 (fused)"] = ("bf16", fused_addmm)
+    if float8_ok:
+        variants["float8 dW in bf16, then the add (the trainer)"] = ("float8", float8_bf16_then_add)
+        variants["float8 dW in float32, then the add"] = ("float8", float8_float32_then_add)
+
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; tokens per micro-batch "
+          f"{tokens}, {args.layers} layers, {args.micro_batches} micro-batches per step")
+    print("| variant | ms per step | largest error vs float64 (relative) |")
+    print("| --- | --- | --- |")
+    torch.manual_seed(0)
+    for label, (kind, run) in variants.items():
+        total_s, worst = 0.0, 0.0
+        for name, (n, k, count) in weights.items():
+            if kind == "float8" and name == "lm_head":
+                kind_here, run_here = "bf16", bf16_then_add  # the recipes keep the LM head in bf16
+            else:
+                kind_here, run_here = kind, run
+            dy = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
+            x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+            grad = torch.randn(n, k, device=device, dtype=torch.float32)
+            expected = grad.double() + dy.double().t() @ x.double()
+            operands = float8_operands(dy, x) if kind_here == "float8" else (dy, x)
+            check = grad.clone()
+            run_here(check, operands)
+            worst = max(worst, ((check.double() - expected).norm() / expected.norm()).item())
+            total_s += timed(device, args.repeats, run_here, grad, operands) * count * args.micro_batches
+        print(f"| {label} | {total_s * 1e3:.1f} | {worst:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
