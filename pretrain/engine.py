@@ -32,6 +32,7 @@ from pretrain.config import Config, check_zero_stage_for_dtype, grad_accum_steps
 from pretrain.dtypes import resolve_dtype  # noqa: E402
 from pretrain.hardware import concrete_dtype  # noqa: E402
 from pretrain.model.float8 import Float8Layers, check_float8_device, use_float8  # noqa: E402
+from pretrain.model.linear import use_float32_weight_gradients  # noqa: E402
 from pretrain.model.mistral import (  # noqa: E402
     DecoderLayer,
     Embedding,
@@ -91,6 +92,34 @@ def _add_bf16_grad_into_float32(self, lp, group_idx, param_idx, clear_lp_grads):
 
 
 BF16_Optimizer._update_hp_grad = _add_bf16_grad_into_float32
+_deepspeed_clear_hp_grads = BF16_Optimizer.clear_hp_grads
+
+
+def _clear_hp_grads_keeping_matmul_filled(self):
+    """DeepSpeed's `BF16_Optimizer.clear_hp_grads`, then the float32 gradients that matmuls fill (pretrain/model/
+    linear.py) marked as present again: the autograd hook that marks every other gradient never runs for them, and
+    an unmarked gradient is left out of the norm, the non-finite check and the clipping."""
+    _deepspeed_clear_hp_grads(self)
+    for group_idx, param_idx in getattr(self, "matmul_filled_gradients", ()):
+        self.fp32_groups_has_gradients[group_idx][param_idx] = True
+
+
+BF16_Optimizer.clear_hp_grads = _clear_hp_grads_keeping_matmul_filled
+
+
+def attach_float32_gradients(optimizer: BF16_Optimizer, weights: list[torch.nn.Parameter]) -> None:
+    """Give each of `weights` its float32 gradient in DeepSpeed's buffer as `weight.main_grad`, where its
+    weight-gradient matmul adds (`use_float32_weight_gradients`)."""
+    wanted = {id(weight) for weight in weights}
+    filled = []
+    for group_idx, group in enumerate(optimizer.bf16_groups):
+        for param_idx, lp in enumerate(group):
+            if id(lp) in wanted:
+                lp.main_grad = lp._hp_grad = optimizer.fp32_groups_gradients[group_idx][param_idx].view(lp.shape)
+                optimizer.fp32_groups_has_gradients[group_idx][param_idx] = True
+                filled.append((group_idx, param_idx))
+    assert len(filled) == len(wanted), "a weight outside DeepSpeed's bf16 groups"
+    optimizer.matmul_filled_gradients = filled
 
 
 class MegatronMPU:
@@ -258,5 +287,8 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         # where a rank sees only its own GPU (Slurm's --gpus-per-task).
         args=argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None,
     )
+    if isinstance(engine.optimizer, BF16_Optimizer) and engine.optimizer.immediate_grad_update:
+        # bf16 with ZeRO 0-1: DeepSpeed keeps float32 gradients, which the weight-gradient matmuls add into.
+        attach_float32_gradients(engine.optimizer, use_float32_weight_gradients(model.modules()))
     setup_s = {"model_s": built - start, "deepspeed_s": time.perf_counter() - built}
     return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss, float8)

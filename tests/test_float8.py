@@ -23,10 +23,10 @@ from pretrain.model.float8 import (
     E5M2,
     TensorwiseFloat8Matmul,
     cast_to_float8_and_transpose,
-    float8_linear,
     torchao_matmul,
     use_float8,
 )
+from pretrain.model.linear import linear_with_matmul
 from pretrain.model.mistral import Mistral
 from pretrain.model.sharding import load_full_state
 from tests.distributed import run_distributed
@@ -226,7 +226,8 @@ def test_layers_kept_in_bf16_by_pattern(single_process_group):
     converted = use_float8(model.named_modules(), "rowwise", ["head.lm_head", "layers.0.*", "*.down_proj"])
     assert converted.names == ["layers.1.attention.qkv_proj", "layers.1.attention.out_proj",
                                "layers.1.mlp.gate_up_proj"]
-    assert model.layers[1].mlp.gate_up_proj._forward_impl.func is float8_linear
+    swapped = model.layers[1].mlp.gate_up_proj._forward_impl
+    assert swapped.func is linear_with_matmul and swapped.keywords["matmul"].func is torchao_matmul
     assert "_forward_impl" not in vars(model.layers[0].mlp.gate_up_proj)  # megatron's own method
 
 

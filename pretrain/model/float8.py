@@ -2,10 +2,8 @@
 
 torchao's `convert_to_float8_training` swaps `nn.Linear` modules for its `Float8Linear`. megatron-core's
 ColumnParallelLinear and RowParallelLinear are not `nn.Linear`, so the conversion would leave every one of them in
-bf16 and say nothing. Each of them does its tensor-parallel communication around a single call,
-`_forward_impl(input, weight, ...)` (megatron's `linear_with_grad_accumulation_and_async_allreduce`, which
-traceable_megatron.py teaches the compiler). `use_float8` replaces that call, layer by layer, with `float8_linear`:
-the same communication around a float8 matmul with dynamic scaling (in the forward pass the input and the weight, in
+bf16 and say nothing. `use_float8` swaps their matmul instead, layer by layer (linear.py): the same tensor-parallel
+communication around a float8 matmul with dynamic scaling (in the forward pass the input and the weight, in
 the backward pass the output gradient, are scaled to float8 e4m3 or e5m2 and multiplied on the float8 tensor cores,
 with a result in the input's dtype).
 
@@ -36,12 +34,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed._functional_collectives as funcol
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region
-from megatron.core.utils import get_tensor_model_parallel_group_if_none
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from pretrain.config import ConfigError, Float8Recipe
+from pretrain.model.linear import swap_matmul
 
 # torch._scaled_mm's float8 tensor cores: Ada (8.9), Hopper (9.0) and later.
 FLOAT8_COMPUTE_CAPABILITY = (8, 9)
@@ -200,24 +197,6 @@ def _torchao_float8():
     return Float8LinearConfig, matmul_with_hp_or_float8_args, LinearMMConfig
 
 
-def float8_linear(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
-                  grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, *, matmul):
-    """megatron's tensor-parallel linear (`linear_with_grad_accumulation_and_async_allreduce`, the same arguments)
-    with its matmul in float8: `matmul(input, weight)`, input (..., K) @ weight (N, K).T.
-
-    Column-parallel: with sequence parallelism the sequence is gathered first (backward: the input gradient is
-    reduce-scattered); without it the input gradient is all-reduced over the tensor-parallel ranks. Row-parallel
-    layers pass neither, and reduce their output themselves."""
-    assert not gradient_accumulation_fusion and grad_output_buffer is None, "megatron options the model never sets"
-    tp_group = get_tensor_model_parallel_group_if_none(tp_group)
-    if sequence_parallel:
-        input = funcol.all_gather_tensor_autograd(input, 0, tp_group)  # [S / tp, B, D] -> [S, B, D]
-    elif allreduce_dgrad:
-        input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    output = matmul(input, weight)
-    return output if bias is None else output + bias
-
-
 @dataclass
 class Float8Layers:
     """The linear layers `use_float8` converted: their canonical names, and the weights kept in float8 between
@@ -244,15 +223,13 @@ def use_float8(modules: Iterable[tuple[str, nn.Module]], recipe: Float8Recipe, b
         Float8LinearConfig, _, LinearMMConfig = _torchao_float8()
         matmul = functools.partial(torchao_matmul, mm_config=LinearMMConfig(),
                                    config=Float8LinearConfig.from_recipe_name(recipe))
-    float8 = functools.partial(float8_linear, matmul=matmul)
     converted = Float8Layers()
     for name, module in modules:
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
             continue
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in bf16_layers):
             continue
-        # An instance attribute over megatron's method of the same name: the layer's forward calls it.
-        module._forward_impl = float8
+        swap_matmul(module, matmul)
         converted.names.append(name)
         if keep_weights:
             module.weight.float8 = Float8Weight()
