@@ -288,7 +288,7 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         args=argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None,
     )
     if isinstance(engine.optimizer, BF16_Optimizer) and engine.optimizer.immediate_grad_update:
-        # bf16 with ZeRO 0-1: DeepSpeed keeps float32 gradients, which the weight-gradient matmuls add into.
+        # bf16 (ZeRO-1): DeepSpeed keeps float32 gradients, which the weight-gradient matmuls add into.
         attach_float32_gradients(engine.optimizer, use_float32_weight_gradients(model.modules()))
     setup_s = {"model_s": built - start, "deepspeed_s": time.perf_counter() - built}
     return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss, float8)

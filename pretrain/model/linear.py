@@ -6,15 +6,15 @@ ColumnParallelLinear and RowParallelLinear do their tensor-parallel communicatio
 traceable_megatron.py teaches the compiler). `linear_with_matmul` is that call with another matmul: float8's
 (float8.py) or `matmul_into_float32_gradient`, set on a layer as an instance attribute over megatron's method.
 
-Weight gradients straight into float32 (megatron's gradient_accumulation_fusion): with bf16 weights, DeepSpeed (ZeRO
-0-1) keeps each weight's gradient in float32 and adds every micro-batch's into it, so each weight-gradient matmul
-wrote a bf16 gradient that a second kernel then read and added. Here the matmul reads the float32 gradient and
-writes the sum (cuBLAS's beta = 1, `torch.addmm(..., out_dtype=torch.float32)`): one pass less over every weight per
-micro-batch, and the micro-batch's gradient is no longer rounded to bf16 before it is added. On one H200, at the
-8-layer slice of the 7B (8 micro-batches of 8192 tokens), the weight-gradient matmuls and their adds took 318 ms per
-step fused against 344 (benchmarks/wgrad_accumulation.py). megatron needs apex's `fused_weight_gradient_mlp_cuda`
-for this; PyTorch's addmm does it. A fused weight gets no gradient from autograd: its float32 gradient is
-`weight.main_grad`, attached by the engine (pretrain/engine.py).
+Weight gradients straight into float32 (megatron's gradient_accumulation_fusion): with bf16 weights, DeepSpeed
+(ZeRO-1; stage 0 runs in float32) keeps each weight's gradient in float32 and adds every micro-batch's into it, so
+each weight-gradient matmul wrote a bf16 gradient that a second kernel then read and added. Here the matmul reads
+the float32 gradient and writes the sum (cuBLAS's beta = 1, `torch.addmm(..., out_dtype=torch.float32)`): one pass
+less over every weight per micro-batch, and the micro-batch's gradient is no longer rounded to bf16 before it is
+added. On one H200, at the 8-layer slice of the 7B (8 micro-batches of 8192 tokens), the weight-gradient matmuls
+and their adds took 318 ms per step fused against 344 (benchmarks/wgrad_accumulation.py). megatron needs apex's
+`fused_weight_gradient_mlp_cuda` for this; PyTorch's addmm does it. A fused weight gets no gradient from autograd:
+its float32 gradient is `weight.main_grad`, attached by the engine (pretrain/engine.py).
 """
 
 from __future__ import annotations
