@@ -95,13 +95,20 @@ BF16_Optimizer._update_hp_grad = _add_bf16_grad_into_float32
 _deepspeed_clear_hp_grads = BF16_Optimizer.clear_hp_grads
 
 
+def _mark_matmul_filled_gradients(optimizer: BF16_Optimizer) -> None:
+    """Mark as present the float32 gradients that matmuls fill (the weights with a `main_grad`, pretrain/model/
+    linear.py): the autograd hook that marks every other gradient never runs for them, and an unmarked gradient is
+    left out of the norm, the non-finite check and the clipping."""
+    for group_idx, group in enumerate(optimizer.bf16_groups):
+        for param_idx, lp in enumerate(group):
+            if hasattr(lp, "main_grad"):
+                optimizer.fp32_groups_has_gradients[group_idx][param_idx] = True
+
+
 def _clear_hp_grads_keeping_matmul_filled(self):
-    """DeepSpeed's `BF16_Optimizer.clear_hp_grads`, then the float32 gradients that matmuls fill (pretrain/model/
-    linear.py) marked as present again: the autograd hook that marks every other gradient never runs for them, and
-    an unmarked gradient is left out of the norm, the non-finite check and the clipping."""
+    """DeepSpeed's `BF16_Optimizer.clear_hp_grads`, the matmul-filled gradients marked as present again."""
     _deepspeed_clear_hp_grads(self)
-    for group_idx, param_idx in getattr(self, "matmul_filled_gradients", ()):
-        self.fp32_groups_has_gradients[group_idx][param_idx] = True
+    _mark_matmul_filled_gradients(self)
 
 
 BF16_Optimizer.clear_hp_grads = _clear_hp_grads_keeping_matmul_filled
@@ -111,15 +118,14 @@ def attach_float32_gradients(optimizer: BF16_Optimizer, weights: list[torch.nn.P
     """Give each of `weights` its float32 gradient in DeepSpeed's buffer as `weight.main_grad`, where its
     weight-gradient matmul adds (`use_float32_weight_gradients`)."""
     wanted = {id(weight) for weight in weights}
-    filled = []
+    attached = 0
     for group_idx, group in enumerate(optimizer.bf16_groups):
         for param_idx, lp in enumerate(group):
             if id(lp) in wanted:
                 lp.main_grad = lp._hp_grad = optimizer.fp32_groups_gradients[group_idx][param_idx].view(lp.shape)
-                optimizer.fp32_groups_has_gradients[group_idx][param_idx] = True
-                filled.append((group_idx, param_idx))
-    assert len(filled) == len(wanted), "a weight outside DeepSpeed's bf16 groups"
-    optimizer.matmul_filled_gradients = filled
+                attached += 1
+    assert attached == len(wanted), "a weight outside DeepSpeed's bf16 groups"
+    _mark_matmul_filled_gradients(optimizer)
 
 
 class MegatronMPU:
