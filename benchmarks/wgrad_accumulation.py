@@ -1,13 +1,14 @@
-"""What accumulating each weight gradient straight into its float32 gradient would save (issue 31's
-gradient-accumulation fusion), measured on the weight-gradient matmuls alone before it is built into the trainer.
+"""What accumulating each weight gradient straight into its float32 gradient saves (issue 31's gradient-accumulation
+fusion, pretrain/model/linear.py), measured on the weight-gradient matmuls alone.
 
     python benchmarks/wgrad_accumulation.py                 # the 8-layer slice of the 7B: seq 8192, 8 micro-batches
     python benchmarks/wgrad_accumulation.py --smoke         # tiny shapes on CPU, to check the script works
 
 Each micro-batch every linear layer's weight gradient dW = dY.T @ X (dY (T, N), X (T, K)) is added into the float32
-gradient DeepSpeed keeps (ZeRO 0-1, bf16). The trainer today: the matmul writes dW in bf16, then one Triton kernel
-adds it into float32 (`pretrain.engine.accumulate_into_float32`). The fused way: one matmul that reads the float32
-gradient and writes the sum (`torch.addmm(..., out_dtype=torch.float32)`, cuBLAS's beta = 1; CUDA only). In float8
+gradient DeepSpeed keeps (ZeRO-1, bf16). DeepSpeed's way: the matmul writes dW in bf16, then a kernel adds it into
+float32 (here the trainer's own, `pretrain.engine.accumulate_into_float32`). The fused way, the trainer's for bf16
+layers: one matmul that reads the float32 gradient and writes the sum (`torch.addmm(..., out_dtype=torch.float32)`,
+cuBLAS's beta = 1; CUDA only). In float8
 (the tensorwise recipe) torch's `_scaled_mm` takes no matrix to add to, so the nearest is a float32 result plus an
 add. Times are per optimizer step (layers x micro-batches), from CUDA events around each variant; the result of
 each variant is compared with the float64 sum.
@@ -27,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from pretrain.engine import accumulate_into_float32  # noqa: E402
+from pretrain.model.float8 import E4M3, E5M2, cast_to_float8_and_transpose, tensorwise_scale  # noqa: E402
 
 # Mistral 7B's linear layers (N, K) per decoder layer, and the LM head once.
 LAYER_WEIGHTS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 HEAD_WEIGHT = (32000, 4096)
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 def bf16_then_add(grad, operands):
@@ -45,13 +46,12 @@ def fused_addmm(grad, operands):
 
 
 def float8_operands(dy, x):
-    """dY.T and X in float8 as the tensorwise recipe multiplies them: (N, T) row-major @ (T, K) column-major."""
-    def cast(t, dtype):
-        scale = (torch.finfo(dtype).max / t.abs().amax().float().clamp(min=1e-12))
-        return (t.float() * scale).to(dtype), scale.reciprocal()
-    dy8, dy_inv = cast(dy.t().contiguous(), E5M2)
-    x8, x_inv = cast(x.t().contiguous(), E4M3)
-    return dy8, x8, dy_inv, x_inv
+    """dY.T and X cast as the tensorwise recipe casts them for the weight gradient, with their inverse scales:
+    (N, T) row-major @ (T, K) column-major."""
+    dy_scale, x_scale = tensorwise_scale(dy, E5M2), tensorwise_scale(x, E4M3)
+    _, dy8_t = cast_to_float8_and_transpose(dy, dy_scale, E5M2)  # (N, T)
+    _, x8_t = cast_to_float8_and_transpose(x, x_scale, E4M3)  # (K, T)
+    return dy8_t, x8_t, dy_scale.reciprocal(), x_scale.reciprocal()
 
 
 def float8_bf16_then_add(grad, operands):
@@ -98,9 +98,9 @@ def main() -> None:
     weights["lm_head"] = (HEAD_WEIGHT[0] // shrink, HEAD_WEIGHT[1] // shrink, 1)
     float8_ok = device.type == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
 
-    variants = {"bf16 dW, then the add (the trainer)": ("bf16", bf16_then_add)}
+    variants = {"bf16 dW, then the add (DeepSpeed's way)": ("bf16", bf16_then_add)}
     if device.type == "cuda":
-        variants["addmm into float32 (fused)"] = ("bf16", fused_addmm)
+        variants["addmm into float32 (fused: the trainer)"] = ("bf16", fused_addmm)
     if float8_ok:
         variants["float8 dW in bf16, then the add (the trainer)"] = ("float8", float8_bf16_then_add)
         variants["float8 dW in float32, then the add"] = ("float8", float8_float32_then_add)
