@@ -41,7 +41,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -61,6 +60,7 @@ from pretrain.model.attention import attention, document_ids
 from pretrain.model.context_parallel import ContextParallel
 from pretrain.model.kv_cache import LayerCache, RollingKVCache
 from pretrain.model.sharding import full_shape, parameter_layout, shard_parameter
+from pretrain.model.swiglu import swiglu
 
 ActivationCheckpointing = Literal["none", "selective", "full"]
 IGNORE_INDEX = -100
@@ -106,9 +106,13 @@ class FusedColumnParallelLinear(ColumnParallelLinear):
         self.block_sizes = tuple(block_sizes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out, _ = super().forward(x)
         tp = self.config.tensor_model_parallel_size
-        return out.split([size // tp for size in self.block_sizes], dim=-1)
+        return self.concatenated(x).split([size // tp for size in self.block_sizes], dim=-1)
+
+    def concatenated(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's blocks side by side, as one tensor (..., sum of the block sizes / tp)."""
+        out, _ = super().forward(x)
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -219,8 +223,7 @@ class SwiGLU(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
-        out, _ = self.down_proj(F.silu(gate) * up)
+        out, _ = self.down_proj(swiglu(self.gate_up_proj.concatenated(x)))  # [gate | up] (..., 2F) -> (..., F)
         return out
 
 
