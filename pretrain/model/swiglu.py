@@ -4,7 +4,9 @@ The gate/up projection's output is one tensor [gate | up] (..., 2F) and its grad
 projection's weight- and input-gradient matmuls. Compiled from plain torch ops, the backward pass is the gradient of
 a split: inductor lowers that concatenation as one kernel over the (..., 2F) output whose every element computes its
 half's formula, so gate and the output gradient are read once for each half. Here the backward pass is one tiled
-Triton kernel over (..., F) that reads gate, up and the output gradient once and writes both halves.
+Triton kernel over (..., F) that reads gate, up and the output gradient once and writes both halves: on one H200,
+0.28 ms against 0.59 ms per 8192 x 14,336 micro-batch in the trainer's profile (benchmarks/RESULTS.md). On CPU the
+same formula in torch ops.
 
 The forward pass stays plain torch ops: inductor fuses it with its neighbours (under FP8 with the float8 scale's
 amax reduction).
