@@ -279,9 +279,9 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         torch._inductor.config._micro_pipeline_tp = True
         enable_symm_mem_for_group(parallel.tp_group().group_name)
     if cfg.train.compile:
-        # The embedding and the head's norm and matmul stay eager: compiled, they would fuse nothing.
+        # The embedding and the LM head's matmul stay eager: compiled, they would fuse nothing.
         for module in model.modules():
-            if isinstance(module, DecoderLayer):
+            if isinstance(module, DecoderLayer | OutputHead):
                 module.compile_computation()
         (pipeline_loss or model.loss).compile()
     optimizer = build_optimizer(model, cfg.optim, cfg.parallel.zero_stage)

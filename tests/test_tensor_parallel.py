@@ -69,6 +69,7 @@ def tp_worker(tp: int, activation_checkpointing: str, sequence_parallel: bool = 
     if compile:
         for layer in model.layers:
             layer.compile_computation()
+        model.head.compile_computation()
         model.loss.compile()
 
     generator = torch.Generator().manual_seed(5)

@@ -297,6 +297,12 @@ class OutputHead(nn.Module):
         logits, _ = self.lm_head(self.norm(x))
         return logits
 
+    def compile_computation(self) -> None:
+        """torch.compile the norm's computation (its hooks stay eager, as a layer's). Eager, the norm is some ten
+        passes over float32 copies of the hidden states per micro-batch, several by PyTorch's non-vectorized
+        broadcast kernel; the LM head is one matmul either way."""
+        self.norm.forward = torch.compile(self.norm.forward)
+
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 cross entropy summed over positions whose label is not IGNORE_INDEX, their count).
