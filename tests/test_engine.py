@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pretrain.config import load_config, resolve_world
+from tests.devices import CPU_AND_CUDA
 from tests.runs import ROOT
 
 
@@ -79,8 +80,7 @@ def test_bf16_weight_gradients_go_into_float32_inside_their_matmuls(single_proce
         assert torch.allclose(got.float(), expected.float(), rtol=0.02, atol=1e-3)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_float32_accumulation_of_bf16_gradients_is_exact_in_backward_hooks(device, monkeypatch):
     """The add the trainer's bf16 ZeRO-1 does once per parameter and micro-batch, called as DeepSpeed calls it (in a
     hook during backward, into views of one flat float32 buffer, some not 16-byte aligned): the float32 sums of the

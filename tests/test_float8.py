@@ -29,6 +29,7 @@ from pretrain.model.float8 import (
 from pretrain.model.linear import linear_with_matmul
 from pretrain.model.mistral import Mistral
 from pretrain.model.sharding import load_full_state
+from tests.devices import CPU_AND_CUDA
 from tests.distributed import run_distributed
 from tests.runs import ROOT, error_line, run_train
 from tests.test_tensor_parallel import CFG, EOS_ID, one_batch, reference_full_state
@@ -120,11 +121,9 @@ def torchao_tensorwise():
                              config=Float8LinearConfig.from_recipe_name("tensorwise"))
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("compile", [False, True])
 def test_tensorwise_matmul_is_torchaos(device, compile):
     """The tensorwise recipe's own matmul (casts in both layouts at once, float8 tensors kept for the backward pass)
@@ -141,7 +140,7 @@ def test_tensorwise_matmul_is_torchaos(device, compile):
             torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-3 * b.abs().amax().item(), msg=name)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("compile", [False, True])
 def test_weights_kept_in_float8_multiply_as_weights_cast_at_each_use(single_process_group, device, compile):
     """Each weight cast once per refresh (the trainer's, before each step) gives the model what casting it at each

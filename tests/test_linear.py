@@ -7,13 +7,11 @@ import pytest
 import torch
 
 from pretrain.model.linear import matmul_into_float32_gradient
-
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+from tests.devices import CPU_AND_CUDA
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_weight_gradients_are_summed_into_float32_views_of_one_buffer(device, compiled):
     """Two layers whose float32 gradients are views of one buffer (as DeepSpeed's), over two micro-batches: each
     gradient is its start plus the exact products dY.T @ X summed in float32 (within 1e-5 of float64), nothing

@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.model.swiglu import swiglu, swiglu_backward
-
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+from tests.devices import CPU_AND_CUDA
 
 
 def reference(gate_up: torch.Tensor, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +26,7 @@ SHAPES = [(64, 2048), (37, 1000), (3, 7)]
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_swiglu_and_its_gradient_are_float64_autograds_rounded_once(device, dtype, compiled):
     """Values and the gradient [d gate | d up] within one rounding of float64 autograd's: to 1e-6 in float32, to
     bf16's half ulp (and float32's arithmetic) in bf16; the same eager and compiled."""
@@ -52,7 +50,7 @@ def test_swiglu_and_its_gradient_are_float64_autograds_rounded_once(device, dtyp
             torch.testing.assert_close(out.double(), expected_out, rtol=2 ** -7, atol=1e-2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_swiglu_backward_is_a_well_formed_operator(device):
     """torch.library's checks of the operator: its fake (meta) implementation, autograd and compile registrations."""
     generator = torch.Generator(device).manual_seed(0)
