@@ -94,6 +94,10 @@ class ParallelConfig(_Section):
     # S x S scores (SDPA with an explicit mask, the CPU path); the fused GPU kernels keep q, k, v and the output,
     # which the layer keeps anyway. full recomputes the whole decoder layer and keeps only its input.
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    # The dtype the data-parallel ranks sum their gradients in. float32, as Megatron does for bf16: in bf16 every sum
+    # rounds to 8 significant bits (1 + 2^-12 and 1 + 3 * 2^-12 average to 1 instead of 1 + 2^-11). bfloat16 halves
+    # the bytes of the all-reduce (ZeRO 0-1) or reduce-scatter (ZeRO 2-3) at that cost, for bandwidth-bound runs.
+    grad_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
 
     @model_validator(mode="after")
     def _combinations(self) -> ParallelConfig:

@@ -172,8 +172,12 @@ def deepspeed_config(cfg: Config) -> dict:
         # the same sums as DeepSpeed's default, which keeps the bf16 gradients all step (zeroing them before, and
         # adding into them during, every micro-batch's backward).
         "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True, "immediate_grad_update": True},
-        # Keep the gradient reduction in float32 whatever the compute dtype.
+        # Micro-batches' gradients accumulate in float32. DeepSpeed sums them over data-parallel ranks in the compute
+        # dtype unless told otherwise (its communication_data_type defaults to bf16 with bf16 on): the sum's dtype is
+        # parallel.grad_reduce_dtype's.
         "data_types": {"grad_accum_dtype": "fp32"} if dtype == torch.bfloat16 else {},
+        "communication_data_type": {"float32": "fp32", "bfloat16": "bf16"}[cfg.parallel.grad_reduce_dtype]
+        if dtype == torch.bfloat16 else "fp32",
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
