@@ -14,7 +14,8 @@ Torch-free until it imports the trainer; first, in this order:
    (`[pretrain] ...`, progress, errors) and tracebacks go to standard error as before. The log's first line for
    each start names the rank, its host and the rendezvous address.
 3. torch.compile's caches go to RUN_DIR/compile-cache/, so a resumed or requeued run reuses what its first start
-   compiled.
+   compiled; where that file system refuses file locks, which the caches take, to this node's temporary directory
+   (compile_cache_environment).
 
 Then it runs pretrain.trainer.main. The launchers give every rank REPRODUCIBLE_MATH_ENV and its share of the CPU
 cores as OMP_NUM_THREADS (rank_environment).
@@ -23,11 +24,13 @@ cores as OMP_NUM_THREADS (rank_environment).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from pretrain.launch_contract import EXIT_USER_ERROR, rank_log
@@ -114,9 +117,61 @@ def compile_cache_environment(run_dir: Path) -> dict[str, str]:
     """torch.compile's caches in the run directory: a resumed or requeued run, on whichever node sees the run
     directory, loads what its first start compiled instead of compiling it again (a minute for the 7B's layer on a
     GPU). The keys of both caches include the device and the code, so a cache never serves another machine
-    wrongly. Variables the user set win."""
-    cache = run_dir / "compile-cache"
+    wrongly.
+
+    Both caches lock files, which some Lustre and NFS mounts refuse or hang on: where the run directory's file
+    system does not grant a lock at once, the caches go to this node's temporary directory instead (one for each
+    run: a start of the same run on this node finds them), and standard output (the rank's log) says so."""
+    shared = run_dir / "compile-cache"
+    refusal = file_lock_refusal(shared)
+    if refusal is None:
+        cache = shared
+    else:
+        key = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        cache = Path(tempfile.gettempdir()) / f"pretrain-compile-cache-{run_dir.resolve().name}-{key}"
+        print(f"[pretrain] torch.compile's caches are in {cache} on this node: the file system of {shared} refuses "
+              f"file locks ({refusal}), so a start on another node compiles again", flush=True)
     return {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+
+
+LOCK_PROBE_TIMEOUT_S = 10
+
+# Run in a child process, so that a lock request that is never answered holds up the child and not the rank. flock is
+# what the caches' locks take (the filelock package); fcntl's are POSIX locks, which NFS emulates flock with.
+_LOCK_PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+finally:
+    os.close(fd)
+    os.unlink(sys.argv[1])
+"""
+
+
+def file_lock_refusal(directory: Path, timeout_s: float = LOCK_PROBE_TIMEOUT_S) -> str | None:
+    """Why a file in `directory` (made if missing) cannot be locked at once with flock and with fcntl, or None when
+    it can. Within `timeout_s` whatever the file system does."""
+    probe = directory / f".lock-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        child = subprocess.Popen([sys.executable, "-I", "-c", _LOCK_PROBE, str(probe)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    except OSError as e:
+        return str(e)
+    try:
+        _, errors = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        # Not waited for: a process in a lock request that gets no answer may not end before it gets one.
+        child.kill()
+        child.stderr.close()
+        return f"a lock request got no answer within {timeout_s} s"
+    if child.returncode != 0:
+        return (errors.strip().splitlines() or [f"the lock probe exited with status {child.returncode}"])[-1]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[pretrain] rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')} on host "
               f"{socket.gethostname()}, rendezvous at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
               flush=True)
-        os.environ.update({**compile_cache_environment(args.run_dir), **os.environ})
+        if not {"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"} <= os.environ.keys():
+            os.environ.update({**compile_cache_environment(args.run_dir), **os.environ})
     from pretrain.trainer import main as train
 
     return train(args.run_dir, args.resume_from)

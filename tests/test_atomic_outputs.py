@@ -330,7 +330,7 @@ import durable
 
 out = Path(sys.argv[1])
 if sys.argv[2] == "between-renames":  # a file system without RENAME_EXCHANGE, killed between its two renames
-    durable._exchange = lambda a, b: False
+    durable.output._exchange = lambda a, b: False
     rename = Path.rename
     def rename_then_die(self, target):
         rename(self, target)
@@ -358,6 +358,81 @@ def test_a_process_killed_at_any_point_leaves_the_previous_output(tmp_path, when
     with atomic_directory(out) as tmp:
         (tmp / "data").write_text("newer")
     assert (out / "data").read_text() == "newer" and leftovers(out) == []
+
+
+# A writer on a host of its own: its own host name (UTS namespace) and its own process ids (PID namespace), where it
+# is process 1 as every such writer is, over the same directory, as two nodes over a shared file system. Writing
+# "inside", it waits in the middle of its write until `go` exists beside `out`.
+ON_ANOTHER_HOST = """
+import socket, sys, time
+from pathlib import Path
+
+socket.sethostname(sys.argv[1])
+import durable
+
+out = Path(sys.argv[2])
+with durable.atomic_directory(out) as tmp:
+    (tmp / "data").write_text(sys.argv[1])
+    if sys.argv[3] == "inside":
+        (out.parent / "ready").write_text(tmp.name)
+        while not (out.parent / "go").exists():
+            time.sleep(0.01)
+"""
+
+
+def on_host(host: str, out: Path, wait_inside: bool = False) -> list[str]:
+    # --kill-child: the writer dies with the unshare process that the test holds
+    return ["unshare", "--uts", "--pid", "--fork", "--kill-child", sys.executable, "-c", ON_ANOTHER_HOST, host,
+            str(out), "inside" if wait_inside else "to-the-end"]
+
+
+def writing_on_host(host: str, out: Path) -> tuple[subprocess.Popen, Path]:
+    """A writer of `out` on `host`, stopped in the middle of its write, and its temporary directory."""
+    writer = subprocess.Popen(on_host(host, out, wait_inside=True), cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (out.parent / "ready").exists():
+        assert writer.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    return writer, out.parent / (out.parent / "ready").read_text()
+
+
+@pytest.fixture
+def hosts():
+    """Skips unless this process may make UTS and PID namespaces (root, and a kernel that allows them)."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "--uts", "--pid", "--fork", "true"]).returncode != 0:
+        pytest.skip("hosts of their own need UTS and PID namespaces (root)")
+
+
+def test_writers_on_two_hosts_never_remove_each_others_work(tmp_path, hosts):
+    """Process 1 of node-b writes `out` while process 1 of node-a is writing it: each keeps its own temporary
+    directory (a pid alone named both the same, and node-b removed node-a's as its own leftover), and the last to
+    finish holds `out`."""
+    out = tmp_path / "out"
+    a, a_tmp = writing_on_host("node-a", out)
+    try:
+        assert subprocess.run(on_host("node-b", out), cwd=ROOT, timeout=60).returncode == 0
+        assert (out / "data").read_text() == "node-b"
+        assert (a_tmp / "data").read_text() == "node-a"
+        (tmp_path / "go").touch()
+        assert a.wait(timeout=60) == 0
+    finally:
+        a.kill()
+    assert (out / "data").read_text() == "node-a" and leftovers(out) == []
+
+
+def test_leftovers_of_another_host_are_left_to_it(tmp_path, hosts):
+    """A writer of node-a killed inside: this host cannot tell whether it still runs, so its temporary directory is
+    left alone (and named) when this host writes `out`; node-a's next write removes it."""
+    out = tmp_path / "out"
+    a, a_tmp = writing_on_host("node-a", out)
+    a.kill()
+    a.wait()
+    assert any(a_tmp.name in line and "node-a" in line for line in clear_leftovers(out))
+    with atomic_directory(out) as tmp:
+        (tmp / "data").write_text("here")
+    assert leftovers(out) == [a_tmp.name]
+    assert subprocess.run(on_host("node-a", out), cwd=ROOT, timeout=60).returncode == 0
+    assert (out / "data").read_text() == "node-a" and leftovers(out) == []
 
 
 def test_imports_only_go_down_the_floors():

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,31 @@ def test_finalize_refuses_when_a_rank_did_not_report(tmp_path):
     with pytest.raises(CheckpointError, match="1 of 2 ranks"):
         store.finalize(5, 2, {})
     assert complete_steps(tmp_path) == []
+
+
+def fill(mount: Path) -> None:
+    """Leave no free space on the file system at `mount`."""
+    stats = os.statvfs(mount)
+    (mount / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize))
+
+
+def test_a_half_written_marker_is_not_a_rank_done(mount_tmpfs):
+    """Rank 1's disk fills up as it writes its marker: the marker's temporary file stays, empty. It is no rank's
+    report: finalizing counts 1 of 2 ranks (it once counted 2 and failed parsing the empty file), and the save
+    finalized after the error is removed."""
+    disk = mount_tmpfs("1m")
+    store = CheckpointStore(disk / "checkpoints", keep_last=3, keep_every=0)
+    tmp = store.prepare(5)
+    mark_rank_done(tmp, 0, {tmp / "a": write_hashed(tmp / "a", [b"x"])})
+    fill(disk)
+    with pytest.raises(OSError, match="No space left"):
+        mark_rank_done(tmp, 1, {})
+    assert sorted(p.name for p in tmp.glob(".done-rank*")) == [".done-rank00000", ".done-rank00001.tmp"]
+    with pytest.raises(CheckpointError, match="1 of 2 ranks"):
+        store.finalize(5, 2, {})
+    with pytest.raises(CheckpointError, match="only 1 of 2 ranks"):
+        store.finalize_when_written(5, 2, {}, wait_s=0.2)
+    assert not tmp.exists() and complete_steps(store.root) == []
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])

@@ -44,3 +44,67 @@ def test_weight_gradients_are_summed_into_float32_views_of_one_buffer(device, co
     assert all(weight.grad is None for weight in weights)
     assert flat[-1] == expected[-1]
     torch.testing.assert_close(flat.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def backward_order_worker() -> dict:
+    """Rank of a tp=2 world: a column-parallel then a row-parallel layer (an MLP's pair) whose weight gradients go into
+    float32; the matmuls and collectives their backward pass dispatches, in order, and its gradients with those of
+    the same products computed one by one."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain import parallel
+    from pretrain.model.linear import use_float32_weight_gradients
+
+    parallel.init_distributed(tp=2, backend="gloo")
+    config = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True,
+                                 params_dtype=torch.bfloat16)
+    column = ColumnParallelLinear(64, 96, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                  gather_output=False)
+    row = RowParallelLinear(96, 32, config=config, init_method=torch.nn.init.normal_, bias=False,
+                            input_is_parallel=True, skip_bias_add=True)
+    weights = use_float32_weight_gradients([column, row])
+    for weight in weights:
+        weight.main_grad = torch.zeros(weight.shape)
+    generator = torch.Generator().manual_seed(0)  # the same input and output gradient on both ranks
+    x = torch.randn(2, 8, 64, generator=generator).bfloat16().requires_grad_()
+    grad_y = torch.randn(2, 8, 32, generator=generator).bfloat16()
+    hidden, _ = column(x)
+    y, _ = row(hidden)
+
+    class Dispatched(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Dispatched():
+        y.backward(grad_y)
+    # The same gradients, product by product: the row layer's input gradient is the column layer's output gradient.
+    grad_hidden = grad_y @ row.weight.detach()
+    grad_x = grad_hidden @ column.weight.detach()
+    torch.distributed.all_reduce(grad_x, group=parallel.parallel_state.get_tensor_model_parallel_group())
+    flat = {name: tensor.reshape(-1, tensor.shape[-1]).float() for name, tensor in
+            [("x", x.detach()), ("hidden", hidden.detach()), ("grad_y", grad_y), ("grad_hidden", grad_hidden)]}
+    return {
+        "ops": [op for op in Dispatched.ops if op.split(".")[1] in ("mm", "accumulate_weight_gradient", "allreduce_")],
+        "equal": [torch.equal(x.grad, grad_x),
+                  torch.equal(row.weight.main_grad, flat["grad_y"].t() @ flat["hidden"]),
+                  torch.equal(column.weight.main_grad, flat["grad_hidden"].t() @ flat["x"])],
+    }
+
+
+def test_at_tp2_the_input_gradient_is_computed_and_all_reduced_before_the_weight_gradient():
+    """Each layer's backward computes its input gradient first; the column-parallel layer's all-reduce of it is
+    issued before its weight-gradient matmul, which runs while the all-reduce does (as in megatron's own linear). The
+    gradients are those of the products computed one by one, to the bit."""
+    from tests.distributed import run_distributed
+
+    for rank in run_distributed(backward_order_worker, 2):
+        assert rank["ops"] == [
+            "aten.mm.default", "pretrain.accumulate_weight_gradient.default",  # row: input, then weight gradient
+            "aten.mm.default", "c10d.allreduce_.default", "pretrain.accumulate_weight_gradient.default",  # column
+        ], rank["ops"]
+        assert rank["equal"] == [True, True, True]

@@ -27,6 +27,9 @@ from durable import WRITE_CHUNK, fsync_dir, fsync_file, write_json_atomic
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _DONE_PREFIX = ".done-rank"
+# A complete marker's name only: durable writes each under a temporary name first (`.done-rank00001.tmp`), which a
+# rank killed or out of space leaves half-written.
+_DONE_MARKER = re.compile(r"^\.done-rank\d+$")
 _CLAIM_PREFIX = ".finalizing-"  # held by the rank that finalizes a save after an error
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -105,6 +108,11 @@ def mark_rank_done(tmp_dir: Path, rank: int, files: dict[Path, list[str]]) -> No
                                                 "hash_block": HASH_BLOCK}
                for path, blocks in files.items()}
     write_json_atomic(tmp_dir / f"{_DONE_PREFIX}{rank:05d}", listing)
+
+
+def done_markers(tmp_dir: Path) -> list[Path]:
+    """The complete markers in a checkpoint being written, one for each rank that has written its part."""
+    return sorted(p for p in tmp_dir.glob(_DONE_PREFIX + "*") if _DONE_MARKER.match(p.name))
 
 
 @dataclass(frozen=True)
@@ -229,7 +237,7 @@ class CheckpointStore:
     def finalize(self, step: int, world_size: int, meta: dict) -> Path:
         """Rank 0, once every rank has written: the manifest last, rename into place, update `latest`."""
         tmp = self.tmp_dir(step)
-        markers = sorted(tmp.glob(_DONE_PREFIX + "*"))
+        markers = done_markers(tmp)
         if len(markers) != world_size:
             raise CheckpointError(f"{tmp}: {len(markers)} of {world_size} ranks reported their files written")
         files = {}
@@ -255,7 +263,7 @@ class CheckpointStore:
         and does this; the others return None, as they do when the save is gone already (finished by another)."""
         tmp = self.tmp_dir(step)
         deadline = time.monotonic() + wait_s
-        while tmp.is_dir() and len(list(tmp.glob(_DONE_PREFIX + "*"))) < world_size and time.monotonic() < deadline:
+        while tmp.is_dir() and len(done_markers(tmp)) < world_size and time.monotonic() < deadline:
             time.sleep(0.1)
         claim = self.root / f"{_CLAIM_PREFIX}{step_dir_name(step)}"
         try:
@@ -265,7 +273,7 @@ class CheckpointStore:
         try:
             if not tmp.is_dir():
                 return None
-            written = len(list(tmp.glob(_DONE_PREFIX + "*")))
+            written = len(done_markers(tmp))
             if written < world_size:
                 self.abandon(step)
                 raise CheckpointError(f"{tmp}: only {written} of {world_size} ranks wrote their part within "
