@@ -22,8 +22,11 @@ import io
 import json
 import multiprocessing
 import os
+import queue
+import signal
 import sys
 import tarfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -121,19 +124,121 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 # ---------------------------------------------------------------- parallel tokenization
+#
+# Workers are forked processes (no re-import of the caller's main module; they inherit the loaded tokenizer), each
+# with a pipe of its own: no lock is shared between processes, as multiprocessing.Pool's queues share theirs, so a
+# worker that dies at any point blocks no other, and the parent reads its death as the end of its pipe. Stop
+# signals are the parent's alone: workers ignore them, and the parent kills them on its way out, whatever ends it.
 
-_worker_tokenizer: Tokenizer | None = None
+# How long the parent waits for a SIGKILLed worker to be reaped: it never waits on a worker for ever.
+_REAP_WAIT_S = 10.0
 
 
-def _init_worker(tokenizer: Tokenizer) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-
-
-def _tokenize_chunk(texts: list[str]) -> list[np.ndarray]:
+def _tokenize_chunk(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Each document as `<s> ids </s>`."""
-    tok = _worker_tokenizer
     return [np.array([tok.bos_id, *ids, tok.eos_id], dtype=np.uint32) for ids in tok.encode_batch(texts)]
+
+
+def _signals_handled_in_python() -> set[int]:
+    """Ctrl-C's (KeyboardInterrupt), launch.cli's SIGTERM (Terminated), and any other this process handles."""
+    return {sig for sig in signal.valid_signals() if callable(signal.getsignal(sig))}
+
+
+class _Worker:
+    """A forked tokenizing process, and the parent's end of its pipe: chunks of texts in, their tokens out."""
+
+    def __init__(self, tok: Tokenizer, parent_signals: set[int], parent_mask: set[int]) -> None:
+        self._pipe, theirs = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("fork").Process(
+            target=_work, args=(theirs, tok, parent_signals, parent_mask), daemon=True)
+        self.process.start()
+        theirs.close()  # the worker's alone: its death closes the pipe, and no later worker inherits this end
+
+    def send(self, texts: list[str]) -> None:
+        try:
+            self._pipe.send(texts)
+        except OSError:
+            raise self._died() from None
+
+    def receive(self) -> list[np.ndarray]:
+        try:
+            tokens = self._pipe.recv()
+        except (EOFError, OSError):
+            raise self._died() from None
+        if isinstance(tokens, Exception):  # what tokenizing raised, as it would without workers
+            raise tokens
+        return tokens
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def reap(self) -> None:
+        self.process.join(_REAP_WAIT_S)
+        self._pipe.close()
+
+    def _died(self) -> DataError:
+        self.process.join(_REAP_WAIT_S)
+        return DataError(f"tokenizing process {self.process.pid} ended mid-run with exit code {self.process.exitcode} "
+                         "(-9: killed, as by the out-of-memory killer): run again with fewer --workers")
+
+
+def _work(pipe, tok: Tokenizer, parent_signals: set[int], parent_mask: set[int]) -> None:
+    """A worker's life: tokenize the chunks that come, in order, until killed or the parent is gone."""
+    # The parent's handlers would raise its exceptions (Terminated, KeyboardInterrupt) here, inside
+    # multiprocessing's code, and print their tracebacks. Blocked since before the fork, none has run yet.
+    for sig in parent_signals:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, parent_mask)
+    chunks: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_receive_chunks, args=(pipe, chunks), daemon=True).start()
+    try:
+        while (texts := chunks.get()) is not None:
+            try:
+                tokens = _tokenize_chunk(tok, texts)
+            except Exception as e:  # raised again in the parent
+                tokens = e
+            pipe.send(tokens)
+    except OSError:  # the parent is gone
+        pass
+
+
+def _receive_chunks(pipe, chunks: queue.SimpleQueue) -> None:
+    """Takes each chunk as it comes, so that the parent never waits to send one while this worker waits to send it
+    a result (each would wait for the other to read)."""
+    try:
+        while True:
+            chunks.put(pipe.recv())
+    except (EOFError, OSError):  # the parent is gone
+        chunks.put(None)
+
+
+@contextlib.contextmanager
+def _blocked(signals: set[int]) -> Iterator[set[int]]:
+    """`signals` held back from this thread, and handled (raising here) once the block ends; yields the mask before."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield before
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextlib.contextmanager
+def _workers(tok: Tokenizer, count: int) -> Iterator[list[_Worker]]:
+    """`count` workers, killed and reaped on the way out."""
+    parent_signals = _signals_handled_in_python()
+    workers: list[_Worker] = []
+    try:
+        # Blocked across the forks, so that no worker runs a handler of this process before ignoring it.
+        with _blocked(parent_signals) as mask:
+            for _ in range(count):
+                workers.append(_Worker(tok, parent_signals, mask))
+        yield workers
+    finally:
+        with _blocked(parent_signals):  # a second stop signal waits until every worker is killed and reaped
+            for worker in workers:
+                worker.kill()
+            for worker in workers:
+                worker.reap()
 
 
 def _chunks(files: Sequence[str]) -> Iterator[tuple[list[str], int]]:
@@ -163,26 +268,27 @@ def _chunks(files: Sequence[str]) -> Iterator[tuple[list[str], int]]:
 
 
 def _tokenized(files: Sequence[str], tok: Tokenizer, workers: int) -> Iterator[tuple[list[np.ndarray], int]]:
-    """(documents as token arrays, input bytes) chunk by chunk, in input order whatever order workers finish in.
+    """(documents as token arrays, input bytes) chunk by chunk, in input order.
 
-    At most two chunks per worker are in flight, so memory stays bounded however large the input is. Workers
-    are forked: no re-import of the caller's main module, and they inherit the loaded tokenizer.
+    Chunks go to the workers in turn, and each worker returns its results in the order it got the chunks. At most
+    two chunks per worker are in flight, so memory stays bounded however large the input is.
     """
     if workers <= 1:
-        _init_worker(tok)
         for texts, nbytes in _chunks(files):
-            yield _tokenize_chunk(texts), nbytes
+            yield _tokenize_chunk(tok, texts), nbytes
         return
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tok,)) as pool:
-        pending: deque = deque()
-        for texts, nbytes in _chunks(files):
-            pending.append((pool.apply_async(_tokenize_chunk, (texts,)), nbytes))
-            if len(pending) >= 2 * workers:
-                result, done = pending.popleft()
-                yield result.get(), done
-        while pending:
-            result, done = pending.popleft()
-            yield result.get(), done
+    with _workers(tok, workers) as started:
+        in_flight: deque[tuple[_Worker, int]] = deque()
+        for i, (texts, nbytes) in enumerate(_chunks(files)):
+            worker = started[i % workers]
+            worker.send(texts)
+            in_flight.append((worker, nbytes))
+            if len(in_flight) >= 2 * workers:
+                worker, done = in_flight.popleft()
+                yield worker.receive(), done
+        while in_flight:
+            worker, done = in_flight.popleft()
+            yield worker.receive(), done
 
 
 # ---------------------------------------------------------------- shards

@@ -3,11 +3,16 @@
 import ast
 import hashlib
 import json
+import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +122,123 @@ def test_bad_input_exits_2_with_one_line(made, tmp_path):
     assert_one_line_error(result, "tokenizer", "garbage.model", "not a sentencepiece model")
     result = pretrain("data", "inspect", tmp_path, expect=2)
     assert_one_line_error(result, "data", "manifest.json not found")
+
+
+# ---------------------------------------------------------------- prepare's workers: a run that fails or is stopped
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def long_input(made) -> Path:
+    """About 40 MB of documents: seconds of work for the workers even on a fast machine, so that a stop signal sent
+    within half a second of their start comes while they work."""
+    root = made[0]
+    path = root / "long.jsonl"
+    path.write_text((root / "corpus" / "train" / "stdlib.jsonl").read_text() * 140)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(made) -> dict[str, tuple[Path, str]]:
+    """Each bad input with the one line it must end on: an empty file, and a bad JSON line after 3 MB of documents
+    (the parent reads it with chunks in flight)."""
+    root = made[0]
+    empty = root / "empty.jsonl"
+    empty.write_text("")
+    late = root / "late-bad-line.jsonl"
+    late.write_text((root / "corpus" / "train" / "stdlib.jsonl").read_text() * 10 + "{not json\n")
+    line = len(late.read_text().splitlines())
+    return {
+        "empty": (empty, f"pretrain data: error: inputs {empty} hold no documents (empty files or empty texts): pass "
+                         "files with text in them"),
+        "bad line": (late, f"pretrain data: error: {late}:{line} is not valid JSON (Expecting property name enclosed "
+                           "in double quotes): fix or remove the line"),
+    }
+
+
+def started_prepare(made, path: Path, out: Path) -> subprocess.Popen:
+    """`pretrain data prepare` with two workers, in a process group of its own as a shell starts a command, and with
+    Ctrl-C's default (a suite started in the background inherits SIGINT ignored, and Python keeps ignoring it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "data", "prepare", "--input", str(path), "--tokenizer",
+         str(made[0] / "tok"), "--seq-len", "64", "--out", str(out), "--workers", str(WORKERS)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def stderr_once_ended(process: subprocess.Popen, within_s: float) -> str:
+    """All that the run wrote to stderr, once it and its workers have ended, which they must within `within_s`."""
+    try:
+        stderr = process.communicate(timeout=within_s)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"hung: still running {within_s:g} s on; stderr: {process.communicate()[1][-3000:]}") \
+            from None
+    with pytest.raises(ProcessLookupError):  # nothing left of the run's process group: every worker reaped
+        os.killpg(process.pid, 0)
+    return stderr
+
+
+def only_line(stderr: str) -> str:
+    """The one line of `stderr`, beside blank lines and progress lines (one every 10 s, if a run lasts that long)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("prepare: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def workers_started(process: subprocess.Popen) -> list[int]:
+    """The process ids of the run's workers, once it has them all."""
+    deadline = time.monotonic() + 60
+    while process.poll() is None and len(psutil.Process(process.pid).children()) < WORKERS:
+        assert time.monotonic() < deadline, "no workers after 60 s"
+        time.sleep(0.002)
+    assert process.poll() is None, "prepare ended before its workers started"
+    return [child.pid for child in psutil.Process(process.pid).children()]
+
+
+@pytest.mark.parametrize("bad", ["empty", "bad line"])
+def test_prepare_with_workers_fails_on_bad_input_with_its_one_line_and_nothing_else(made, bad_inputs, tmp_path, bad):
+    path, error = bad_inputs[bad]
+    process = started_prepare(made, path, tmp_path / "out")
+    assert only_line(stderr_once_ended(process, 60)) == error
+    assert process.returncode == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_prepare_stopped_or_failing_under_load_ends_at_once_with_its_one_line(made, long_input, bad_inputs, tmp_path):
+    """24 runs beside a process that keeps a core busy: stopped at a random moment once their workers exist (Ctrl-C
+    to the process group, SIGTERM to the command or, as Slurm sends it, to its group), a worker killed (as the
+    out-of-memory killer does), or failing on bad input. Each ends within the bound on its one line, and leaves
+    nothing in --out and no worker behind. (multiprocessing.Pool's workers ran the command's stop handlers and
+    printed tracebacks, and a run could hang for ever in the pool's shutdown, or on a killed worker's lost task.)"""
+    stopped = {signal.SIGINT: (128 + signal.SIGINT, "pretrain data: interrupted"),
+               signal.SIGTERM: (128 + signal.SIGTERM, "pretrain data: terminated (SIGTERM)")}
+    runs = [(signal.SIGINT, "its group"), (signal.SIGTERM, "it"), (signal.SIGTERM, "its group"),
+            (signal.SIGKILL, "a worker"), "empty", "bad line"] * 4
+    moments = random.Random(47)
+    busy_core = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for i, run in enumerate(runs):
+            out = tmp_path / f"out{i}"
+            if run in bad_inputs:
+                path, error = bad_inputs[run]
+                process = started_prepare(made, path, out)
+                stderr, expected = stderr_once_ended(process, 60), (2, error)
+            else:
+                sig, whom = run
+                process = started_prepare(made, long_input, out)
+                worker = workers_started(process)[0]
+                time.sleep(moments.uniform(0, 0.5))
+                if whom == "a worker":
+                    os.kill(worker, sig)
+                    expected = (2, f"pretrain data: error: tokenizing process {worker} ended mid-run with exit code -9 "
+                                   "(-9: killed, as by the out-of-memory killer): run again with fewer --workers")
+                else:
+                    (os.killpg if whom == "its group" else os.kill)(process.pid, sig)
+                    expected = stopped[sig]
+                stderr = stderr_once_ended(process, 20)
+            assert (process.returncode, only_line(stderr)) == expected, (i, run, stderr)
+            assert list(tmp_path.iterdir()) == [], (i, run)
+    finally:
+        busy_core.kill()
+        busy_core.wait()
