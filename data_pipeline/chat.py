@@ -19,7 +19,7 @@ import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, lone_surrogate
 
 INST_OPEN = "[INST] "
 INST_CLOSE = " [/INST]"
@@ -249,6 +249,10 @@ def iter_conversations(path: str, skip_bad: bool, skipped: SkippedLines) -> Iter
                     raise ChatFormatError('has no "messages" field: each line of chat data is {"messages": [...]} '
                                           '(plain {"text": ...} lines are prepared without --chat)')
                 messages = check_messages(record["messages"], needs_answer=True)
+                for i, message in enumerate(messages):
+                    surrogate = lone_surrogate(message["content"], raw)
+                    if surrogate:
+                        raise ChatFormatError(f'has a lone surrogate in messages[{i}]["content"] ({surrogate})')
             except ChatFormatError as e:
                 if not skip_bad:
                     raise DataError(f"{path}:{line_number}: {e}: fix the line, or pass --skip-bad to skip and "

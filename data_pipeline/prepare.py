@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, lone_surrogate
 from data_pipeline.tokenizer import Tokenizer
 from durable import atomic_directory, check_replaceable, sha256_file, write_json_atomic
 
@@ -86,6 +86,10 @@ def iter_documents(path: str) -> Iterator[str]:
                                     "prepare chat data with --chat")
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise DataError(f'{path}:{line_number} has no string "text" field: each line needs {{"text": ...}}')
+                surrogate = lone_surrogate(record["text"], raw)
+                if surrogate:
+                    raise DataError(f'{path}:{line_number} has a lone surrogate in "text" ({surrogate}): '
+                                    "fix or remove the line")
                 yield record["text"]
     elif path.endswith(".parquet"):
         import pyarrow as pa
@@ -101,10 +105,16 @@ def iter_documents(path: str) -> Iterator[str]:
         if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
             raise DataError(f"{path} column 'text' holds {schema.field('text').type}, not strings: "
                             "store the documents as UTF-8 strings")
+        row = 0
         for batch in parquet.iter_batches(columns=["text"], batch_size=1024):
-            for text in batch.column(0).to_pylist():
+            try:
+                texts = batch.column(0).to_pylist()
+            except UnicodeDecodeError:  # pyarrow reads string columns without checking that they are UTF-8
+                raise _not_utf8_row(path, batch.column(0), row) from None
+            for text in texts:
                 if text is not None:
                     yield text
+            row += batch.num_rows
     else:
         raise DataError(f"input {path} has an unsupported type: use .txt, .jsonl or .parquet files")
 
@@ -117,6 +127,19 @@ def _decode(raw: bytes, where: str) -> str:
             f"{where} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}): re-encode it, "
             "e.g. `iconv -f latin1 -t utf-8`"
         ) from None
+
+
+def _not_utf8_row(path: str, column, first_row: int) -> DataError:
+    """The error for the first value of a batch's `text` column that is not UTF-8."""
+    for i in range(len(column)):
+        try:
+            column[i].as_py()
+        except UnicodeDecodeError as e:
+            value = column[i].as_buffer().to_pybytes()
+            return DataError(f"{path} row {first_row + i} (counting from 0) is not UTF-8 (byte {e.start} of its "
+                             f"text: {value[e.start:e.start + 1]!r}): re-export the file with the 'text' column as "
+                             "UTF-8 strings")
+    return DataError(f"{path} has text that is not UTF-8: re-export the file with the 'text' column as UTF-8 strings")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,19 +143,25 @@ def long_input(made) -> Path:
 
 @pytest.fixture(scope="module")
 def bad_inputs(made) -> dict[str, tuple[Path, str]]:
-    """Each bad input with the one line it must end on: an empty file, and a bad JSON line after 3 MB of documents
-    (the parent reads it with chunks in flight)."""
+    """Each bad input with the one line it must end on: an empty file, and a bad JSON line or a lone surrogate (valid
+    JSON, not text) after 3 MB of documents (the parent reads it with chunks in flight)."""
     root = made[0]
     empty = root / "empty.jsonl"
     empty.write_text("")
+    documents = (root / "corpus" / "train" / "stdlib.jsonl").read_text() * 10
     late = root / "late-bad-line.jsonl"
-    late.write_text((root / "corpus" / "train" / "stdlib.jsonl").read_text() * 10 + "{not json\n")
+    late.write_text(documents + "{not json\n")
     line = len(late.read_text().splitlines())
+    surrogate = root / "late-lone-surrogate.jsonl"
+    surrogate.write_text(documents + '{"text": "a pair \\ud83d\\ude00 is text, half of one \\ud83d is not"}\n')
     return {
         "empty": (empty, f"pretrain data: error: inputs {empty} hold no documents (empty files or empty texts): pass "
                          "files with text in them"),
         "bad line": (late, f"pretrain data: error: {late}:{line} is not valid JSON (Expecting property name enclosed "
                            "in double quotes): fix or remove the line"),
+        "lone surrogate": (surrogate, f'pretrain data: error: {surrogate}:{line} has a lone surrogate in "text" '
+                                      "(\\ud83d at character 30, half of a UTF-16 surrogate pair): fix or remove the "
+                                      "line"),
     }
 
 
@@ -197,12 +205,44 @@ def workers_started(process: subprocess.Popen) -> list[int]:
     return [child.pid for child in psutil.Process(process.pid).children()]
 
 
-@pytest.mark.parametrize("bad", ["empty", "bad line"])
+@pytest.mark.parametrize("bad", ["empty", "bad line", "lone surrogate"])
 def test_prepare_with_workers_fails_on_bad_input_with_its_one_line_and_nothing_else(made, bad_inputs, tmp_path, bad):
     path, error = bad_inputs[bad]
     process = started_prepare(made, path, tmp_path / "out")
     assert only_line(stderr_once_ended(process, 60)) == error
     assert process.returncode == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_text_that_utf8_cannot_carry_ends_prepare_on_its_one_line(made, bad_inputs, tmp_path):
+    """A lone surrogate (JSON can write one, UTF-8 cannot encode it) ends prepare without workers (with them: above),
+    prepare --chat (unless --skip-bad) and tokenizer train on its file:line, as a bad JSON line does; a Parquet string
+    that is not UTF-8 ends prepare on its row. Each printed a traceback (UnicodeEncodeError, sentencepiece's
+    RuntimeError, UnicodeDecodeError) and exited 1. Nothing is left beside the inputs."""
+    root, inputs = made[0], tmp_path / "in"
+    inputs.mkdir()
+    surrogate, error = bad_inputs["lone surrogate"]
+    result = pretrain("data", "prepare", "--input", surrogate, "--tokenizer", root / "tok", "--seq-len", 64,
+                      "--out", tmp_path / "out", "--workers", 1, expect=2)
+    assert only_line(result.stderr) == error
+    result = pretrain("tokenizer", "train", "--input", surrogate, "--vocab-size", 500, "--out", tmp_path / "tok",
+                      expect=2)
+    assert result.stderr.splitlines()[1:] == [error.replace("pretrain data", "pretrain tokenizer")], result.stderr
+
+    chat = inputs / "chat.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "Hi \\ud800"}, {"role": "assistant", "content": '
+                    '"Hello"}]}\n')
+    result = pretrain("data", "prepare", "--chat", "--input", chat, "--tokenizer", root / "tok", "--seq-len", 64,
+                      "--out", tmp_path / "out", expect=2)
+    assert_one_line_error(result, "data", f'{chat}:1: has a lone surrogate in messages[0]["content"] (\\ud800 at '
+                                          "character 3", "--skip-bad")
+
+    table = inputs / "text.parquet"
+    pq.write_table(pa.table({"text": pa.array([b"some text", b"caf\xe9"], pa.binary()).view(pa.string())}), table)
+    result = pretrain("data", "prepare", "--input", table, "--tokenizer", root / "tok", "--seq-len", 64, "--out",
+                      tmp_path / "out", "--workers", 2, expect=2)
+    assert_one_line_error(result, "data", f"{table} row 1 (counting from 0) is not UTF-8 (byte 3 of its text: "
+                                          "b'\\xe9')", "re-export")
+    assert list(tmp_path.iterdir()) == [inputs]
 
 
 def test_prepare_stopped_or_failing_under_load_ends_at_once_with_its_one_line(made, long_input, bad_inputs, tmp_path):

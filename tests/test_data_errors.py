@@ -174,6 +174,45 @@ def test_chat_line_not_utf8_names_the_byte(good, tmp_path):
     one_line(error, "chat.jsonl:1", f"not UTF-8 (byte {line.index(0xE9)}: b'\\xe9')", "iconv", "--skip-bad")
 
 
+def test_lone_surrogate_in_jsonl(good, tmp_path):
+    """Valid JSON, but no text: UTF-8 cannot encode half of a surrogate pair (the encode and sentencepiece raised)."""
+    (tmp_path / "a.jsonl").write_text('{"text": "a pair \\ud83d\\ude00 and an escaped \\\\ud800 are fine"}\n'
+                                      '{"text": "fine"}\n{"text": "abc \\ud800 def"}\n')
+    one_line(prepare_error(tmp_path, good, str(tmp_path / "a.jsonl")), "a.jsonl:3", 'lone surrogate in "text"',
+             "\\ud800 at character 4", "fix or remove the line")
+    with pytest.raises(DataError) as error:
+        train_tokenizer([str(tmp_path / "a.jsonl")], tmp_path / "tok", vocab_size=300)
+    one_line(error, "a.jsonl:3", "lone surrogate")
+    (tmp_path / "a.jsonl").write_text('{"text": "a pair \\ud83d\\ude00 and an escaped \\\\ud800 are fine"}\n' * 40)
+    prepare([str(tmp_path / "a.jsonl")], good[0], 16, tmp_path / "out", workers=1, progress=False)
+
+
+def test_chat_line_with_lone_surrogate(good, tmp_path):
+    from data_pipeline.prepare import prepare_chat
+
+    answer = {"role": "assistant", "content": "Hello there, how can I help you today with your code?"}
+    lines = [{"messages": [{"role": "user", "content": "Hi \ud83d"}, answer]},
+             {"messages": [{"role": "user", "content": "Hi \U0001f600"}, answer]}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(DataError) as error:
+        prepare_chat([str(tmp_path / "chat.jsonl")], good[0], 64, tmp_path / "out", progress=False)
+    one_line(error, "chat.jsonl:1", 'lone surrogate in messages[0]["content"]', "\\ud83d at character 3",
+             "--skip-bad")
+    manifest = prepare_chat([str(tmp_path / "chat.jsonl")], good[0], 64, tmp_path / "out", skip_bad=True,
+                            progress=False)
+    assert manifest["bad_lines"] == 1 and manifest["documents"] == 1
+
+
+def test_parquet_text_not_utf8(good, tmp_path):
+    """pyarrow reads a string column without checking it; its strings are then decoded, and one that is not UTF-8
+    raised UnicodeDecodeError. The error names the row, past the first batch of 1024."""
+    texts = [b"some text"] * 1500
+    texts[1300] = b"caf\xe9"
+    pq.write_table(pa.table({"text": pa.array(texts, pa.binary()).view(pa.string())}), tmp_path / "a.parquet")
+    one_line(prepare_error(tmp_path, good, str(tmp_path / "a.parquet")), "a.parquet row 1300 (counting from 0)",
+             "not UTF-8 (byte 3 of its text: b'\\xe9')", "re-export")
+
+
 def test_plain_prepare_of_chat_data_suggests_chat(good, tmp_path):
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
