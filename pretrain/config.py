@@ -170,6 +170,9 @@ class TrainConfig(_Section):
     # auto: bfloat16 on a GPU, float32 on CPU.
     dtype: Literal["auto", DtypeName] = "auto"
     compile: bool = False
+    # Bitwise reproducible runs on GPUs (pretrain/determinism.py): two runs of the same command, and a run resumed
+    # mid-way, compute the same bits; at some cost in tokens/s (benchmarks/RESULTS.md). CPU runs are so already.
+    deterministic: bool = False
     # FP8 matmuls in the linear layers (pretrain/model/float8.py): weights, optimizer state and checkpoints stay as
     # they are, so a run resumes with it on or off. GPUs with float8 tensor cores only (Ada, Hopper and later).
     fp8: Literal["off", Float8Recipe] = "off"

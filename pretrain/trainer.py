@@ -25,6 +25,7 @@ from pretrain import parallel
 from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import Config, ConfigError, TrainConfig, load_config
+from pretrain.determinism import make_deterministic
 from pretrain.dtypes import resolve_dtype
 from pretrain.engine import Built, build_engine
 from pretrain.evaluate import inputs_and_labels
@@ -73,6 +74,8 @@ class Trainer:
         self.world = dist.get_world_size()
         tokenizer = Tokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else None
         seed_everything(cfg.train.seed)
+        if cfg.train.deterministic:
+            make_deterministic()
         self.startup = {"python_and_process_group_s": seconds_since_process_start()}
         self.built: Built = build_engine(cfg, eos_id=tokenizer.eos_id if tokenizer else None)
         self.startup.update(self.built.setup_s)
