@@ -535,20 +535,28 @@ class TokenLoader:
 
 def build_loader(data_cfg, *, dp_rank: int, dp_size: int, micro_batch: int, vocab_size: int | None = None,
                  split: str = "train", cp_rank: int = 0, cp_size: int = 1) -> TokenLoader:
-    """The loader a trainer needs from its `DataConfig`: train mixes data.train by weight, eval reads data.eval."""
+    """The loader a trainer needs from its `DataConfig`: train mixes data.train by weight in data.num_workers worker
+    processes; eval reads data.eval in the calling process.
+
+    Evaluation reads a few batches now and then, and each pass over a loader with workers forks them anew: a fork
+    of a rank is a copy of a process that runs other threads (gloo's, the hang watchdog, an asynchronous checkpoint
+    writer), whose locks the copy finds as they were, and a worker that needed one held at that moment would wait
+    forever."""
     from data_pipeline.tokenizer import Tokenizer
 
+    workers = data_cfg.num_workers
     if split == "train":
         sources = [(s.path, s.weight) for s in data_cfg.train]
     elif split == "eval":
         if data_cfg.eval is None:
             raise DataError("data.eval is not set: prepare an eval split and set data.eval to its directory")
         sources = [(data_cfg.eval, 1.0)]
+        workers = 0
     else:
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
     tokenizer_sha = Tokenizer.load(data_cfg.tokenizer).sha256 if data_cfg.tokenizer else None
     loader = TokenLoader(sources, micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size,
-                         cp_rank=cp_rank, cp_size=cp_size, num_workers=data_cfg.num_workers, seed=data_cfg.seed,
+                         cp_rank=cp_rank, cp_size=cp_size, num_workers=workers, seed=data_cfg.seed,
                          skip_corrupt_shards=data_cfg.skip_corrupt_shards,
                          vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha)
     if loader.options.loss_mask != data_cfg.loss_mask:

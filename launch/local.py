@@ -3,20 +3,25 @@ MASTER_ADDR/PORT, and OMP_NUM_THREADS: the machine's cores shared between the ra
 
 Our own small launcher rather than torchrun because preemption handling needs SIGTERM and SIGUSR1 forwarded to
 every rank so that all of them save at the same step boundary; torchrun's agent turns SIGTERM into killing its
-workers. If one rank fails, the others are stopped and the launcher exits with the failing rank's code.
+workers. If one rank fails, the others are stopped and the launcher exits with the failing rank's code. A rank
+that reported a hang (EXIT_HANG: its line is out, pretrain.hang) ends the others at once, with SIGKILL: a stopped
+rank would ignore anything else, and one blocked in a collective would wait forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from launch.errors import UserError
 from launch.rank import rank_environment
-from pretrain.launch_contract import STOP_SIGNALS, free_port
+from pretrain.launch_contract import EXIT_HANG, START_ID_ENV, STOP_SIGNALS, free_port, new_start_id
 
 FORWARDED_SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
 
@@ -43,7 +48,7 @@ def launch(command: list[str], nproc: int, grace_s: float = 30.0) -> int:
     """Start `command` nproc times with rank variables set; return the first non-zero exit code, else 0."""
     port = free_port()
     # The ranks share this machine's cores.
-    env = rank_environment(threads=(os.cpu_count() or 1) // nproc)
+    env = {**rank_environment(threads=(os.cpu_count() or 1) // nproc), START_ID_ENV: new_start_id()}
     procs: list[subprocess.Popen] = []
 
     def forward(signum, _frame):
@@ -68,6 +73,11 @@ def _wait(procs: list[subprocess.Popen], grace_s: float) -> int:
     while True:
         codes = [p.poll() for p in procs]
         failed = [c for c in codes if c not in (None, 0)]
+        if EXIT_HANG in failed:
+            for p in procs:
+                if p.poll() is None:
+                    _kill_with_children(p)
+            return EXIT_HANG
         if failed:
             # A rank exited non-zero. After a preemption save the others follow by themselves; after a crash they
             # would hang in their next collective, so after a grace period they are stopped.
@@ -86,3 +96,12 @@ def _wait(procs: list[subprocess.Popen], grace_s: float) -> int:
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.2)
+
+
+def _kill_with_children(rank: subprocess.Popen) -> None:
+    """SIGKILL a rank and its processes (data workers, which a stopped rank would leave waiting for it)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for process in [psutil.Process(rank.pid), *psutil.Process(rank.pid).children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    rank.wait()

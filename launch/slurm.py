@@ -9,9 +9,12 @@ for the step and decides what follows:
 * SIGTERM reached the batch step: Slurm is cancelling, preempting or timing out the job (the ranks got SIGTERM
   too and saved at their next step boundary); Slurm decides whether the job runs again, never us. `scontrol
   requeue` after `scancel` would bring a cancelled job back.
-* otherwise (the ranks saved on the warning signal and exited 75, or a rank failed): requeue the job, which
-  resumes from the newest checkpoint of the run directory, unless the last `slurm.max_requeues` requeues of
-  this job all happened at the same checkpoint step (a crash that comes back at the same step, not progress).
+* otherwise (the ranks saved on the warning signal and exited 75, a rank failed, or the ranks reported a hang):
+  requeue the job, which resumes from the newest checkpoint of the run directory, unless the last
+  `slurm.max_requeues` requeues of this job all happened at the same checkpoint step (a crash or hang that comes back
+  at the same step, not progress). After a hang the batch step exits EXIT_HANG, whatever srun's status (srun ends the
+  ranks that did not report, a stopped one among them, a minute after the first exit: `--wait`); the line naming
+  it is in the job's log, from the rank that composed it.
 
 The warning signal is USR1, sent `slurm.signal_seconds` before the time limit to the ranks (`--signal=USR1@N`);
 sent to the batch step instead (`--signal=B:USR1@N`, `scancel --batch`) it is forwarded to them.
@@ -34,7 +37,14 @@ from pathlib import Path
 from launch.errors import UserError
 from launch.rank import rank_command, rank_environment
 from pretrain.config import SLURM_TIME, Config
-from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL, STOP_SIGNALS
+from pretrain.launch_contract import (
+    EXIT_HANG,
+    EXIT_SAVED_ON_SIGNAL,
+    START_ID_ENV,
+    STOP_SIGNALS,
+    hang_summary,
+    new_start_id,
+)
 
 WARNING_SIGNAL = signal.SIGUSR1  # the trainer saves on it at the next step boundary
 
@@ -91,7 +101,8 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
         # srun 22.05 to 23.02 does not inherit the batch's --cpus-per-task: data workers would share one core.
         command.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
     # Each task's threads: the CPUs Slurm gave it (one without --cpus-per-task, Slurm's default).
-    env = rank_environment(threads=int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+    start_id = new_start_id()
+    env = {**rank_environment(threads=int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))), START_ID_ENV: start_id}
     # Every task takes its rank and rendezvous from Slurm (launch.rank): a RANK inherited from the submitting shell
     # would give them all the same, and an inherited MASTER_ADDR (127.0.0.1, say) would send the ranks of other
     # nodes to their own machine, where nobody listens.
@@ -113,6 +124,8 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if hang_summary(run_dir, start_id).is_file():
+        code = EXIT_HANG
     if code != 0 and not ending:
         requeue_if_progressing(cfg, run_dir, code)
     return code
@@ -125,7 +138,8 @@ def requeue_if_progressing(cfg: Config, run_dir: Path, code: int) -> bool:
     job_id = os.environ["SLURM_JOB_ID"]
     saved = complete_steps(run_dir / "checkpoints")
     step = saved[-1] if saved else 0
-    why = "saved on the warning signal" if code == EXIT_SAVED_ON_SIGNAL else f"failed with exit code {code}"
+    why = {EXIT_SAVED_ON_SIGNAL: "saved on the warning signal", EXIT_HANG: f"hung (exit code {EXIT_HANG})"}.get(
+        code, f"failed with exit code {code}")
     if step >= cfg.train.steps:
         return False
     history_path = run_dir / "slurm" / "requeues.json"

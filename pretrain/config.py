@@ -134,6 +134,7 @@ class DataConfig(_Section):
     eval: str | None = None
     tokenizer: str | None = None
     seq_len: int = Field(2048, gt=0)
+    # Processes that read the training data (0: the rank itself); evaluation reads in the rank (build_loader).
     num_workers: int = Field(1, ge=0)
     seed: int = 1234
     skip_corrupt_shards: bool = False
@@ -185,8 +186,14 @@ class TrainConfig(_Section):
     # Fine-tuning: a run directory or checkpoint whose weights a run starts from when its run directory holds no
     # checkpoint yet; the optimizer, schedule, data order and step count start fresh.
     init_from: str | None = None
-    # No step within this many seconds (a hung collective): dump every thread's stack and exit 1. 0: off.
-    watchdog_s: int = Field(1800, ge=0)
+    # A rank that makes no progress (a micro-batch, an evaluation batch, a save...) for this many seconds is a hang:
+    # the run names where each rank waits in one line, writes every thread's stack to RUN_DIR/hangs/ and exits 124
+    # (pretrain.hang). Many times the longest wait between two progress marks (seconds on the 7B), yet a hang is named
+    # within about a minute.
+    hang_timeout_s: int = Field(60, gt=0)
+    # The same until the first step ends (imports, rendezvous, DeepSpeed and its op builds, the checkpoint, compiling
+    # step 1: 90 s on the 7B), while torch.compile compiles, and while a checkpoint is written or read whole.
+    startup_timeout_s: int = Field(600, gt=0)
     # How long a rank waits for rank 0's rendezvous (MASTER_ADDR:MASTER_PORT) before it gives up with an error.
     rendezvous_timeout_s: int = Field(300, gt=0)
     # A step whose loss or gradients are not finite is skipped; after this many in a row the run reloads its newest
@@ -199,6 +206,11 @@ class TrainConfig(_Section):
     # A test of what a crash leaves behind: the last rank raises an error in this step (0: never), as a bug or a
     # lost device would; a save still being written completes first. Announced at the start of the run.
     inject_error_at_step: int = Field(0, ge=0)
+    # A test of hang reports: after this step (0: never) the last rank hangs, as inject_hang says: "collective" skips
+    # the step's stop-signal poll (the others wait for it there; it waits in the next step's first collective),
+    # "eval_data" waits forever for its evaluation data. Announced at the start of the run.
+    inject_hang_at_step: int = Field(0, ge=0)
+    inject_hang: Literal["collective", "eval_data"] = "collective"
 
     @field_validator("fp8", mode="before")
     @classmethod
@@ -488,6 +500,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not KEY=VALUE: write it like optim.lr=3e-4")
     parts = key.strip().split(".")
+    if len(parts) == 2 and (parts[0], parts[1]) in _RENAMED_KEYS:
+        parts[1] = _RENAMED_KEYS[parts[0], parts[1]]
     _check_path(parts)
     node = data
     for part in parts[:-1]:
@@ -520,7 +534,16 @@ def _unknown_key_message(dotted: str, name: str, valid: list[str]) -> str:
     return f"unknown config key {dotted}: {hint or 'valid keys here are ' + ', '.join(valid)}".rstrip()
 
 
+# Keys by their earlier names, (section, key) -> key: configs, run directories and checkpoints that use them still
+# read. train.watchdog_s (no step within so many seconds) became train.hang_timeout_s (no progress within them).
+_RENAMED_KEYS = {("train", "watchdog_s"): "hang_timeout_s"}
+
+
 def validate(data: dict[str, Any]) -> Config:
+    data = dict(data)
+    for (section, old), new in _RENAMED_KEYS.items():
+        if isinstance(data.get(section), dict) and old in data[section]:
+            data[section] = {new: data[section][old], **{k: v for k, v in data[section].items() if k != old}}
     try:
         return Config.model_validate(data)
     except ValidationError as e:

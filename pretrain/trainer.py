@@ -5,17 +5,19 @@ step consumes one global batch; with pp == 1 the micro-batches go through the en
 accumulates and steps at the boundary), with pp > 1 the pipeline engine runs them as 1F1B. Metrics go to the run
 directory from rank 0.
 A stop signal (pretrain.stop) ends a rank at once with exit 1 before the first step; after it, every rank saves
-at the next step boundary and exits 75.
+at the next step boundary and exits 75. The loop marks its progress for the hang watchdog (pretrain.hang), which
+ends the run with one line and exit 124 when a rank makes none for train.hang_timeout_s.
 """
 
 from __future__ import annotations
 
-import faulthandler
 import math
 import os
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,11 +31,13 @@ from pretrain.determinism import make_deterministic
 from pretrain.dtypes import resolve_dtype
 from pretrain.engine import Built, build_engine
 from pretrain.evaluate import inputs_and_labels
+from pretrain.hang import HangWatchdog
 from pretrain.hardware import peak_flops
-from pretrain.launch_contract import EXIT_FAILURE, EXIT_SAVED_ON_SIGNAL, EXIT_USER_ERROR, rank_log
+from pretrain.launch_contract import EXIT_FAILURE, EXIT_HANG, EXIT_SAVED_ON_SIGNAL, EXIT_USER_ERROR, rank_log
 from pretrain.metrics import MetricsLogger, StepProfiler
 from pretrain.model.attention import needs_mask, resolve_backend
 from pretrain.model.mistral import IGNORE_INDEX
+from pretrain.op_builds import op_builds
 from pretrain.plan import flops_per_token, halo_tokens
 from pretrain.stop import StopSignals
 
@@ -61,14 +65,22 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. it keeps diverging); the message says what to change."""
 
 
+def _never_returning() -> Iterator[dict]:
+    """train.inject_hang=eval_data: an evaluation loader whose next batch never comes."""
+    threading.Event().wait()
+    yield {}
+
+
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, stop: StopSignals, resume_from: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, stop: StopSignals, watchdog: HangWatchdog,
+                 resume_from: Path | None = None):
         from data_pipeline.loader import build_loader
         from data_pipeline.tokenizer import Tokenizer
 
         self.cfg = cfg
         self.run_dir = run_dir
         self.stop = stop
+        self.watchdog = watchdog
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -77,20 +89,27 @@ class Trainer:
         if cfg.train.deterministic:
             make_deterministic()
         self.startup = {"python_and_process_group_s": seconds_since_process_start()}
-        self.built: Built = build_engine(cfg, eos_id=tokenizer.eos_id if tokenizer else None)
+        with op_builds() as ops:
+            watchdog.progress(f"startup, DeepSpeed engine (its ops build in {ops})")
+            self.built: Built = build_engine(cfg, eos_id=tokenizer.eos_id if tokenizer else None)
         self.startup.update(self.built.setup_s)
         self.engine = self.built.engine
+        watchdog.progress("startup, data loaders")
         loader_args = {"dp_rank": parallel.dp_rank(), "dp_size": parallel.dp_size(),
                        "cp_rank": parallel.cp_rank(), "cp_size": parallel.cp_size(),
                        "micro_batch": cfg.parallel.micro_batch, "vocab_size": cfg.model.vocab_size}
         self.loader = build_loader(cfg.data, **loader_args)
-        self.eval_loader_args = loader_args
+        # Kept for the run, and rewound to its start for each evaluation: every evaluation reads the same batches.
+        evaluates = bool(cfg.data.eval and cfg.train.eval_every)
+        self.eval_loader = build_loader(cfg.data, split="eval", **loader_args) if evaluates else None
+        self.eval_start = self.eval_loader.state_dict() if self.eval_loader else None
         self.state = TrainState()
         self.checkpointer = Checkpointer(cfg, run_dir, self.engine, self.built.canonical_names, self.loader,
                                          self.state)
         checkpoint_start = time.perf_counter()
-        if self.checkpointer.restore(resume_from) is None and cfg.train.init_from is not None:
-            self.checkpointer.load_weights(Path(cfg.train.init_from))
+        with watchdog.long_operation("startup, loading the checkpoint"):
+            if self.checkpointer.restore(resume_from) is None and cfg.train.init_from is not None:
+                self.checkpointer.load_weights(Path(cfg.train.init_from))
         self.startup["checkpoint_s"] = time.perf_counter() - checkpoint_start
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
@@ -117,6 +136,11 @@ class Trainer:
         if cfg.train.inject_error_at_step:
             self.log_rank0(f"train.inject_error_at_step: rank {self.world - 1} raises an error in step "
                            f"{cfg.train.inject_error_at_step} (a test of crash handling)")
+        if cfg.train.inject_hang_at_step:
+            what = {"collective": "skips the stop-signal poll", "eval_data": "never gets its evaluation data"}
+            self.log_rank0(f"train.inject_hang={cfg.train.inject_hang}: rank {self.world - 1} "
+                           f"{what[cfg.train.inject_hang]} after step {cfg.train.inject_hang_at_step} (a test of hang "
+                           "reports)")
 
     def log_rank0(self, message: str) -> None:
         if self.rank == 0:
@@ -125,12 +149,20 @@ class Trainer:
     def _poll(self) -> tuple[bool, bool]:
         """Once per step, agreed by every rank: (a stop signal arrived somewhere, every background save writer
         has finished)."""
+        self.watchdog.progress(f"step {self.state.step}, stop-signal poll")
+        if self._injected_hang("collective"):
+            return bool(self.stop.requested), not self.checkpointer.writing()  # skips the collective
         stop, writing = parallel.all_reduce_numbers([self.stop.requested, self.checkpointer.writing()],
                                                     op=dist.ReduceOp.MAX)
         return bool(stop), not bool(writing)
 
+    def _injected_hang(self, kind: str) -> bool:
+        train = self.cfg.train
+        return (train.inject_hang == kind and self.state.step == train.inject_hang_at_step
+                and self.rank == self.world - 1)
+
     # ------------------------------------------------------------------ one step
-    def _global_batch(self, batches) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
+    def _global_batch(self, batches, where: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
         """This rank's micro-batches of the next global batch as (inputs, labels) on the device, and the loss divisor.
 
         Without a loss mask the divisor is None: each micro-batch's loss is its mean, and the step's loss the mean of
@@ -140,10 +172,13 @@ class Trainer:
         every trained token of the global batch (as Megatron and torchtitan average), and a global batch without
         any trained token gives 0. With context parallelism a micro-batch is this rank's chunk of each sequence, and
         the chunks' losses are averaged with the data-parallel ranks' (every chunk holds as many tokens)."""
-        micro = [inputs_and_labels(next(batches), self.device)
-                 for _ in range(self.engine.gradient_accumulation_steps())]
+        micro = []
+        for index in range(self.engine.gradient_accumulation_steps()):
+            self.watchdog.progress(f"{where}, reading micro-batch {index + 1}")
+            micro.append(inputs_and_labels(next(batches), self.device))
         if not self.cfg.data.loss_mask:
             return micro, None
+        self.watchdog.progress(f"{where}, counting trained tokens")
         # Counted on the device and read once: one host sync per step, not one per micro-batch.
         trained = int(torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro]).sum())
         [trained] = parallel.all_reduce_numbers([trained], group=parallel.dp_cp_group())
@@ -155,25 +190,34 @@ class Trainer:
         if self.state.step + 1 == self.cfg.train.inject_error_at_step and self.rank == self.world - 1:
             raise RuntimeError(f"train.inject_error_at_step={self.cfg.train.inject_error_at_step}: an error injected "
                                "into this step")
+        where = f"step {self.state.step + 1}"
         start = time.perf_counter()
-        micro_batches, divisor = self._global_batch(batches)
+        micro_batches, divisor = self._global_batch(batches, where)
         waited = time.perf_counter() - start
         self.built.float8.refresh_weights()  # the last step (or a checkpoint load) changed the weights
         if self.built.pipelined:
             self.built.pipeline_loss.divisor = divisor
-            loss = self.engine.train_batch(data_iter=iter(micro_batches))
+            loss = self.engine.train_batch(data_iter=self._marked(micro_batches, f"{where}, pipeline micro-batch"))
             return float(loss), waited, self.engine.was_step_applied()
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for micro, (inputs, labels) in enumerate(micro_batches):
+            self.watchdog.progress(f"{where}, micro-batch {micro + 1}")
             loss = self.engine(inputs, labels, loss_divisor=divisor)
             if micro == 0 and self.inject_nonfinite and self._data_batch(accum) in self.inject_nonfinite:
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
+        self.watchdog.progress(f"{where}, loss all-reduce")
         [total_over_ranks] = parallel.all_reduce_numbers([float(total) / accum], group=parallel.dp_cp_group())
         return total_over_ranks / parallel.dp_cp_size(), waited, self.engine.was_step_applied()
+
+    def _marked(self, micro_batches: list, doing: str) -> Iterator:
+        """The micro-batches for the pipeline engine, each one it takes marked as progress."""
+        for index, micro_batch in enumerate(micro_batches):
+            self.watchdog.progress(f"{doing} {index + 1}")
+            yield micro_batch
 
     def _data_batch(self, accum: int) -> int:
         """The 1-based number of the global batch being consumed, as the data loader counts them."""
@@ -181,24 +225,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        from data_pipeline.loader import build_loader
-
-        if not self.cfg.data.eval:
+        if self.eval_loader is None:
             return None
         self.engine.eval()
         self.built.float8.refresh_weights()
         losses = []
-        # A fresh loader each time: every evaluation reads the same held-out batches.
-        with iter(build_loader(self.cfg.data, split="eval", **self.eval_loader_args)) as batches:
-            for _ in range(self.cfg.train.eval_steps):
-                micro_batches, divisor = self._global_batch(batches)
+        self.eval_loader.load_state_dict(self.eval_start)
+        with iter(self.eval_loader) as batches:
+            if self._injected_hang("eval_data"):
+                batches = _never_returning()
+            for batch in range(self.cfg.train.eval_steps):
+                where = f"step {self.state.step}, evaluation batch {batch + 1}"
+                micro_batches, divisor = self._global_batch(batches, where)
                 if self.built.pipelined:
                     self.built.pipeline_loss.divisor = divisor
-                    losses.append(float(self.engine.eval_batch(data_iter=iter(micro_batches))))
+                    marked = self._marked(micro_batches, f"{where}, pipeline micro-batch")
+                    losses.append(float(self.engine.eval_batch(data_iter=marked)))
                     continue
+                self.watchdog.progress(f"{where}, forward")
                 losses += [float(self.engine(inputs, labels, loss_divisor=divisor))
                            for inputs, labels in micro_batches]
         self.engine.train()
+        self.watchdog.progress(f"step {self.state.step}, evaluation loss all-reduce")
         [total] = parallel.all_reduce_numbers([sum(losses) / len(losses)], group=parallel.dp_cp_group())
         return total / parallel.dp_cp_size()
 
@@ -216,7 +264,6 @@ class Trainer:
         # Closed however the loop ends: the workers of an unclosed iterator outlive training (see Batches).
         with iter(self.loader) as batches:
             while state.step < cfg.train.steps:
-                self._arm_watchdog()
                 profiler.before_step(state.step + 1)
                 step_start = time.perf_counter()
                 loss, waited, applied = self.train_step(batches)
@@ -246,22 +293,28 @@ class Trainer:
                         metrics.log(state.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
                 stop, writers_done = self._poll()
                 self.stop.first_step_done()  # every rank is past step 1: a stop signal now means saving
+                self.watchdog.first_step_done()
                 self.checkpointer.start_staging()
                 if writers_done:
-                    self.checkpointer.settle()
+                    with self.watchdog.long_operation(f"step {state.step}, finishing a save"):
+                        self.checkpointer.settle()
                 if stop:
                     self.log_rank0(f"signal {self.stop.requested or 'on another rank'}: saving step {state.step} "
                                    "and exiting")
-                    self.checkpointer.save(loss)
+                    with self.watchdog.long_operation(f"step {state.step}, save"):
+                        self.checkpointer.save(loss)
                     outcome = EXIT_SAVED_ON_SIGNAL
                     break
                 every = cfg.checkpoint.every_steps
                 final = state.step == cfg.train.steps and cfg.checkpoint.save_final
                 if (every and state.step % every == 0) or final:
-                    self.checkpointer.save(loss)
-        faulthandler.cancel_dump_traceback_later()
-        self.checkpointer.settle()
+                    with self.watchdog.long_operation(f"step {state.step}, save"):
+                        self.checkpointer.save(loss)
+        with self.watchdog.long_operation(f"step {state.step}, finishing a save"):
+            self.checkpointer.settle()
+        self.watchdog.progress(f"step {state.step}, end of the run")
         dist.barrier()
+        self.watchdog.progress(f"step {state.step}, closing the metrics")
         # After a stop signal the scheduler's grace period is short: the plot waits for the run's real end.
         metrics.close(plot=outcome != EXIT_SAVED_ON_SIGNAL)
         return outcome
@@ -276,7 +329,8 @@ class Trainer:
                 "data, then resume"
             )
         position, counters = self.loader.state_dict(), self.state.counters()
-        ckpt = self.checkpointer.restore(None)
+        with self.watchdog.long_operation(f"step {self.state.step}, rollback"):
+            ckpt = self.checkpointer.restore(None)
         if ckpt is None:
             raise TrainingError(
                 f"{self.cfg.train.max_nonfinite_in_row} steps in a row had a non-finite loss or gradients before "
@@ -294,11 +348,6 @@ class Trainer:
         self.log_rank0("startup: " + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s"
                                                for key, value in times.items()))
         self.startup = {}
-
-    def _arm_watchdog(self) -> None:
-        """If no step completes in train.watchdog_s (a hung collective), dump every thread's stack and exit."""
-        if self.cfg.train.watchdog_s:
-            faulthandler.dump_traceback_later(self.cfg.train.watchdog_s, exit=True)
 
     def _step_metrics(self, loss: float, elapsed: float, tokens: int, waited: float) -> dict[str, float]:
         steps = max(1, tokens // self.tokens_per_step)
@@ -330,28 +379,31 @@ class Trainer:
 
 
 def collective_timeout_s(train: TrainConfig) -> float:
-    """How long one collective may wait: past the watchdog, so that a hung collective is reported by it (every
-    thread's stack, then exit) before the process group's own timeout ends the rank (NCCL's watchdog aborts it
-    without a Python stack); a day when the watchdog is off."""
-    return train.watchdog_s + 60.0 if train.watchdog_s else 24 * 3600.0
+    """How long one collective may wait: past the hang watchdog's longest allowance (a collective of step 1 waits
+    for the ranks that still compile), so that a hang is reported by it (where every rank waits, every thread's
+    stack) before the process group's own timeout ends a rank (NCCL's watchdog aborts it without a Python stack)."""
+    return max(train.hang_timeout_s, train.startup_timeout_s) + 60.0
 
 
-def run(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
+def run(cfg: Config, run_dir: Path, watchdog: HangWatchdog, resume_from: Path | None = None) -> int:
     stop = StopSignals.install()  # before process-group setup and DeepSpeed: a stop signal must end them too
     timeout_s = collective_timeout_s(cfg.train)
+    watchdog.progress("startup, process group")
     parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, timeout_s=timeout_s,
                               rendezvous_timeout_s=cfg.train.rendezvous_timeout_s, cp=cfg.parallel.cp)
     print(f"[pretrain] process group: {dist.get_backend()}, {dist.get_world_size()} ranks, collective timeout "
-          f"{timeout_s:.0f} s (train.watchdog_s={cfg.train.watchdog_s})", flush=True)
+          f"{timeout_s:.0f} s (train.hang_timeout_s={cfg.train.hang_timeout_s}, "
+          f"train.startup_timeout_s={cfg.train.startup_timeout_s})", flush=True)
     trainer = None
     try:
-        trainer = Trainer(cfg, run_dir, stop, resume_from)
+        trainer = Trainer(cfg, run_dir, stop, watchdog, resume_from)
         while (outcome := trainer.fit()) == _ROLLBACK:
             trainer.roll_back()
         return outcome
     except BaseException:
         if trainer is not None:
-            trainer.checkpointer.complete_after_error()
+            with watchdog.long_operation("after an error, finishing a save"):
+                trainer.checkpointer.complete_after_error()
         raise
     finally:
         parallel.destroy()
@@ -373,8 +425,11 @@ def main(run_dir: Path, resume_from: Path | None = None) -> int:
     from data_pipeline.errors import DataError
 
     rank = int(os.environ.get("RANK", "0"))
+    watchdog = None
     try:
-        return run(load_run_config(run_dir), run_dir, resume_from)
+        cfg = load_run_config(run_dir)
+        watchdog = HangWatchdog(run_dir, cfg.train.hang_timeout_s, cfg.train.startup_timeout_s).start()
+        return run(cfg, run_dir, watchdog, resume_from)
     except (CheckpointError, ConfigError, DataError, TrainingError, parallel.RendezvousError) as e:
         print(f"[pretrain] rank {rank}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
@@ -382,6 +437,8 @@ def main(run_dir: Path, resume_from: Path | None = None) -> int:
         # The traceback goes to standard output, which launch.rank sends to the rank's log; the terminal gets a line.
         traceback.print_exc(file=sys.stdout)
         sys.stdout.flush()
+        if watchdog is not None and watchdog.run_hung():
+            return EXIT_HANG  # the error follows from the hang that was reported (its peers are gone, say)
         first_line = (str(e).strip().splitlines() or [""])[0][:300]
         print(f"[pretrain] rank {rank}: error: {type(e).__name__}: {first_line} (traceback in "
               f"{rank_log(run_dir, rank)})", file=sys.stderr, flush=True)

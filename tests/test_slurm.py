@@ -325,6 +325,22 @@ def test_failure_at_the_same_step_stops_requeuing(slurm_cluster, tiny_data, tmp_
     assert max(losses(run_dir)) == 3
 
 
+def test_a_hang_is_named_in_the_job_log_and_ends_the_job_with_the_hang_code(slurm_cluster, tiny_data, tmp_path):
+    """Rank 1 is stopped (SIGSTOP) after step 2: rank 0 reports the hang, its line naming rank 1 is in the job's
+    log once, srun ends the stopped rank, and the batch step exits 124; with slurm.max_requeues=0 the job ends
+    FAILED with that exit code rather than requeuing."""
+    run_dir = tmp_path / "run"
+    job_id = submit(run_dir, tiny_data, "train.hang_timeout_s=15", "slurm.max_requeues=0")
+    wait_for_step(run_dir, job_id, 2)
+    rank_process(run_dir, 1).suspend()
+    state = wait_for_end(job_id)
+    log = job_log(run_dir, job_id)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "124:0", log[-4000:]
+    [line] = [line for line in log.splitlines() if "hang:" in line]
+    assert re.search(r"rank 1 \(host node\d\) does not respond \(last: .*\); rank 0 waits in a collective", line), line
+    assert f"job {job_id} hung (exit code 124) at checkpoint step 0 after 0 requeue(s)" in log
+
+
 TWO_NODES = ["slurm.nodes=2", "slurm.tasks_per_node=1"]
 
 
