@@ -3,6 +3,9 @@
     python benchmarks/checkpoint.py                 # 1 GPU: 7B width, 6 layers (19 GB of weights and Adam state)
     python benchmarks/checkpoint.py --nproc 2       # 2 GPUs, data parallel: each rank saves and loads its share
     python benchmarks/checkpoint.py --smoke         # a tiny float32 run on CPU, to check the script works
+    python benchmarks/checkpoint.py --width 512 --layers 4 --seq-len 64 --save-after 4 --nproc 2
+                                                    # CPU, data parallel: a 512-wide float32 model (about 45 M
+                                                    # parameters), big enough for a save's stall to show
 
 Measured in one run: the disk's sequential write speed (dd of zeros, fdatasync at the end); on a GPU, the copy
 bandwidth from device to pinned host memory; an asynchronous save (the training stall, i.e. the copy to host memory,
@@ -94,19 +97,26 @@ def train(args, run_dir: Path, data: Path, steps: int, every_steps: int, async_s
         f"model.n_layers={args.layers}", f"data.train=[{{path: {data}}}]", "data.eval=null", "data.tokenizer=null",
         f"data.seq_len={args.seq_len}", f"model.max_seq_len={args.seq_len}", f"model.sliding_window={args.seq_len}",
         "parallel.micro_batch=1", f"train.global_batch={args.nproc}", f"train.steps={steps}", "train.eval_every=0",
+        f"parallel.zero_stage={args.zero_stage}",
         f"checkpoint.every_steps={every_steps}", f"checkpoint.save_final={str(save_final).lower()}",
         "checkpoint.keep_last=1", f"checkpoint.async_save={str(async_save).lower()}",
         "logging.every_steps=1", "logging.tensorboard=false", "train.compile=false",
     ]
-    if args.smoke:
-        overrides += ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
-                      "model.hidden_dim=128", "model.vocab_size=256", "train.dtype=float32", "data.num_workers=0"]
+    if args.width:
+        heads = max(1, args.width // 32)
+        overrides += [f"model.dim={args.width}", f"model.n_heads={heads}", f"model.n_kv_heads={max(1, heads // 4)}",
+                      "model.head_dim=32", f"model.hidden_dim={3 * args.width}", f"model.vocab_size={vocab_size(args)}",
+                      "train.dtype=float32", "data.num_workers=0"]
     command = [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "mistral-7b.yaml"), *overrides,
                "--nproc", str(args.nproc), "--run-dir", str(run_dir)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"training failed ({result.returncode}):\n" + "\n".join(result.stderr.splitlines()[-20:]))
     return result.stderr
+
+
+def vocab_size(args) -> int:
+    return 256 if args.smoke else 32000
 
 
 def saves(log: str) -> list[tuple[float, float]]:
@@ -130,8 +140,12 @@ def progress(text: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--nproc", type=int, default=1, help="GPUs (data-parallel ranks, ZeRO-1)")
+    parser.add_argument("--nproc", type=int, default=1, help="GPUs, or processes on CPU (data-parallel ranks)")
+    parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3))
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--width", type=int,
+                        help="a narrower float32 model that trains on CPU: this width, heads of 32 (a quarter of them "
+                             "for keys and values), MLP 3x as wide (default: the 7B's width)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dd-gb", type=int, help="size of the dd write test (default: the checkpoint's)")
     parser.add_argument("--save-after", type=int, default=250,
@@ -139,13 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, help="on the disk to measure (default: a temporary directory)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.layers, args.seq_len, args.dd_gb, args.save_after = 2, 64, 1, 12
+        args.layers, args.seq_len, args.dd_gb, args.save_after, args.width = 2, 64, 1, 12, 64
     if args.work_dir:
         args.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         work = Path(tmp)
         data = work / "data"
-        write_random_shards(data, 16, args.seq_len, 256 if args.smoke else 32000)
+        write_random_shards(data, 16, args.seq_len, vocab_size(args))
         n = args.save_after
         # One save, after step n; its stall is logged with the step after it.
         async_log = train(args, work / "async", data, n + 1, n, async_save=True, save_final=False)
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
           + (f"; pinned staging buffers {staging[0]:.1f} GB allocated in {staging[1]:.2f} s (in the background, "
              f"before the save after step {n})" if staging else "")
           + f"; checkpoint {gb:.2f} GB ({args.layers} layers: fp32 weights + Adam moments), {args.nproc} rank(s) "
-          f"saving and loading their shares at once; training step {step_s:.3f} s")
+          f"at ZeRO-{args.zero_stage} saving and loading their shares at once; training step {step_s:.3f} s")
     print(f"{'what':<38} {'seconds':>8} {'GB/s':>7} {'vs':>6} {'reference':<18}")
     # The stall is each rank's copy of its own share, beside one GPU's copy bandwidth; the rest is the whole
     # checkpoint on the one disk, beside dd.

@@ -9,6 +9,9 @@ Conventions (stated in `pretrain plan` output too):
   figure in the training dtype (pretrain.hardware holds the table), named as such in the output.
 - Memory follows the ZeRO paper's accounting with mixed precision: 2 bytes of bf16 weights and 2 of gradients
   per parameter, 12 of optimizer state (float32 master, Adam m and v); float32 training holds 4 + 4 + 8.
+- A checkpoint save: each rank copies the float32 master and Adam moments (12 bytes a parameter) of its part of the
+  largest stage's shard (1 / (dp x cp) of it) to host memory and communicates none of them
+  (pretrain/checkpoint/state.py).
 """
 
 from __future__ import annotations
@@ -133,6 +136,14 @@ def memory_per_gpu(cfg: Config, dp: int, mixed_precision: bool = True) -> Memory
     return MemoryPlan(weights, grads, optim, activations, logits)
 
 
+def checkpoint_bytes_per_rank(cfg: Config, dp: int) -> float:
+    """The float32 master weights and Adam moments (12 bytes a parameter) a rank copies to host memory and writes at
+    a save: its ZeRO partition of its shard of the largest pipeline stage, or, where every data-parallel rank holds
+    the shard whole (float32 at ZeRO stage 0), its share of it."""
+    p = cfg.parallel
+    return parameters_per_rank(cfg.model, p.tp, p.pp) * 12 / (dp * p.cp)
+
+
 def halo_tokens(cfg: Config) -> int:
     """Context parallelism: the most positions before its chunk a rank receives keys and values for (the window's
     reach, W - 1, or every position before the last chunk without a window); 0 at cp = 1."""
@@ -212,6 +223,11 @@ def describe(cfg: Config, mfu: float, peak_tflops: float | None) -> list[tuple[s
                            f"({p.activation_checkpointing} checkpointing) + logits {_gib(mem.logits)}"),
         ("precision", (f"bf16 weights, {'fp32' if grad_b == 4 else 'bf16'} gradients, fp32 master + Adam" if mixed
                        else "float32") + f" ({weight_b}+{grad_b}+{optim_b} bytes/param)"),
+        ("checkpoint save per rank", f"{_gib(checkpoint_bytes_per_rank(cfg, dp))} of float32 master and Adam state "
+                                     "copied to host memory and written; 0 bytes communicated"
+                                     + (f" (until 2026-12-07: {_gib(12 * parameters_per_rank(m, p.tp, p.pp))}, "
+                                        "12 bytes x parameters per rank, all-reduced over data-parallel ranks)"
+                                        if p.zero_stage > 0 or mixed else "")),
         ("throughput at MFU", f"{implied_tokens_per_second_per_gpu(cfg, mfu, peak):,.0f} tokens/s/GPU "
                               f"at {mfu:.0%} of {peak:g} TFLOP/s ({peak_source})"),
     ]

@@ -11,6 +11,7 @@ from pretrain.config import load_config, resolve_world
 from pretrain.hardware import datasheet_peak_tflops, peak_flops
 from pretrain.plan import (
     activation_bytes_per_layer,
+    checkpoint_bytes_per_rank,
     context_parallel_traffic,
     count_parameters,
     flops_per_token,
@@ -112,6 +113,19 @@ def test_plan_command_prints_7_24_b():
     out = _plan()
     assert "7.24 B (7,241,732,096)" in out
     assert "tokens/s/GPU" in out and "memory per GPU" in out
+
+
+def test_a_checkpoint_save_communicates_nothing():
+    """The 7B at tp=2 on 8 GPUs (dp=4, ZeRO-1): each rank copies the 12 bytes of float32 master and Adam state of a
+    quarter of its shard's parameters and sends none of them; until 2026-12-07 a save all-reduced the 12 bytes of
+    every parameter of the shard on every rank (40.47 GiB, 43.5 GB)."""
+    n = parameters_per_rank(load_config(MISTRAL).model, tp=2, pp=1)
+    cfg = resolve_world(load_config(MISTRAL, ["parallel.tp=2"]), 8)
+    assert checkpoint_bytes_per_rank(cfg, cfg.parallel.dp) == 12 * n / 4
+    assert f"{12 * n / 4 / 2**30:.2f} {12 * n / 2**30:.2f}" == "10.12 40.47"
+    out = " ".join(_plan("parallel.tp=2", "--world-size", "8").replace("│", " ").split())  # the table's rows, unwrapped
+    assert ("checkpoint save per rank 10.12 GiB of float32 master and Adam state copied to host memory and written; "
+            "0 bytes communicated (until 2026-12-07: 40.47 GiB") in out
 
 
 # Names as torch.cuda.get_device_name() reports them.

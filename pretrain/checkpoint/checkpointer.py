@@ -31,12 +31,13 @@ import torch.distributed as dist
 
 from pretrain import parallel
 from pretrain.checkpoint.state import (
+    Fragment,
     ShardReader,
     allocate_staging,
     check_compatible,
     load_model_and_optimizer,
     load_rng_state,
-    rank_share,
+    rank_fragments,
     read_trainer_state,
     snapshot_rank_state,
     write_rank_state,
@@ -100,7 +101,7 @@ class Checkpointer:
         self.world = dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self._pending: _PendingSave | None = None
-        # Pinned host buffers of this rank's share, reused by every asynchronous save from a GPU; synchronous saves
+        # Pinned host buffers of this rank's part, reused by every asynchronous save from a GPU; synchronous saves
         # (and any on CPU) copy into pageable memory. Allocated by a background thread (`start_staging`) that the
         # first save waits for.
         self._staging: dict[str, torch.Tensor] | None = {} if self.async_save and torch.cuda.is_available() else None
@@ -212,22 +213,22 @@ class Checkpointer:
         scheduled = self.cfg.checkpoint.every_steps > 0 or self.cfg.checkpoint.save_final
         if self._staging is None or self._staging_thread is not None or not scheduled:
             return
-        share = rank_share(self.canonical, parallel.dp_cp_rank(), parallel.dp_cp_size())
-        self._staging_thread = threading.Thread(target=self._allocate_staging, args=(share,), daemon=True)
+        fragments = rank_fragments(self.canonical, parallel.dp_cp_rank(), parallel.dp_cp_size())
+        self._staging_thread = threading.Thread(target=self._allocate_staging, args=(fragments,), daemon=True)
         self._staging_thread.start()
 
-    def _allocate_staging(self, share: list[tuple[str, torch.nn.Parameter]]) -> None:
+    def _allocate_staging(self, fragments: list[Fragment]) -> None:
         """In a background thread: no collectives here, and a failure is raised by `_staging_ready`."""
         start = time.perf_counter()
         try:
             torch.cuda.set_device(self.device)  # a new thread starts on device 0
-            size = allocate_staging(share, self._staging)
+            size = allocate_staging(fragments, self._staging)
         except BaseException as e:
             self._staging_error = e
             return
         if self.rank == 0:
             _log(f"checkpoint: {size / 1e9:.1f} GB of pinned host memory for asynchronous saves ready in "
-                 f"{time.perf_counter() - start:.1f} s (rank 0's share)")
+                 f"{time.perf_counter() - start:.1f} s (rank 0's part)")
 
     def _staging_ready(self) -> None:
         """Collective at each asynchronous save once staging has started: wait for the staging buffers (at once

@@ -1,14 +1,28 @@
-"""What a checkpoint holds, in a layout-independent form.
+"""What a checkpoint holds, in a layout-independent form, and how a save and a load move it.
 
-Every parameter is saved under its canonical name (the tp=1, pp=1 model's) as this tensor-parallel rank's
-shard, with its float32 master copy and Adam moments gathered over data-parallel ranks (ZeRO 1-3 partitions are
-assembled by DeepSpeed's `safe_get_full_*`). The parameters of one (tp, pp) coordinate are spread over its
-data-parallel ranks, each parameter in one rank's file, balanced by size: every rank copies to host memory and
-writes only its share, so a save's host memory and write time shrink with the data-parallel size instead of
-landing on one rank. Loading merges the old tp shards and cuts the new rank's shard, so a checkpoint loads into
-any tp/pp/dp/ZeRO layout with the optimizer state carried over; the same layout resumes bit-exactly.
+Every parameter is saved under its canonical name (the tp=1, pp=1 model's) as this tensor-parallel rank's shard:
+its float32 master copy and Adam moments. A save communicates none of the model's tensors: each rank copies to host
+memory what it already holds and writes it into its own file (`rank_fragments`). Under ZeRO (stages 1 to 3, and
+DeepSpeed's BF16 optimizer, which partitions as stage 1 does) that is its partition of the float32 state: of each
+parameter, the contiguous run of its flattened shard that falls into the partition (a *fragment*; the padding at the
+end of ZeRO-3's last partition is left out). Where every data-parallel rank holds the parameters whole (float32 at
+ZeRO stage 0), the ranks split them, each parameter to one rank, balanced by size (`rank_share`). Either way the
+state of a (tp, pp) coordinate is written once, spread about evenly over its data-parallel ranks: a save's host
+memory and write time per rank shrink as data parallelism grows, and its stall (what training waits for) is one copy
+at memory speed, on GPUs into pinned host buffers allocated ahead of the first save (`allocate_staging`). Until
+2026-12-07 every rank all-reduced the master and moments of its whole shard over data-parallel ranks (12 bytes a
+parameter: 43 GB per rank for the 7B at tp=2) and kept its share, inside the stall.
 
-    model/tp00-pp00-dp0000.safetensors   param/<name>, exp_avg/<name>, exp_avg_sq/<name>
+A load (`ShardReader`) joins each shard's fragments from the data-parallel files of its (tp, pp) coordinate, merges
+the tp shards and cuts the new rank's shard, so a checkpoint loads into any tp/pp/dp/ZeRO layout with the optimizer
+state carried over; the same layout resumes bit-exactly. Checkpoints written before fragments (every parameter whole,
+in one file) load as they are.
+
+    model/tp00-pp00-dp0000.safetensors   this rank's part, float32 (no moments before the first optimizer step):
+        param/<name>, exp_avg/<name>, exp_avg_sq/<name>        a whole shard, in its shape
+        param/<name>@<offset>, exp_avg/<name>@<offset>, ...    a fragment: the flattened shard's elements from
+                                                               <offset> on, flat
+        shape/<name>                                           int64, the shape of a shard stored in fragments
     rng/rank00000.pt                     python, numpy, torch CPU and the rank's own CUDA generator states
     trainer.json                         step, tokens, scheduler, loader position, counters, config, code version
 """
@@ -23,6 +37,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -30,10 +45,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (
-    safe_get_full_fp32_param,
-    safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
 )
 from safetensors import safe_open
 
@@ -83,18 +100,6 @@ def _relink_optimizer_state(engine) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def _full_master(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer, stepped: bool) -> dict[str, torch.Tensor]:
-    """The float32 master weight and Adam moments of this tp shard, assembled over data-parallel ranks.
-    A collective over the data-parallel group under ZeRO: every dp rank must call it in the same order."""
-    master = safe_get_full_fp32_param(param)
-    if master is None:  # no ZeRO and no mixed precision: the parameter is its own master copy
-        state = optimizer.state.get(param, {})
-        return {"param": param.detach().float(), **{k: state[k] for k in ADAM_MOMENTS if k in state}}
-    if not stepped:  # no optimizer step yet (or every one skipped): there are no moments to save
-        return {"param": master}
-    return {"param": master, **{key: safe_get_full_optimizer_state(param, key) for key in ADAM_MOMENTS}}
-
-
 def unpartitioned_shape(param: torch.nn.Parameter) -> torch.Size:
     """The shape of this tensor-parallel rank's whole parameter: ZeRO-3 leaves each rank an empty `.shape` and
     keeps the whole one in `ds_shape`."""
@@ -102,8 +107,8 @@ def unpartitioned_shape(param: torch.nn.Parameter) -> torch.Size:
 
 
 def _by_name(canonical: dict[torch.nn.Parameter, str]) -> list[tuple[str, torch.nn.Parameter]]:
-    """The order every rank goes through the parameters in: the same on all, so that their collectives pair up
-    and their shares agree."""
+    """The order every rank goes through the parameters in: the same on all, so that their collectives (at a load)
+    pair up and their shares agree."""
     return sorted(((name, param) for param, name in canonical.items()), key=lambda item: item[0])
 
 
@@ -122,22 +127,95 @@ def rank_share(canonical: dict[torch.nn.Parameter, str], dp_rank: int,
     return share
 
 
-def allocate_staging(share: list[tuple[str, torch.nn.Parameter]], staging: dict[str, torch.Tensor]) -> int:
-    """Fill `staging` with the pinned host buffers that `snapshot_rank_state` copies `share` into (the float32
-    master and Adam moments of each parameter); returns their bytes. Allocating pinned memory takes seconds per
-    ten gigabytes, so it is done once, ahead of the first save."""
+@dataclass(frozen=True, eq=False)
+class Fragment:
+    """What a rank writes of one parameter: `numel` elements from `offset` of its flattened tensor-parallel shard,
+    whose shape is `shape`."""
+
+    name: str
+    param: torch.nn.Parameter
+    offset: int
+    numel: int
+    shape: torch.Size
+
+    @property
+    def whole(self) -> bool:
+        return self.numel == self.shape.numel()
+
+    @property
+    def stored_shape(self) -> torch.Size:
+        """A whole shard is stored in its shape, a part of one flat."""
+        return self.shape if self.whole else torch.Size([self.numel])
+
+    def key(self, kind: str) -> str:
+        """Its key in the rank's file, for `kind` ("param" or an Adam moment)."""
+        return f"{kind}/{self.name}" if self.whole else f"{kind}/{self.name}@{self.offset}"
+
+
+def _partition_range(param: torch.nn.Parameter) -> tuple[int, int] | None:
+    """(offset, numel) of the run of the flattened shard whose float32 state this rank's ZeRO partition holds (numel
+    0: none of it), from DeepSpeed's own bookkeeping; None where the parameter is not partitioned."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: equal slices, in partition-rank order, the last one padded
+        size = param.partition_numel()
+        start = size * param.ds_zero_partition_rank
+        return start, max(0, min(size, param.ds_numel - start))
+    if hasattr(param, "_hp_mapping"):  # ZeRO 1-2 and the BF16 optimizer
+        if param._hp_mapping is None:  # its state lies in other ranks' partitions
+            return 0, 0
+        address = param._hp_mapping.lp_fragment_address
+        return address.start, address.numel
+    return None
+
+
+def rank_fragments(canonical: dict[torch.nn.Parameter, str], dp_rank: int, dp_size: int) -> list[Fragment]:
+    """What data-parallel rank `dp_rank` of `dp_size` writes at a save, in name order: of each parameter its ZeRO
+    partition holds part of, that part; of the parameters every data-parallel rank holds whole, its `rank_share`.
+    From DeepSpeed's partition bookkeeping and shapes alone: no collective, so it may run in a background thread."""
+    fragments, unpartitioned = [], {}
+    for name, param in _by_name(canonical):
+        held = _partition_range(param)
+        if held is None:
+            unpartitioned[param] = name
+        elif held[1] > 0:
+            fragments.append(Fragment(name, param, *held, unpartitioned_shape(param)))
+    fragments += [Fragment(name, param, 0, param.numel(), param.shape)
+                  for name, param in rank_share(unpartitioned, dp_rank, dp_size)]
+    return sorted(fragments, key=lambda fragment: fragment.name)
+
+
+def _fragment_values(fragment: Fragment, optimizer: torch.optim.Optimizer, stepped: bool) -> dict[str, torch.Tensor]:
+    """The float32 master weight and Adam moments of `fragment`, as this rank holds them (views, flat for a ZeRO
+    partition): no copy and no collective. No moments before the first optimizer step (or while every one was
+    skipped): there are none to save."""
+    param = fragment.param
+    kinds = ("param", *ADAM_MOMENTS) if stepped else ("param",)
+    if hasattr(param, "ds_id"):  # the padding of the last partition comes after the parameter's last element
+        return {kind: (safe_get_local_fp32_param(param) if kind == "param"
+                       else safe_get_local_optimizer_state(param, kind)).narrow(0, 0, fragment.numel)
+                for kind in kinds}
+    if hasattr(param, "_hp_mapping"):
+        return {kind: param._hp_mapping.get_hp_fragment(None if kind == "param" else kind) for kind in kinds}
+    # No ZeRO and no mixed precision: the parameter is its own master copy.
+    state = optimizer.state.get(param, {})
+    return {"param": param.detach(), **{kind: state[kind] for kind in ADAM_MOMENTS if kind in state}}
+
+
+def allocate_staging(fragments: list[Fragment], staging: dict[str, torch.Tensor]) -> int:
+    """Fill `staging` with the pinned host buffers that `snapshot_rank_state` copies `fragments` into (their float32
+    master and Adam moments); returns their bytes. Allocating pinned memory takes seconds per ten gigabytes, so it is
+    done once, ahead of the first save."""
     size = 0
-    for name, param in share:
-        for key in ("param", *ADAM_MOMENTS):
-            buffer = staging[f"{key}/{name}"] = _pinned(unpartitioned_shape(param))
+    for fragment in fragments:
+        for kind in ("param", *ADAM_MOMENTS):
+            buffer = staging[fragment.key(kind)] = _pinned(fragment.stored_shape)
             size += buffer.numel() * buffer.element_size()
     return size
 
 
 def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], trainer_state: dict,
                         config: dict, staging: dict[str, torch.Tensor] | None) -> dict[str, object]:
-    """Every rank, at a step boundary: this rank's share of the checkpoint (`rank_share`) copied to host memory,
-    ready for `write_rank_state`. Gathers over data-parallel ranks (collectives), so all ranks call it together.
+    """Every rank, at a step boundary: what it writes of the checkpoint (`rank_fragments`) copied to host memory,
+    ready for `write_rank_state`. No collective: each rank copies what it holds.
 
     With `staging` (asynchronous saves from a GPU) the copies go into its pinned host buffers, kept from one save
     to the next (see `allocate_staging`), asynchronously with one synchronization at the end: pinned memory copies
@@ -146,15 +224,15 @@ def snapshot_rank_state(engine, canonical: dict[torch.nn.Parameter, str], traine
     pageable memory: a synchronous save waits for the write anyway, and no host memory stays pinned."""
     optimizer = _inner_optimizer(engine)
     _relink_optimizer_state(engine)
-    tensors: dict[str, torch.Tensor] = {}
     stepped = _adam_step(optimizer) > 0
-    dp_rank = parallel.dp_cp_rank()  # context-parallel ranks hold the same state: they share the writing too
-    mine = {name for name, _ in rank_share(canonical, dp_rank, parallel.dp_cp_size())}
-    for name, param in _by_name(canonical):
-        values = _full_master(param, optimizer, stepped)  # collective: every rank, every parameter
-        if name in mine:
-            for key, value in values.items():
-                tensors[f"{key}/{name}"] = _to_host(f"{key}/{name}", value.detach(), staging)
+    dp_rank = parallel.dp_cp_rank()  # context-parallel ranks are data-parallel ranks to ZeRO and to the writing
+    tensors: dict[str, torch.Tensor] = {}
+    for fragment in rank_fragments(canonical, dp_rank, parallel.dp_cp_size()):
+        for kind, value in _fragment_values(fragment, optimizer, stepped).items():
+            key = fragment.key(kind)
+            tensors[key] = _to_host(key, value.detach().reshape(fragment.stored_shape), staging)
+        if not fragment.whole:
+            tensors[f"shape/{fragment.name}"] = torch.tensor(fragment.shape, dtype=torch.int64)
     if any(t.is_pinned() for t in tensors.values()):
         torch.cuda.synchronize()
     snapshot: dict[str, object] = {"rng": _rng_state()}
@@ -209,7 +287,7 @@ def write_rank_state(tmp_dir: Path, rank: int, snapshot: dict[str, object]) -> d
     return written
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 
 
 def _safetensors_pieces(tensors: dict[str, torch.Tensor]) -> Iterator[memoryview]:
@@ -317,11 +395,14 @@ def read_trainer_state(ckpt: Path) -> dict:
 
 class ShardReader:
     """Reads a parameter (or moment) by canonical name from whichever (tp, pp) files hold it and returns the
-    full tensor, merging the old tensor-parallel shards."""
+    full tensor, joining the fragments of each tensor-parallel shard and merging the shards."""
 
     def __init__(self, ckpt: Path, model_cfg: ModelConfig):
         self.cfg = model_cfg
-        self.index: dict[str, dict[int, object]] = {}  # key -> tp rank -> the open file holding its shard
+        # key ("param/<name>", ...) -> tp rank -> the pieces of its shard: (offset in the flattened shard, the open
+        # file holding the piece, its key there); a shard stored whole is one piece at offset 0.
+        self.index: dict[str, dict[int, list[tuple[int, object, str]]]] = {}
+        self.shapes: dict[tuple[str, int], torch.Size] = {}  # (name, tp rank) -> shape of a shard in fragments
         tp_ranks = set()
         for path in sorted((ckpt / "model").glob("*.safetensors")):
             match = _SHARD_FILE.fullmatch(path.name)
@@ -331,8 +412,12 @@ class ShardReader:
             tp = int(match.group(1))
             tp_ranks.add(tp)
             handle = safe_open(str(path), framework="pt")
-            for key in handle.keys():
-                self.index.setdefault(key, {})[tp] = handle
+            for stored in handle.keys():
+                if stored.startswith("shape/"):
+                    self.shapes[stored.removeprefix("shape/"), tp] = torch.Size(handle.get_tensor(stored).tolist())
+                    continue
+                key, _, offset = stored.partition("@")
+                self.index.setdefault(key, {}).setdefault(tp, []).append((int(offset or 0), handle, stored))
         if not tp_ranks:
             raise CheckpointError(f"{ckpt}/model holds no parameter shards: the checkpoint is damaged")
         self.tp = 1 + max(tp_ranks)
@@ -345,16 +430,41 @@ class ShardReader:
         if holders is None or len(holders) != self.tp:
             raise CheckpointError(f"checkpoint lacks {key} (or some of its shards): it was saved by another model")
         name = key.split("/", 1)[1]
-        return unshard_parameter(name, [holders[t].get_tensor(key) for t in range(self.tp)], self.cfg)
+        return unshard_parameter(name, [self._tp_shard(key, t) for t in range(self.tp)], self.cfg)
 
     def shard(self, key: str) -> torch.Tensor:
         """This tensor-parallel rank's shard: read as it is when the checkpoint has the same tp size (a resume
         reads only its own shards), else cut from the merged full tensor."""
         holders = self.index.get(key, {})
         if self.tp == parallel.tp_size() and len(holders) == self.tp:
-            return holders[parallel.tp_rank()].get_tensor(key)
+            return self._tp_shard(key, parallel.tp_rank())
         name = key.split("/", 1)[1]
         return shard_parameter(name, self.full(key), self.cfg, parallel.tp_rank(), parallel.tp_size())
+
+    def _tp_shard(self, key: str, tp: int) -> torch.Tensor:
+        """The shard of tensor-parallel rank `tp`: as stored when whole, else its fragments joined, which must
+        cover it exactly."""
+        pieces = sorted(self.index[key][tp], key=lambda piece: piece[0])
+        _, handle, stored = pieces[0]
+        if stored == key:
+            return handle.get_tensor(stored)
+        name = key.split("/", 1)[1]
+        shape = self.shapes.get((name, tp))
+        if shape is None:
+            raise CheckpointError(f"checkpoint lacks shape/{name} beside the fragments of {key}: it is damaged")
+        shard = torch.empty(shape.numel(), dtype=torch.float32)
+        filled = 0
+        for offset, handle, stored in pieces:
+            piece = handle.get_tensor(stored)
+            if offset != filled or filled + piece.numel() > shard.numel():
+                break
+            shard[offset:offset + piece.numel()] = piece
+            filled += piece.numel()
+        if filled != shard.numel():
+            raise CheckpointError(f"the fragments of {key} (tp rank {tp}) do not cover its {shard.numel()} elements "
+                                  f"exactly (offsets {[offset for offset, _, _ in pieces]}): the checkpoint is "
+                                  "damaged or some of its data-parallel files are missing")
+        return shard.view(shape)
 
 
 @torch.no_grad()
@@ -385,15 +495,10 @@ def load_model_and_optimizer(reader: ShardReader, engine, canonical: dict[torch.
                 f"{wanted}: the checkpoint was saved with another model config"
             )
         _set_weight(param, master)
-        has_master = safe_get_full_fp32_param(param) is not None
-        for key in ADAM_MOMENTS:
-            if weights_only or not reader.has(f"{key}/{name}"):
-                continue
-            moment = reader.shard(f"{key}/{name}").to(param.device)
-            if has_master:
-                safe_set_full_optimizer_state(param, moment, key)
-            else:
-                optimizer.state[param][key].copy_(moment)
+        _set_master_state(param, optimizer, "param", master)
+        for kind in ADAM_MOMENTS:
+            if not weights_only and reader.has(f"{kind}/{name}"):
+                _set_master_state(param, optimizer, kind, reader.shard(f"{kind}/{name}").to(param.device))
     if "scheduler" not in trainer_state:  # a checkpoint made by `pretrain import` starts the schedule fresh
         return
     scheduler = engine.lr_scheduler
@@ -404,14 +509,35 @@ def load_model_and_optimizer(reader: ShardReader, engine, canonical: dict[torch.
 
 
 def _set_weight(param: torch.nn.Parameter, master: torch.Tensor) -> None:
-    """The model's copy of a parameter (in its dtype) and, under ZeRO or mixed precision, its float32 master.
-    DeepSpeed refreshes the model's copy from the master only after an optimizer step, so both are set."""
+    """The model's copy of a parameter, in its dtype. DeepSpeed refreshes it from the float32 master only after an
+    optimizer step, so it is set beside the master."""
     if hasattr(param, "ds_id"):  # ZeRO-3: each rank holds a slice; set the whole and let DeepSpeed slice it again
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             param.copy_(master.to(param.dtype))
     else:
         param.copy_(master.to(param.dtype))
-    safe_set_full_fp32_param(param, master)
+
+
+def _set_master_state(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer, kind: str,
+                      value: torch.Tensor) -> None:
+    """This rank's float32 master (kind "param") or Adam moment of a parameter, from the shard's whole `value`: the
+    part its ZeRO partition holds. ZeRO-3's own setter of the whole reads past the end of the value in the last,
+    padded partition of a parameter whose size the data-parallel size does not divide; the padding is set to 0."""
+    if hasattr(param, "ds_id"):
+        offset, numel = _partition_range(param)
+        local = torch.zeros(param.partition_numel(), dtype=torch.float32, device=value.device)
+        local[:numel] = value.flatten()[offset:offset + numel]
+        if kind == "param":
+            safe_set_local_fp32_param(param, local)
+        else:
+            safe_set_local_optimizer_state(param, local, kind)
+    elif hasattr(param, "_hp_mapping"):
+        if kind == "param":
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, kind)
+    elif kind != "param":  # no ZeRO and no mixed precision: the parameter, set already, is its own master
+        optimizer.state[param][kind].copy_(value)
 
 
 def load_rng_state(ckpt: Path, saved_layout: dict) -> bool:
