@@ -19,7 +19,9 @@ shard or a lost micro-batch moves a run from float32's by far more than bf16's r
 learning rate of 1e-3: at the preset's 3e-3 the last of 20 steps are unsteady in every layout, float32 included (the
 loss swings by 3 % between steps 16 and 20), which makes rounding differences of 1e-4 in step 15 into percents by
 step 20; at 1e-3 the loss falls steadily, D is 5.2e-4 on the losses and 2.7e-3 on the weights, and the layouts
-lie within 1e-4 and 1.5e-3 of the one-process run (measured on the CI machine).
+lie within 1e-4 and 1.5e-3 of the one-process run (measured on the CI machine). What bf16 takes on GPUs only is not
+here: sequence parallelism (megatron-core allocates its gathers on CUDA), FP8 and the fused attention kernels; their
+layouts are tested on GPUs (tests/test_training_gpu.py, tests/test_product_gpu.py, benchmarks/multi_gpu.sh).
 """
 
 import signal

@@ -94,13 +94,12 @@ class MatmulIntoFloat32Gradient(torch.autograd.Function):
         # The input gradient first: the backward pass of the layers below waits for it (and for its all-reduce), the
         # weight gradient only the optimizer step does, so the all-reduce runs while the weight gradient is computed.
         grad_input = torch.matmul(grad_output, weight)
-        reduction = None
         if ctx.input_gradient_group is not None:
-            reduction = dist.all_reduce(grad_input, group=ctx.input_gradient_group, async_op=True)
+            # A functional collective: issued here, waited for where the gradient is first used (traceable, as the
+            # compiled layers' other collectives).
+            grad_input = funcol.all_reduce(grad_input, "sum", ctx.input_gradient_group)
         accumulate_weight_gradient(grad_output.reshape(-1, grad_output.shape[-1]), input.reshape(-1, input.shape[-1]),
                                    ctx.main_grad)
-        if reduction is not None:
-            reduction.wait()
         return grad_input, None, None, None
 
 
