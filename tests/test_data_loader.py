@@ -174,3 +174,40 @@ def test_batches_reach_the_gpu_from_pinned_memory(data):
         torch.cuda.synchronize()
     copies = [event.name for event in profile.events() if "Memcpy HtoD" in event.name]
     assert copies and all("Pinned" in name for name in copies), copies
+
+
+def test_evaluation_reads_while_another_thread_holds_a_lock_that_a_forked_worker_needs(data):
+    """The pipelined evaluation hang (issue 43), made deterministic. Evaluation had a DataLoader worker of its own,
+    forked anew at each evaluation from a rank that runs other threads (gloo's, the watchdog, a checkpoint writer); a
+    fork copies their locks as they are at that moment, and the worker takes torch.storage's _share_memory_lock for
+    every batch it sends (its tensors travel through shared memory): a fork while another thread held it left the
+    worker's copy held forever, and the evaluation waited for its first batch forever. Evaluation now reads in the
+    rank itself, whatever data.num_workers says."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch.storage
+
+    from data_pipeline.loader import build_loader
+
+    seq_len = json.loads((Path(data["a"]) / "manifest.json").read_text())["seq_len"]
+    data_cfg = SimpleNamespace(train=[], eval=data["a"], tokenizer=None, num_workers=1, seed=0,
+                               skip_corrupt_shards=False, loss_mask=False, seq_len=seq_len)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:  # a thread in the middle of sharing a tensor while the evaluation starts
+        with torch.storage._share_memory_lock:
+            held.set()
+            release.wait()
+
+    threading.Thread(target=hold_the_lock, daemon=True).start()
+    held.wait()
+    try:
+        loader = build_loader(data_cfg, split="eval", dp_rank=0, dp_size=1, micro_batch=4)
+        first = []
+        reader = threading.Thread(target=lambda: first.append(next(iter(loader))), daemon=True)
+        reader.start()
+        reader.join(timeout=30)
+        assert first, "no evaluation batch within 30 s while another thread held torch.storage's _share_memory_lock"
+    finally:
+        release.set()
