@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from train_step import write_random_shards  # noqa: E402
 
-from pretrain.metrics import read_metrics  # noqa: E402
+from pretrain.training.metrics import read_metrics  # noqa: E402
 
 
 def dd(*operands: str) -> tuple[int, float]:

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain.metrics import read_metrics  # noqa: E402
+from pretrain.training.metrics import read_metrics  # noqa: E402
 
 # About 1.0B parameters (pretrain plan): 16 x 54.5M in the layers, 2 x 65.5M embedding and LM head.
 MODEL_1B = ["model.dim=2048", "model.n_layers=16", "model.n_heads=16", "model.n_kv_heads=4", "model.head_dim=128",

@@ -61,8 +61,8 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline.prepare import MANIFEST, MANIFEST_VERSION, ShardWriter, token_dtype  # noqa: E402
 from durable import write_json_atomic  # noqa: E402
 from pretrain.hardware import datasheet_peak_tflops  # noqa: E402
-from pretrain.metrics import StepProfiler, read_metrics  # noqa: E402
 from pretrain.plan import flops_per_token  # noqa: E402
+from pretrain.training.metrics import StepProfiler, read_metrics  # noqa: E402
 
 PROFILED_STEPS = StepProfiler.STEPS
 

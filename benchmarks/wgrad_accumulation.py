@@ -6,9 +6,9 @@ fusion, pretrain/model/linear.py), measured on the weight-gradient matmuls alone
 
 Each micro-batch every linear layer's weight gradient dW = dY.T @ X (dY (T, N), X (T, K)) is added into the float32
 gradient DeepSpeed keeps (ZeRO-1, bf16). DeepSpeed's way: the matmul writes dW in bf16, then a kernel adds it into
-float32 (here the trainer's own, `pretrain.engine.accumulate_into_float32`). The fused way, the trainer's for bf16
-layers: one matmul that reads the float32 gradient and writes the sum (`torch.addmm(..., out_dtype=torch.float32)`,
-cuBLAS's beta = 1; CUDA only). In float8
+float32 (here the trainer's own, `pretrain.training.engine.accumulate_into_float32`). The fused way, the trainer's
+for bf16 layers: one matmul that reads the float32 gradient and writes the sum (`torch.addmm(...,
+out_dtype=torch.float32)`, cuBLAS's beta = 1; CUDA only). In float8
 (the tensorwise recipe) torch's `_scaled_mm` takes no matrix to add to, so the nearest is a float32 result plus an
 add. Times are per optimizer step (layers x micro-batches), from CUDA events around each variant; the result of
 each variant is compared with the float64 sum.
@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from pretrain.engine import accumulate_into_float32  # noqa: E402
 from pretrain.model.float8 import E4M3, E5M2, cast_to_float8_and_transpose, tensorwise_scale  # noqa: E402
+from pretrain.training.engine import accumulate_into_float32  # noqa: E402
 
 # Mistral 7B's linear layers (N, K) per decoder layer, and the LM head once.
 LAYER_WEIGHTS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}

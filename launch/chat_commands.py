@@ -21,9 +21,9 @@ def _system_prompt(args: argparse.Namespace) -> str | None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from pretrain.chat import chat_reply
     from pretrain.dtypes import resolve_dtype
-    from pretrain.generate import build_model
+    from pretrain.inference.chat import chat_reply
+    from pretrain.inference.generate import build_model
     from pretrain.parallel import single_process_group
 
     temperature, top_p = sampling_options(args)
@@ -68,9 +68,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_moderate(args: argparse.Namespace) -> int:
     from data_pipeline.chat import MODERATION_LABELS
-    from pretrain.chat import moderate
     from pretrain.dtypes import resolve_dtype
-    from pretrain.generate import build_model
+    from pretrain.inference.chat import moderate
+    from pretrain.inference.generate import build_model
     from pretrain.parallel import single_process_group
 
     if (args.text is None) == (args.file is None):

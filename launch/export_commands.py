@@ -13,8 +13,8 @@ from launch.errors import UserError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pretrain.export import check_output, export_hf, export_mistral
-    from pretrain.weights import read_checkpoint
+    from pretrain.checkpoint.weights import read_checkpoint
+    from pretrain.release.export import check_output, export_hf, export_mistral
 
     out = Path(args.out)
     check_output(out, args.force)
@@ -32,8 +32,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from pretrain.export import check_output
-    from pretrain.hf_import import import_hf
+    from pretrain.release.export import check_output
+    from pretrain.release.hf_import import import_hf
 
     out = Path(args.out)
     check_output(out, args.force)
@@ -46,7 +46,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     from data_pipeline.tokenizer import Tokenizer
-    from pretrain.weights import load_weights
+    from pretrain.checkpoint.weights import load_weights
 
     weights = load_weights(Path(args.model))
     tokenizer = Tokenizer.load(weights.tokenizer) if weights.tokenizer else None
@@ -74,7 +74,7 @@ def load_with_tokenizer(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from pretrain.dtypes import resolve_dtype
-    from pretrain.generate import build_model, generate
+    from pretrain.inference.generate import build_model, generate
     from pretrain.parallel import single_process_group
 
     temperature, top_p = sampling_options(args)
@@ -94,8 +94,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pretrain.dtypes import resolve_dtype
-    from pretrain.evaluate import eval_loader, evaluate
-    from pretrain.generate import build_model
+    from pretrain.inference.evaluate import eval_loader, evaluate
+    from pretrain.inference.generate import build_model
     from pretrain.parallel import single_process_group
 
     if args.batches < 1:

@@ -4,8 +4,8 @@ MASTER_ADDR/PORT, and OMP_NUM_THREADS: the machine's cores shared between the ra
 Our own small launcher rather than torchrun because preemption handling needs SIGTERM and SIGUSR1 forwarded to
 every rank so that all of them save at the same step boundary; torchrun's agent turns SIGTERM into killing its
 workers. If one rank fails, the others are stopped and the launcher exits with the failing rank's code. A rank
-that reported a hang (EXIT_HANG: its line is out, pretrain.hang) ends the others at once, with SIGKILL: a stopped
-rank would ignore anything else, and one blocked in a collective would wait forever.
+that reported a hang (EXIT_HANG: its line is out, pretrain.training.hang) ends the others at once, with SIGKILL: a
+stopped rank would ignore anything else, and one blocked in a collective would wait forever.
 """
 
 from __future__ import annotations

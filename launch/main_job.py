@@ -33,7 +33,7 @@ from launch.local import visible_gpus
 from pretrain.checkpoint.store import complete_steps
 from pretrain.config import Config, load_config, resolve_world
 from pretrain.launch_contract import EXIT_SAVED_ON_SIGNAL
-from pretrain.metrics import read_metrics
+from pretrain.training.metrics import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 INSTRUCT_CONFIG = CONFIG.with_name("tiny-instruct.yaml")

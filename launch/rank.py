@@ -17,8 +17,8 @@ Torch-free until it imports the trainer; first, in this order:
    compiled; where that file system refuses file locks, which the caches take, to this node's temporary directory
    (compile_cache_environment).
 
-Then it runs pretrain.trainer.main. The launchers give every rank REPRODUCIBLE_MATH_ENV and its share of the CPU
-cores as OMP_NUM_THREADS (rank_environment).
+Then it runs pretrain.training.trainer.main. The launchers give every rank REPRODUCIBLE_MATH_ENV and its share of
+the CPU cores as OMP_NUM_THREADS (rank_environment).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from pretrain.launch_contract import EXIT_USER_ERROR, rank_log
-from pretrain.stop import StopSignals
+from pretrain.training.stop import StopSignals
 
 # On CPU, MKL otherwise schedules its threads dynamically (and may use fewer than asked on a busy machine), which
 # changes the order of float sums and so the last bits of the losses: a resumed run would not repeat an
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         if not {"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"} <= os.environ.keys():
             os.environ.update({**compile_cache_environment(args.run_dir), **os.environ})
-    from pretrain.trainer import main as train
+    from pretrain.training.trainer import main as train
 
     return train(args.run_dir, args.resume_from)
 

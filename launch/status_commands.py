@@ -9,7 +9,7 @@ from pathlib import Path
 from launch.errors import UserError
 from pretrain.checkpoint.store import CheckpointError, complete_steps, step_dir_name, verify
 from pretrain.config import load_config
-from pretrain.metrics import read_metrics
+from pretrain.training.metrics import read_metrics
 
 
 def run_status(run_dir: Path, hash_files: bool = True) -> dict:

@@ -171,8 +171,9 @@ class TrainConfig(_Section):
     # auto: bfloat16 on a GPU, float32 on CPU.
     dtype: Literal["auto", DtypeName] = "auto"
     compile: bool = False
-    # Bitwise reproducible runs on GPUs (pretrain/determinism.py): two runs of the same command, and a run resumed
-    # mid-way, compute the same bits; at some cost in tokens/s (benchmarks/RESULTS.md). CPU runs are so already.
+    # Bitwise reproducible runs on GPUs (pretrain/training/determinism.py): two runs of the same command, and a run
+    # resumed mid-way, compute the same bits; at some cost in tokens/s (benchmarks/RESULTS.md). CPU runs are so
+    # already.
     deterministic: bool = False
     # FP8 matmuls in the linear layers (pretrain/model/float8.py): weights, optimizer state and checkpoints stay as
     # they are, so a run resumes with it on or off. GPUs with float8 tensor cores only (Ada, Hopper and later).
@@ -188,8 +189,8 @@ class TrainConfig(_Section):
     init_from: str | None = None
     # A rank that makes no progress (a micro-batch, an evaluation batch, a save...) for this many seconds is a hang:
     # the run names where each rank waits in one line, writes every thread's stack to RUN_DIR/hangs/ and exits 124
-    # (pretrain.hang). Many times the longest wait between two progress marks (seconds on the 7B), yet a hang is named
-    # within about a minute.
+    # (pretrain.training.hang). Many times the longest wait between two progress marks (seconds on the 7B), yet a
+    # hang is named within about a minute.
     hang_timeout_s: int = Field(60, gt=0)
     # The same until the first step ends (imports, rendezvous, DeepSpeed and its op builds, the checkpoint, compiling
     # step 1: 90 s on the 7B), while torch.compile compiles, and while a checkpoint is written or read whole.

@@ -2,7 +2,7 @@
 
 A rank exits 0 when the run is finished, EXIT_SAVED_ON_SIGNAL after a stop signal made it save (the same command
 resumes), EXIT_USER_ERROR after one line naming bad input (config, data, checkpoint, rendezvous), EXIT_HANG after a
-hang was reported (pretrain.hang); any other status is a failure. The ranks of a world on one machine meet at
+hang was reported (pretrain.training.hang); any other status is a failure. The ranks of a world on one machine meet at
 127.0.0.1 on a free port. A launcher gives the ranks of each start the same START_ID_ENV.
 """
 

@@ -137,8 +137,8 @@ class Watched:
         return self.proc.returncode
 
     def started_ranks(self, nproc: int) -> list[psutil.Process]:
-        """The ranks, in rank order, once each handles SIGTERM (pretrain.stop installed) and the launcher forwards
-        it."""
+        """The ranks, in rank order, once each handles SIGTERM (pretrain.training.stop installed) and the launcher
+        forwards it."""
         def ready() -> bool:
             ranks = self.children_of(self.proc.pid)
             return len(ranks) == nproc and all(catches(p, signal.SIGTERM)

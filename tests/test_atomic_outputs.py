@@ -5,7 +5,6 @@ mounts and the kills real signals."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import shutil
@@ -433,18 +432,3 @@ def test_leftovers_of_another_host_are_left_to_it(tmp_path, hosts):
     assert leftovers(out) == [a_tmp.name]
     assert subprocess.run(on_host("node-a", out), cwd=ROOT, timeout=60).returncode == 0
     assert (out / "data").read_text() == "node-a" and leftovers(out) == []
-
-
-def test_imports_only_go_down_the_floors():
-    """durable imports nothing of the project; data_pipeline only durable; pretrain never launch."""
-    below = {"durable": set(), "data_pipeline": {"durable", "data_pipeline"},
-             "pretrain": {"durable", "data_pipeline", "pretrain"}}
-    for floor, allowed in below.items():
-        for path in (ROOT / floor).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
-                for name in names:
-                    top = name.split(".")[0]
-                    if top in {"durable", "data_pipeline", "pretrain", "launch"} and top != floor:
-                        assert top in allowed, f"{path.relative_to(ROOT)} imports {name}: an arrow going up"

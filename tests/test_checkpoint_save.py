@@ -30,7 +30,7 @@ def _engine(zero_stage: int):
 
     from pretrain import parallel
     from pretrain.config import load_config, resolve_world
-    from pretrain.engine import build_engine
+    from pretrain.training.engine import build_engine
 
     parallel.init_distributed(backend="gloo")
     world = dist.get_world_size()

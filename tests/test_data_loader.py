@@ -162,7 +162,7 @@ def test_batches_reach_the_gpu_from_pinned_memory(data):
     read synchronously."""
     import torch
 
-    from pretrain.evaluate import inputs_and_labels
+    from pretrain.model.mistral import inputs_and_labels
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

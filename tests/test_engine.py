@@ -20,7 +20,7 @@ def _train_bf16(deepspeed_default: bool, monkeypatch) -> dict:
     # Imported here with DS_ACCELERATOR set for this test only: the module sets it in os.environ when missing, which
     # every later subprocess of the suite would inherit (DeepSpeed then no longer warns at import in a rank's log).
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    engine_module = importlib.import_module("pretrain.engine")
+    engine_module = importlib.import_module("pretrain.training.engine")
     cfg = resolve_world(load_config(ROOT / "configs" / "tiny.yaml", [
         "train.dtype=bfloat16", "train.global_batch=4", "parallel.micro_batch=2", "parallel.zero_stage=1",
         "data.tokenizer=null", "model.attention_backend=sdpa"]), 1)
@@ -28,6 +28,9 @@ def _train_bf16(deepspeed_default: bool, monkeypatch) -> dict:
     if deepspeed_default:
         configured["bf16"].pop("immediate_grad_update", None)
         monkeypatch.setattr(engine_module.BF16_Optimizer, "_update_hp_grad", engine_module._deepspeed_update_hp_grad)
+        # Without immediate_grad_update there is no float32 gradient for a matmul to add into.
+        no_converters = importlib.import_module("pretrain.training.converters").ModelConverters([])
+        monkeypatch.setattr(engine_module, "build_converters", lambda _: no_converters)
     monkeypatch.setattr(engine_module, "deepspeed_config", lambda _: configured)
     monkeypatch.setenv("LOCAL_RANK", "0")
     engine = engine_module.build_engine(cfg, eos_id=None).engine
@@ -80,13 +83,29 @@ def test_bf16_weight_gradients_go_into_float32_inside_their_matmuls(single_proce
         assert torch.allclose(got.float(), expected.float(), rtol=0.02, atol=1e-3)
 
 
+@pytest.mark.parametrize(("overrides", "converters"), [
+    (["train.dtype=bfloat16", "parallel.zero_stage=1"], ["float32 weight gradients"]),
+    (["train.dtype=bfloat16", "parallel.zero_stage=2"], []),
+    (["train.dtype=float32", "parallel.zero_stage=1"], []),
+    (["train.dtype=bfloat16", "parallel.zero_stage=1", "train.fp8=tensorwise"], ["float8", "float32 weight gradients"]),
+    (["train.dtype=bfloat16", "parallel.zero_stage=3", "train.fp8=rowwise"], ["float8"]),
+])
+def test_the_converters_are_the_configs_in_order(overrides, converters, monkeypatch):
+    """Float8 where train.fp8 asks for it, first; the float32 weight gradients where DeepSpeed keeps float32 gradients
+    in its BF16_Optimizer (bf16, ZeRO 0-1): build_engine asserts that DeepSpeed agrees."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    build_converters = importlib.import_module("pretrain.training.converters").build_converters
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    assert [converter.name for converter in build_converters(cfg).converters] == converters
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_float32_accumulation_of_bf16_gradients_is_exact_in_backward_hooks(device, monkeypatch):
     """The add the trainer's bf16 ZeRO-1 does once per parameter and micro-batch, called as DeepSpeed calls it (in a
     hook during backward, into views of one flat float32 buffer, some not 16-byte aligned): the float32 sums of the
     widened values, bit for bit, at every size, and nothing outside each view written."""
     monkeypatch.setenv("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
-    accumulate = importlib.import_module("pretrain.engine").accumulate_into_float32
+    accumulate = importlib.import_module("pretrain.training.engine").accumulate_into_float32
     generator = torch.Generator(device).manual_seed(0)
     shapes = [(4096, 1024), (1024,), (333, 77), (32000, 64), (5,), (4097,)]
     params = [torch.randn(shape, device=device, generator=generator).bfloat16().requires_grad_() for shape in shapes]

@@ -156,8 +156,8 @@ def test_hf_export_loads_in_transformers_with_our_logits(trained_run, hf_export,
     from transformers import AutoModelForCausalLM
 
     from data_pipeline.loader import TokenLoader
-    from pretrain.generate import build_model
-    from pretrain.weights import load_weights
+    from pretrain.checkpoint.weights import load_weights
+    from pretrain.inference.generate import build_model
 
     model, info = AutoModelForCausalLM.from_pretrained(hf_export, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -337,8 +337,8 @@ def mistral_reference_logits(state: dict[str, torch.Tensor], params: dict, token
 
 
 def test_mistral_export_matches_reference_rotary(trained_run, hf_export, single_process_group):
-    from pretrain.generate import build_model
-    from pretrain.weights import load_weights
+    from pretrain.checkpoint.weights import load_weights
+    from pretrain.inference.generate import build_model
 
     out = trained_run.parent / "mistral"
     code, _, err = cli("export", trained_run, "--format", "mistral", "--out", out)
@@ -413,9 +413,9 @@ def test_tp2_pp2_checkpoint_exports_what_its_run_computed_and_imports_for_more_t
 
 
 def test_eval_gives_the_trainers_and_our_models_loss(trained_run, tiny_data, single_process_group):
-    from pretrain.evaluate import eval_loader
-    from pretrain.generate import build_model
-    from pretrain.weights import load_weights
+    from pretrain.checkpoint.weights import load_weights
+    from pretrain.inference.evaluate import eval_loader
+    from pretrain.inference.generate import build_model
 
     eval_dir = next(o for o in tiny_data if o.startswith("data.eval=")).split("=", 1)[1]
     # The trainer evaluated eval_steps (2) x accumulation (8 / 4) micro-batches of 4 at step 3.

@@ -230,6 +230,27 @@ def test_layers_kept_in_bf16_by_pattern(single_process_group):
     assert "_forward_impl" not in vars(model.layers[0].mlp.gate_up_proj)  # megatron's own method
 
 
+def test_converters_take_each_linear_layer_once_in_their_order(single_process_group):
+    """The trainer's order: float8 takes every linear layer but those kept in bf16, the float32 weight gradients
+    those (by the converters' record, not by a look at the layers' matmuls). The other way round, the float32 weight
+    gradients would take them all and leave float8 none."""
+    from pretrain.model.linear import matmul_into_float32_gradient
+    from pretrain.training.converters import Float8Training, Float32WeightGradients, ModelConverters
+
+    linear = linear_layer_names(CFG)
+    for float8_first in (True, False):
+        model = Mistral(CFG, eos_id=EOS_ID, params_dtype=torch.bfloat16)
+        float8, float32 = Float8Training("tensorwise", ["head.lm_head"], keep_weights=True), Float32WeightGradients()
+        converters = ModelConverters([float8, float32] if float8_first else [float32, float8])
+        converters.convert(model.named_modules())
+        in_float8 = linear[:-1] if float8_first else []
+        assert converters.taken == {name: "float8" if name in in_float8 else "float32 weight gradients"
+                                    for name in linear}
+        assert converters.float8.names == float8.layers.names == in_float8
+        assert model.head.lm_head._forward_impl.keywords["matmul"] is matmul_into_float32_gradient
+        assert float32.weights[-1] is model.head.lm_head.weight
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["train.fp8=tensorwise", "train.dtype=float32"],
      "train.fp8=tensorwise with train.dtype=float32: float8 training casts bfloat16 activations; set "

@@ -46,8 +46,8 @@ def reduced_gradient_norms(backend: str) -> dict[tuple[int, str | None], float]:
 
     from pretrain import parallel
     from pretrain.config import load_config, resolve_world
-    from pretrain.engine import MegatronMPU, deepspeed_config
-    from pretrain.optim import build_optimizer
+    from pretrain.training.engine import MegatronMPU, deepspeed_config
+    from pretrain.training.optim import build_optimizer
 
     parallel.init_distributed(backend=backend)
     deepspeed.init_distributed(dist_backend=backend)

@@ -1,9 +1,10 @@
-"""A hang is named in one line and ends the run with EXIT_HANG (pretrain.hang), with real processes (gloo on CPU,
-the tiny preset) and a hang timeout of 15 s: a rank stopped with SIGSTOP, a rank whose evaluation data never comes,
-a rank that skips a collective. Each line names the right rank, its host and what it waits in; the run ends within
-the timeout + 30 s, every thread's stack of each reporting rank is on disk, and no process is left. Evaluation forks
-no process (a fork per evaluation was how the pipelined run with a data worker hung) and reads the same batches each
-time. A start does not stall on the lock file that a killed build of a DeepSpeed op leaves behind (pretrain.op_builds).
+"""A hang is named in one line and ends the run with EXIT_HANG (pretrain.training.hang), with real processes (gloo on
+CPU, the tiny preset) and a hang timeout of 15 s: a rank stopped with SIGSTOP, a rank whose evaluation data never
+comes, a rank that skips a collective. Each line names the right rank, its host and what it waits in; the run ends
+within the timeout + 30 s, every thread's stack of each reporting rank is on disk, and no process is left. Evaluation
+forks no process (a fork per evaluation was how the pipelined run with a data worker hung) and reads the same batches
+each time. A start does not stall on the lock file that a killed build of a DeepSpeed op leaves behind
+(pretrain.training.op_builds).
 """
 
 import json
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from pretrain.launch_contract import EXIT_HANG
-from pretrain.op_builds import extensions_dir
+from pretrain.training.op_builds import extensions_dir
 from tests.runs import ROOT, Watched, losses, metrics, train_command
 
 TIMEOUT_S = 15

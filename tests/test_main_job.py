@@ -60,8 +60,8 @@ def test_export_loads_in_transformers_with_our_logits(demo, single_process_group
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data_pipeline.loader import TokenLoader
-    from pretrain.generate import build_model
-    from pretrain.weights import load_weights
+    from pretrain.checkpoint.weights import load_weights
+    from pretrain.inference.generate import build_model
 
     out, _, _, summary = demo
     theirs = AutoModelForCausalLM.from_pretrained(out / "export")

@@ -67,7 +67,7 @@ FAULT_STEP = 5  # the step after the save of step 4: that save is still pending 
 BF16 = 1e-2  # relative agreement of two bf16 computations of the same function (module docstring)
 # The uninterrupted run and the faulted one: bit for bit in train.deterministic (without it two runs of the same
 # command on a GPU differ from step 1 or 2 on: cuDNN's attention backward adds with atomics and inductor keeps
-# whichever kernel variant it timed fastest, pretrain/determinism.py).
+# whichever kernel variant it timed fastest, pretrain/training/determinism.py).
 DETERMINISTIC = ["train.deterministic=true"]
 # FP8 against bf16, the same run from the same weights. Step 1 differs by the forward pass's float8 rounding alone
 # (6e-4 relative on one H200 at 320350d, RESULTS.md). Later steps follow the early, unsteady descent at
@@ -526,8 +526,8 @@ def export_gives_our_logits_and_greedy_tokens(reference, data) -> None:
 
     from data_pipeline.loader import TokenLoader
     from pretrain import parallel
-    from pretrain.generate import build_model
-    from pretrain.weights import load_weights
+    from pretrain.checkpoint.weights import load_weights
+    from pretrain.inference.generate import build_model
 
     device = "cpu" if ON_CPU else "cuda"
     dtype = torch.float32 if ON_CPU else torch.bfloat16

@@ -77,7 +77,7 @@ def test_layout_matches_single_process(layout, runs):
 
 
 def final_weights(run_dir) -> dict:
-    from pretrain.weights import load_weights
+    from pretrain.checkpoint.weights import load_weights
 
     return load_weights(run_dir).full_state
 

@@ -160,7 +160,7 @@ class Checkpointer:
     def load_weights(self, source: Path) -> None:
         """train.init_from: only the weights of `source` (a checkpoint, or a run directory's newest one that
         verifies); the optimizer, schedule, data position and counters start fresh, as for a fine-tune. Collective."""
-        from pretrain.weights import resolve_checkpoint
+        from pretrain.checkpoint.weights import resolve_checkpoint
 
         ckpt = self._decided_on_rank0(lambda: resolve_checkpoint(source).path)
         check_compatible(read_trainer_state(ckpt).get("config", {}), self.cfg, ckpt)

@@ -14,7 +14,8 @@ less over every weight per micro-batch, and the micro-batch's gradient is no lon
 added. On one H200, at the 8-layer slice of the 7B (8 micro-batches of 8192 tokens), the weight-gradient matmuls
 and their adds took 318 ms per step fused against 344 (benchmarks/wgrad_accumulation.py). megatron needs apex's
 `fused_weight_gradient_mlp_cuda` for this; PyTorch's addmm does it. A fused weight gets no gradient from autograd:
-its float32 gradient is `weight.main_grad`, attached by the engine (pretrain/engine.py).
+its float32 gradient is `weight.main_grad`, attached once DeepSpeed's optimizer exists
+(pretrain/training/converters.py).
 
 Its backward pass computes the input gradient before the weight gradient, and at tp > 1 a column-parallel layer
 (without sequence parallelism) issues the input gradient's all-reduce between the two, so that it runs while the
@@ -29,7 +30,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch import nn
 
@@ -109,17 +110,15 @@ def matmul_into_float32_gradient(input: torch.Tensor, weight: torch.Tensor,
     main_grad = getattr(weight, "main_grad", None)
     if main_grad is None:
         raise RuntimeError("a weight whose gradient goes straight into float32 was used before its float32 gradient "
-                           "was attached (pretrain.engine)")
+                           "was attached (pretrain.training.converters)")
     return MatmulIntoFloat32Gradient.apply(input, weight, main_grad, input_gradient_group)
 
 
-def use_float32_weight_gradients(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """Make the tensor-parallel linear layers among `modules` that still multiply with megatron's own matmul (not
-    float8) add their weight gradients into `weight.main_grad`; returns their weights, whose `main_grad` the caller
-    attaches before the first backward pass."""
+def use_float32_weight_gradients(layers: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """Make the tensor-parallel linear `layers` add their weight gradients into `weight.main_grad`; returns their
+    weights, whose `main_grad` the caller attaches before the first backward pass."""
     weights = []
-    for module in modules:
-        if isinstance(module, ColumnParallelLinear | RowParallelLinear) and "_forward_impl" not in vars(module):
-            swap_matmul(module, matmul_into_float32_gradient, matmul_reduces_input_gradient=True)
-            weights.append(module.weight)
+    for layer in layers:
+        swap_matmul(layer, matmul_into_float32_gradient, matmul_reduces_input_gradient=True)
+        weights.append(layer.weight)
     return weights

@@ -304,6 +304,21 @@ class OutputHead(nn.Module):
         self.norm.forward = torch.compile(self.norm.forward)
 
 
+def inputs_and_labels(batch: dict[str, torch.Tensor],
+                      device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch of samples of seq_len + 1 tokens -> inputs and next-token labels (on `device`); labels that
+    the loss mask leaves out (chat data: everything but the assistant's answers) are IGNORE_INDEX. The batch goes to
+    the device whole and is sliced there: the loader's tensors are pinned, so the copy runs asynchronously, where
+    slices of them would first be copied into pageable memory, and from there synchronously."""
+    if device is not None:
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    tokens = batch["tokens"]
+    labels = tokens[:, 1:]
+    if "loss_mask" in batch:
+        labels = labels.masked_fill(~batch["loss_mask"][:, 1:], IGNORE_INDEX)
+    return tokens[:, :-1].contiguous(), labels.contiguous()
+
+
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 cross entropy summed over positions whose label is not IGNORE_INDEX, their count).
 

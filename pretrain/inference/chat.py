@@ -1,7 +1,7 @@
 """Chat and self-reflection moderation with our own model in one process (inside parallel.single_process_group).
 
 Both render conversations in the instruct format the model was fine-tuned on (data_pipeline.chat). A reply is
-generated after the last `[/INST]` (pretrain.generate); a moderation verdict is read from the logits: the
+generated after the last `[/INST]` (pretrain.inference.generate); a moderation verdict is read from the logits: the
 probability of each label's tokens and `</s>` after the self-reflection prompt, renormalized over the labels, with
 nothing sampled.
 """
@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline.chat import MODERATION_LABELS, check_messages, encode, moderation_messages
 from data_pipeline.errors import DataError
-from pretrain.generate import generate
+from pretrain.inference.generate import generate
 from pretrain.model.mistral import Mistral
 
 

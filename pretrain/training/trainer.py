@@ -4,9 +4,10 @@ RUN_DIR holds the resolved `config.yaml` written by `pretrain train` (its train.
 step consumes one global batch; with pp == 1 the micro-batches go through the engine one by one (DeepSpeed
 accumulates and steps at the boundary), with pp > 1 the pipeline engine runs them as 1F1B. Metrics go to the run
 directory from rank 0.
-A stop signal (pretrain.stop) ends a rank at once with exit 1 before the first step; after it, every rank saves
-at the next step boundary and exits 75. The loop marks its progress for the hang watchdog (pretrain.hang), which
-ends the run with one line and exit 124 when a rank makes none for train.hang_timeout_s.
+A stop signal (pretrain.training.stop) ends a rank at once with exit 1 before the first step; after it, every rank
+saves at the next step boundary and exits 75. The loop marks its progress for the hang watchdog
+(pretrain.training.hang), which ends the run with one line and exit 124 when a rank makes none for
+train.hang_timeout_s.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,19 +26,19 @@ from pretrain import parallel
 from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import Config, ConfigError, TrainConfig, load_config
-from pretrain.determinism import make_deterministic
 from pretrain.dtypes import resolve_dtype
-from pretrain.engine import Built, build_engine
-from pretrain.evaluate import inputs_and_labels
-from pretrain.hang import HangWatchdog
 from pretrain.hardware import peak_flops
 from pretrain.launch_contract import EXIT_FAILURE, EXIT_HANG, EXIT_SAVED_ON_SIGNAL, EXIT_USER_ERROR, rank_log
-from pretrain.metrics import MetricsLogger, StepProfiler
 from pretrain.model.attention import needs_mask, resolve_backend
-from pretrain.model.mistral import IGNORE_INDEX
-from pretrain.op_builds import op_builds
-from pretrain.plan import flops_per_token, halo_tokens
-from pretrain.stop import StopSignals
+from pretrain.plan import halo_tokens
+from pretrain.training.determinism import make_deterministic
+from pretrain.training.engine import Built, build_engine
+from pretrain.training.evaluator import Evaluator
+from pretrain.training.global_batch import GlobalBatchReader
+from pretrain.training.hang import HangWatchdog
+from pretrain.training.metrics import MetricsLogger, StepMetrics, StepProfiler
+from pretrain.training.op_builds import op_builds
+from pretrain.training.stop import StopSignals
 
 
 def seed_everything(seed: int) -> None:
@@ -65,13 +64,12 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. it keeps diverging); the message says what to change."""
 
 
-def _never_returning() -> Iterator[dict]:
-    """train.inject_hang=eval_data: an evaluation loader whose next batch never comes."""
-    threading.Event().wait()
-    yield {}
-
-
 class Trainer:
+    """One rank's training by concern: the setup (`__init__`: the engine, the data loaders, the checkpointer and the
+    checkpoint loaded), one optimizer step (`train_step`, over the global batch `GlobalBatchReader` reads), the loop
+    (`fit`, and `roll_back` after it diverged). The evaluations are the `Evaluator`'s, the values logged
+    `StepMetrics`'."""
+
     def __init__(self, cfg: Config, run_dir: Path, stop: StopSignals, watchdog: HangWatchdog,
                  resume_from: Path | None = None):
         from data_pipeline.loader import build_loader
@@ -94,15 +92,17 @@ class Trainer:
             self.built: Built = build_engine(cfg, eos_id=tokenizer.eos_id if tokenizer else None)
         self.startup.update(self.built.setup_s)
         self.engine = self.built.engine
+        self.global_batch = GlobalBatchReader(self.engine.gradient_accumulation_steps(), self.device,
+                                              cfg.data.loss_mask, watchdog)
         watchdog.progress("startup, data loaders")
         loader_args = {"dp_rank": parallel.dp_rank(), "dp_size": parallel.dp_size(),
                        "cp_rank": parallel.cp_rank(), "cp_size": parallel.cp_size(),
                        "micro_batch": cfg.parallel.micro_batch, "vocab_size": cfg.model.vocab_size}
         self.loader = build_loader(cfg.data, **loader_args)
-        # Kept for the run, and rewound to its start for each evaluation: every evaluation reads the same batches.
-        evaluates = bool(cfg.data.eval and cfg.train.eval_every)
-        self.eval_loader = build_loader(cfg.data, split="eval", **loader_args) if evaluates else None
-        self.eval_start = self.eval_loader.state_dict() if self.eval_loader else None
+        self.evaluator = None
+        if cfg.data.eval and cfg.train.eval_every:
+            self.evaluator = Evaluator(build_loader(cfg.data, split="eval", **loader_args), cfg.train.eval_steps,
+                                       self.built, self.global_batch, watchdog)
         self.state = TrainState()
         self.checkpointer = Checkpointer(cfg, run_dir, self.engine, self.built.canonical_names, self.loader,
                                          self.state)
@@ -112,10 +112,20 @@ class Trainer:
                 self.checkpointer.load_weights(Path(cfg.train.init_from))
         self.startup["checkpoint_s"] = time.perf_counter() - checkpoint_start
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
-        self.peak_flops = peak_flops(cfg, torch.cuda.get_device_name(self.device) if self.device is not None else None,
-                                     self.log_rank0)
-        m = cfg.model
+        device_name = torch.cuda.get_device_name(self.device) if self.device is not None else None
+        self.step_metrics = StepMetrics(cfg, self.engine, self.checkpointer, self.state, self.world, self.device,
+                                        peak_flops(cfg, device_name, self.log_rank0))
+        self.inject_nonfinite = set(cfg.train.inject_nonfinite_batches)
+        self._log_setup()
+
+    def log_rank0(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[pretrain] {message}", file=sys.stderr, flush=True)
+
+    def _log_setup(self) -> None:
+        """What the config leaves to this machine (the attention kernel), and how the run is set up where that is
+        not plain from the config: context parallelism, FP8, injected faults."""
+        cfg, m = self.cfg, self.cfg.model
         # With context parallelism, the last chunk's queries over its keys (the halo's, then its own).
         chunk_len, halo = cfg.data.seq_len // cfg.parallel.cp, halo_tokens(cfg)
         kernel = resolve_backend(m.attention_backend, self.device or torch.device("cpu"),
@@ -129,7 +139,6 @@ class Trainer:
             self.log_rank0(f"fp8 ({cfg.train.fp8} scaling): {len(self.built.float8.names)} linear layers of this "
                            f"rank multiply in float8; in bf16: {', '.join(cfg.train.fp8_bf16_layers) or 'none'}; MFU "
                            "is counted against the bf16 peak")
-        self.inject_nonfinite = set(cfg.train.inject_nonfinite_batches)
         if self.inject_nonfinite:
             self.log_rank0(f"train.inject_nonfinite_batches: the loss of global batches "
                            f"{sorted(self.inject_nonfinite)} is made NaN (a test of skipping and rolling back)")
@@ -142,19 +151,13 @@ class Trainer:
                            f"{what[cfg.train.inject_hang]} after step {cfg.train.inject_hang_at_step} (a test of hang "
                            "reports)")
 
-    def log_rank0(self, message: str) -> None:
-        if self.rank == 0:
-            print(f"[pretrain] {message}", file=sys.stderr, flush=True)
-
-    def _poll(self) -> tuple[bool, bool]:
-        """Once per step, agreed by every rank: (a stop signal arrived somewhere, every background save writer
-        has finished)."""
-        self.watchdog.progress(f"step {self.state.step}, stop-signal poll")
-        if self._injected_hang("collective"):
-            return bool(self.stop.requested), not self.checkpointer.writing()  # skips the collective
-        stop, writing = parallel.all_reduce_numbers([self.stop.requested, self.checkpointer.writing()],
-                                                    op=dist.ReduceOp.MAX)
-        return bool(stop), not bool(writing)
+    def _report_startup(self, metrics: MetricsLogger, first_step_s: float) -> None:
+        """How long each phase before the first step took (once per process), to the terminal and the metrics."""
+        times = {**self.startup, "first_step_s": first_step_s, "to_first_step_s": seconds_since_process_start()}
+        metrics.write(self.state.step, times, "startup")
+        self.log_rank0("startup: " + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s"
+                                               for key, value in times.items()))
+        self.startup = {}
 
     def _injected_hang(self, kind: str) -> bool:
         train = self.cfg.train
@@ -162,28 +165,6 @@ class Trainer:
                 and self.rank == self.world - 1)
 
     # ------------------------------------------------------------------ one step
-    def _global_batch(self, batches, where: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
-        """This rank's micro-batches of the next global batch as (inputs, labels) on the device, and the loss divisor.
-
-        Without a loss mask the divisor is None: each micro-batch's loss is its mean, and the step's loss the mean of
-        those (every micro-batch holds the same number of tokens). With one, micro-batches hold different numbers of
-        trained tokens, so each one's loss is its summed loss divided by the global batch's trained tokens per
-        micro-batch: the mean that DeepSpeed then takes over micro-batches and data-parallel ranks is the mean over
-        every trained token of the global batch (as Megatron and torchtitan average), and a global batch without
-        any trained token gives 0. With context parallelism a micro-batch is this rank's chunk of each sequence, and
-        the chunks' losses are averaged with the data-parallel ranks' (every chunk holds as many tokens)."""
-        micro = []
-        for index in range(self.engine.gradient_accumulation_steps()):
-            self.watchdog.progress(f"{where}, reading micro-batch {index + 1}")
-            micro.append(inputs_and_labels(next(batches), self.device))
-        if not self.cfg.data.loss_mask:
-            return micro, None
-        self.watchdog.progress(f"{where}, counting trained tokens")
-        # Counted on the device and read once: one host sync per step, not one per micro-batch.
-        trained = int(torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro]).sum())
-        [trained] = parallel.all_reduce_numbers([trained], group=parallel.dp_cp_group())
-        return micro, max(trained, 1) / (len(micro) * parallel.dp_cp_size())
-
     def train_step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step over a global batch: (mean loss over the global batch, data wait s, whether the
         update was applied: DeepSpeed skips it when the gradients are not finite)."""
@@ -192,13 +173,13 @@ class Trainer:
                                "into this step")
         where = f"step {self.state.step + 1}"
         start = time.perf_counter()
-        micro_batches, divisor = self._global_batch(batches, where)
+        micro_batches, divisor = self.global_batch.read(batches, where)
         waited = time.perf_counter() - start
         self.built.float8.refresh_weights()  # the last step (or a checkpoint load) changed the weights
         if self.built.pipelined:
             self.built.pipeline_loss.divisor = divisor
-            loss = self.engine.train_batch(data_iter=self._marked(micro_batches, f"{where}, pipeline micro-batch"))
-            return float(loss), waited, self.engine.was_step_applied()
+            marked = self.global_batch.marked(micro_batches, f"{where}, pipeline micro-batch")
+            return float(self.engine.train_batch(data_iter=marked)), waited, self.engine.was_step_applied()
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for micro, (inputs, labels) in enumerate(micro_batches):
@@ -213,50 +194,27 @@ class Trainer:
         [total_over_ranks] = parallel.all_reduce_numbers([float(total) / accum], group=parallel.dp_cp_group())
         return total_over_ranks / parallel.dp_cp_size(), waited, self.engine.was_step_applied()
 
-    def _marked(self, micro_batches: list, doing: str) -> Iterator:
-        """The micro-batches for the pipeline engine, each one it takes marked as progress."""
-        for index, micro_batch in enumerate(micro_batches):
-            self.watchdog.progress(f"{doing} {index + 1}")
-            yield micro_batch
-
     def _data_batch(self, accum: int) -> int:
         """The 1-based number of the global batch being consumed, as the data loader counts them."""
         return (self.loader.state_dict()["step"] - 1) // accum + 1
 
-    @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if self.eval_loader is None:
-            return None
-        self.engine.eval()
-        self.built.float8.refresh_weights()
-        losses = []
-        self.eval_loader.load_state_dict(self.eval_start)
-        with iter(self.eval_loader) as batches:
-            if self._injected_hang("eval_data"):
-                batches = _never_returning()
-            for batch in range(self.cfg.train.eval_steps):
-                where = f"step {self.state.step}, evaluation batch {batch + 1}"
-                micro_batches, divisor = self._global_batch(batches, where)
-                if self.built.pipelined:
-                    self.built.pipeline_loss.divisor = divisor
-                    marked = self._marked(micro_batches, f"{where}, pipeline micro-batch")
-                    losses.append(float(self.engine.eval_batch(data_iter=marked)))
-                    continue
-                self.watchdog.progress(f"{where}, forward")
-                losses += [float(self.engine(inputs, labels, loss_divisor=divisor))
-                           for inputs, labels in micro_batches]
-        self.engine.train()
-        self.watchdog.progress(f"step {self.state.step}, evaluation loss all-reduce")
-        [total] = parallel.all_reduce_numbers([sum(losses) / len(losses)], group=parallel.dp_cp_group())
-        return total / parallel.dp_cp_size()
-
     # ------------------------------------------------------------------ the loop
+    def _poll(self) -> tuple[bool, bool]:
+        """Once per step, agreed by every rank: (a stop signal arrived somewhere, every background save writer
+        has finished)."""
+        self.watchdog.progress(f"step {self.state.step}, stop-signal poll")
+        if self._injected_hang("collective"):
+            return bool(self.stop.requested), not self.checkpointer.writing()  # skips the collective
+        stop, writing = parallel.all_reduce_numbers([self.stop.requested, self.checkpointer.writing()],
+                                                    op=dist.ReduceOp.MAX)
+        return bool(stop), not bool(writing)
+
     def fit(self) -> int | str:
         """Train to train.steps. Returns the process exit code (EXIT_SAVED_ON_SIGNAL after a signal), or
         _ROLLBACK after train.max_nonfinite_in_row skipped steps in a row."""
         cfg, state = self.cfg, self.state
         metrics = MetricsLogger(cfg, self.run_dir, cfg.train.steps, state.step, enabled=self.rank == 0)
-        window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
+        self.step_metrics.start_window()
         loss = float("nan")
         outcome: int | str = 0
         nonfinite_in_row = 0
@@ -272,25 +230,21 @@ class Trainer:
                     self._report_startup(metrics, time.perf_counter() - step_start)
                 profiler.after_step(state.step)
                 state.tokens += self.tokens_per_step
-                window_tokens += self.tokens_per_step
-                window_wait += waited
+                self.step_metrics.add_data_wait(waited)
                 nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
                 if not applied:
                     state.skipped_steps += 1
                     self.log_rank0(f"step {state.step}: loss {loss} or its gradients are not finite: update skipped "
                                    f"({nonfinite_in_row} in a row, {state.skipped_steps} in all)")
                 if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.steps:
-                    elapsed = time.perf_counter() - window_start
-                    values = self._step_metrics(loss, elapsed, window_tokens, window_wait)
-                    metrics.log(state.step, values)
-                    window_start, window_tokens, window_wait = time.perf_counter(), 0, 0.0
+                    metrics.log(state.step, self.step_metrics.values(loss))
+                    self.step_metrics.start_window()
                 if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
                     outcome = _ROLLBACK
                     break
-                if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
-                    eval_loss = self.evaluate()
-                    if eval_loss is not None:
-                        metrics.log(state.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
+                if self.evaluator and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
+                    eval_loss = self.evaluator.evaluate(state.step, hang=self._injected_hang("eval_data"))
+                    metrics.log(state.step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, "eval")
                 stop, writers_done = self._poll()
                 self.stop.first_step_done()  # every rank is past step 1: a stop signal now means saving
                 self.watchdog.first_step_done()
@@ -340,42 +294,6 @@ class Trainer:
                        "batches that diverged")
         self.loader.load_state_dict(position)
         self.state.skipped_steps, self.state.rollbacks = counters["skipped_steps"], counters["rollbacks"] + 1
-
-    def _report_startup(self, metrics: MetricsLogger, first_step_s: float) -> None:
-        """How long each phase before the first step took (once per process), to the terminal and the metrics."""
-        times = {**self.startup, "first_step_s": first_step_s, "to_first_step_s": seconds_since_process_start()}
-        metrics.write(self.state.step, times, "startup")
-        self.log_rank0("startup: " + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s"
-                                               for key, value in times.items()))
-        self.startup = {}
-
-    def _step_metrics(self, loss: float, elapsed: float, tokens: int, waited: float) -> dict[str, float]:
-        steps = max(1, tokens // self.tokens_per_step)
-        tokens_per_s = tokens / elapsed
-        values = {
-            "loss": loss,
-            "lr": self.engine.get_lr()[0],
-            "tokens": self.state.tokens,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_gpu": tokens_per_s / self.world,
-            "step_time_s": elapsed / steps,
-            "data_wait_s": waited / steps,
-            "checkpoint_stall_s": self.checkpointer.last_stall_s,
-            "checkpoint_write_s": self.checkpointer.last_write_s,
-            **self.state.counters(),
-        }
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:  # DeepSpeed does not keep it without ZeRO
-            values["grad_norm"] = float(grad_norm)
-        if self.peak_flops is not None:
-            values["mfu"] = tokens_per_s / self.world * self.flops_per_token / self.peak_flops
-        if self.device is not None:
-            values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            import psutil
-
-            values["memory_gib"] = psutil.Process().memory_info().rss / 2**30
-        return values
 
 
 def collective_timeout_s(train: TrainConfig) -> float:

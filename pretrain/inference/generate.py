@@ -13,12 +13,12 @@ import time
 import torch
 
 from pretrain import parallel
+from pretrain.checkpoint.weights import Weights
 from pretrain.config import ModelConfig
 from pretrain.model.attention import resolve_backend
 from pretrain.model.kv_cache import RollingKVCache
 from pretrain.model.mistral import Mistral, megatron_layer_config, parameter_device
 from pretrain.model.sharding import load_full_state
-from pretrain.weights import Weights
 
 # What the GPU-only attention kernels a run may have trained with need, for the note when they cannot run here.
 KERNEL_NEEDS = {"cudnn": "a CUDA GPU, float16 or bfloat16 and the nvidia-cudnn-frontend package",

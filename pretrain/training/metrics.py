@@ -1,5 +1,6 @@
-"""Training metrics: JSON lines (always), TensorBoard and W&B (when configured), a progress display with ETA,
-and the loss plot written at the end of a run. Only the global rank 0 writes."""
+"""Training metrics: the values logged of the training steps (`StepMetrics`), written as JSON lines (always),
+TensorBoard and W&B (when configured), with a progress display with ETA and the loss plot written at the end of a run
+(`MetricsLogger`). Only the global rank 0 writes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from pretrain.config import Config
+from pretrain.plan import flops_per_token
 
 
 class MetricsLogger:
@@ -85,6 +87,57 @@ class MetricsLogger:
             self._wandb.finish()
         if plot:
             plot_losses(self.path, self.run_dir / "loss.png")
+
+
+class StepMetrics:
+    """The values logged of the training steps (`values`): the last step's loss, learning rate and gradient norm;
+    throughput (tokens/s, MFU), step time and data wait over the window of steps since the last log (`start_window`
+    starts one, `add_data_wait` adds a step's); peak memory; the last save's stall and write times; the run's
+    counters. `engine`, `checkpointer` and `state` are the trainer's."""
+
+    def __init__(self, cfg: Config, engine, checkpointer, state, world: int, device, peak_flops: float | None):
+        self.engine, self.checkpointer, self.state = engine, checkpointer, state
+        self.world, self.device, self.peak_flops = world, device, peak_flops
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
+        self.start_window()
+
+    def start_window(self) -> None:
+        self.window_start = time.perf_counter()
+        self.window_first_step, self.window_first_tokens, self.window_wait = self.state.step, self.state.tokens, 0.0
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.window_wait += seconds
+
+    def values(self, loss: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.window_start
+        steps = max(1, self.state.step - self.window_first_step)
+        tokens_per_s = (self.state.tokens - self.window_first_tokens) / elapsed
+        values = {
+            "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "tokens": self.state.tokens,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_gpu": tokens_per_s / self.world,
+            "step_time_s": elapsed / steps,
+            "data_wait_s": self.window_wait / steps,
+            "checkpoint_stall_s": self.checkpointer.last_stall_s,
+            "checkpoint_write_s": self.checkpointer.last_write_s,
+            **self.state.counters(),
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:  # DeepSpeed does not keep it without ZeRO
+            values["grad_norm"] = float(grad_norm)
+        if self.peak_flops is not None:
+            values["mfu"] = tokens_per_s / self.world * self.flops_per_token / self.peak_flops
+        if self.device is not None:
+            import torch
+
+            values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import psutil
+
+            values["memory_gib"] = psutil.Process().memory_info().rss / 2**30
+        return values
 
 
 def _summary(values: dict[str, float]) -> str:

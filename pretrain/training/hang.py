@@ -50,7 +50,7 @@ WAIT_KINDS: list[tuple[str, tuple[tuple[str, str | None], ...]]] = [
                     ("/pretrain/parallel.py", "all_reduce_numbers"))),
     ("op build", (("/torch/utils/file_baton.py", None), ("/torch/utils/cpp_extension.py", None),
                   ("/deepspeed/ops/op_builder/", None))),
-    ("data", (("/torch/utils/data/", None), ("/data_pipeline/", None), ("/pretrain/trainer.py", "_global_batch"))),
+    ("data", (("/torch/utils/data/", None), ("/data_pipeline/", None), ("/pretrain/training/global_batch.py", "read"))),
     ("checkpoint", (("/pretrain/checkpoint/", None), ("/durable/", None))),
     ("compile", (("/torch/_dynamo/", None), ("/torch/_inductor/", None))),
 ]

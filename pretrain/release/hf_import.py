@@ -24,10 +24,10 @@ from pretrain.checkpoint.state import (
     write_rank_state,
 )
 from pretrain.checkpoint.store import CheckpointStore, mark_rank_done
+from pretrain.checkpoint.weights import TOKENIZER_MODEL, Weights, model_fields_from_hf, read_hf_config, read_hf_dir
 from pretrain.config import Config, ConfigError, DataConfig, apply_override, load_config, save_resolved, validate
-from pretrain.export import check_output, check_tokenizer_fits, tokenizer_model_path
 from pretrain.model.sharding import shard_parameter
-from pretrain.weights import TOKENIZER_MODEL, Weights, model_fields_from_hf, read_hf_config, read_hf_dir
+from pretrain.release.export import check_output, check_tokenizer_fits, tokenizer_model_path
 
 
 def import_config(fields: dict, run_dir: Path, base_config: Path | None, overrides: list[str],

@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from durable import OutputError, atomic_directory, output_taken, sha256_file
+from pretrain.checkpoint.weights import HF_INDEX, TOKENIZER_MODEL, Weights
 from pretrain.config import ModelConfig
 from pretrain.dtypes import DTYPES
 from pretrain.model.state_dict_adapter import hf_config, to_hf
-from pretrain.weights import HF_INDEX, TOKENIZER_MODEL, Weights
 
 # ------------------------------------------------------------------------------------------ output
 

@@ -31,8 +31,7 @@ from pretrain import parallel  # noqa: E402
 from pretrain.config import Config, check_zero_stage_for_dtype, grad_accum_steps  # noqa: E402
 from pretrain.dtypes import resolve_dtype  # noqa: E402
 from pretrain.hardware import concrete_dtype  # noqa: E402
-from pretrain.model.float8 import Float8Layers, check_float8_device, use_float8  # noqa: E402
-from pretrain.model.linear import use_float32_weight_gradients  # noqa: E402
+from pretrain.model.float8 import Float8Layers, check_float8_device  # noqa: E402
 from pretrain.model.mistral import (  # noqa: E402
     DecoderLayer,
     Embedding,
@@ -42,7 +41,8 @@ from pretrain.model.mistral import (  # noqa: E402
     init_weights,
     megatron_layer_config,
 )
-from pretrain.optim import build_optimizer, build_scheduler  # noqa: E402
+from pretrain.training.converters import build_converters  # noqa: E402
+from pretrain.training.optim import build_optimizer, build_scheduler  # noqa: E402
 
 _deepspeed_update_hp_grad = BF16_Optimizer._update_hp_grad
 
@@ -92,40 +92,6 @@ def _add_bf16_grad_into_float32(self, lp, group_idx, param_idx, clear_lp_grads):
 
 
 BF16_Optimizer._update_hp_grad = _add_bf16_grad_into_float32
-_deepspeed_clear_hp_grads = BF16_Optimizer.clear_hp_grads
-
-
-def _mark_matmul_filled_gradients(optimizer: BF16_Optimizer) -> None:
-    """Mark as present the float32 gradients that matmuls fill (the weights with a `main_grad`, pretrain/model/
-    linear.py): the autograd hook that marks every other gradient never runs for them, and an unmarked gradient is
-    left out of the norm, the non-finite check and the clipping."""
-    for group_idx, group in enumerate(optimizer.bf16_groups):
-        for param_idx, lp in enumerate(group):
-            if hasattr(lp, "main_grad"):
-                optimizer.fp32_groups_has_gradients[group_idx][param_idx] = True
-
-
-def _clear_hp_grads_keeping_matmul_filled(self):
-    """DeepSpeed's `BF16_Optimizer.clear_hp_grads`, the matmul-filled gradients marked as present again."""
-    _deepspeed_clear_hp_grads(self)
-    _mark_matmul_filled_gradients(self)
-
-
-BF16_Optimizer.clear_hp_grads = _clear_hp_grads_keeping_matmul_filled
-
-
-def attach_float32_gradients(optimizer: BF16_Optimizer, weights: list[torch.nn.Parameter]) -> None:
-    """Give each of `weights` its float32 gradient in DeepSpeed's buffer as `weight.main_grad`, where its
-    weight-gradient matmul adds (`use_float32_weight_gradients`)."""
-    wanted = {id(weight) for weight in weights}
-    attached = 0
-    for group_idx, group in enumerate(optimizer.bf16_groups):
-        for param_idx, lp in enumerate(group):
-            if id(lp) in wanted:
-                lp.main_grad = lp._hp_grad = optimizer.fp32_groups_gradients[group_idx][param_idx].view(lp.shape)
-                attached += 1
-    assert attached == len(wanted), "a weight outside DeepSpeed's bf16 groups"
-    _mark_matmul_filled_gradients(optimizer)
 
 
 class MegatronMPU:
@@ -266,11 +232,8 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
     start = time.perf_counter()
     pipeline_loss = PipelineLoss() if cfg.parallel.pp > 1 else None
     model, named = build_model(cfg, eos_id, pipeline_loss)
-    float8 = Float8Layers()
-    if cfg.train.fp8 != "off":
-        # ZeRO-3 holds a weight whole only while its layer runs: there it is cast at each use.
-        float8 = use_float8(canonical_named_modules(model, cfg), cfg.train.fp8, cfg.train.fp8_bf16_layers,
-                            keep_weights=cfg.parallel.zero_stage < 3)
+    converters = build_converters(cfg)
+    converters.convert(canonical_named_modules(model, cfg))
     if torch.cuda.is_available():
         model.cuda()
     built = time.perf_counter()
@@ -297,8 +260,6 @@ def build_engine(cfg: Config, eos_id: int | None) -> Built:
         # where a rank sees only its own GPU (Slurm's --gpus-per-task).
         args=argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None,
     )
-    if isinstance(engine.optimizer, BF16_Optimizer) and engine.optimizer.immediate_grad_update:
-        # bf16 (ZeRO-1): DeepSpeed keeps float32 gradients, which the weight-gradient matmuls add into.
-        attach_float32_gradients(engine.optimizer, use_float32_weight_gradients(model.modules()))
+    converters.after_optimizer(engine.optimizer)
     setup_s = {"model_s": built - start, "deepspeed_s": time.perf_counter() - built}
-    return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss, float8)
+    return Built(engine, {param: name for name, param in named.items()}, setup_s, pipeline_loss, converters.float8)
