@@ -7,6 +7,7 @@ This package imports nothing from the project: every floor (data_pipeline, pretr
 from durable.output import (
     WRITE_CHUNK,
     OutputError,
+    append_line,
     atomic_directory,
     check_replaceable,
     clear_leftovers,
@@ -22,6 +23,7 @@ from durable.output import (
 __all__ = [
     "WRITE_CHUNK",
     "OutputError",
+    "append_line",
     "atomic_directory",
     "check_replaceable",
     "clear_leftovers",

@@ -94,6 +94,19 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_bytes_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
+def append_line(path: Path, line: str) -> None:
+    """`line` added at the end of `path` whole or not at all: one write in append mode, then fsync. A reader takes the
+    lines that end with a newline (a crash inside the write can leave a last line without one)."""
+    data = (line.rstrip("\n") + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, f"a line of {len(data)} bytes was cut short", str(path))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------------------ whole directories
 
 

@@ -3,9 +3,10 @@ MASTER_ADDR/PORT, and OMP_NUM_THREADS: the machine's cores shared between the ra
 
 Our own small launcher rather than torchrun because preemption handling needs SIGTERM and SIGUSR1 forwarded to
 every rank so that all of them save at the same step boundary; torchrun's agent turns SIGTERM into killing its
-workers. If one rank fails, the others are stopped and the launcher exits with the failing rank's code. A rank
-that reported a hang (EXIT_HANG: its line is out, pretrain.training.hang) ends the others at once, with SIGKILL: a
-stopped rank would ignore anything else, and one blocked in a collective would wait forever.
+workers. If one rank fails, the others are stopped, and all of them start again from the newest complete checkpoint
+(launch.restarts, which decides whether to, and says why not) or the launcher exits with the failing rank's code. A
+rank that reported a hang (EXIT_HANG: its line is out, pretrain.training.hang) ends the others at once, with
+SIGKILL: a stopped rank would ignore anything else, and one blocked in a collective would wait forever.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from pathlib import Path
 import psutil
 
 from launch.errors import UserError
-from launch.rank import rank_environment
-from pretrain.launch_contract import EXIT_HANG, START_ID_ENV, STOP_SIGNALS, free_port, new_start_id
+from launch.rank import rank_command, rank_environment
+from launch.restarts import Ending, run_with_restarts
+from pretrain.config import Config
+from pretrain.launch_contract import EXIT_FAILURE, EXIT_HANG, START_ID_ENV, STOP_SIGNALS, free_port
 
 FORWARDED_SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
+# How often the launcher looks at its ranks: a failure is seen within this.
+POLL_S = 0.05
 
 
 def visible_gpus() -> int:
@@ -44,58 +49,77 @@ def check_one_gpu_per_rank(nproc: int) -> None:
                         f"{gpus} or fewer (or hide the GPUs with CUDA_VISIBLE_DEVICES= to train on CPU)")
 
 
-def launch(command: list[str], nproc: int, grace_s: float = 30.0) -> int:
-    """Start `command` nproc times with rank variables set; return the first non-zero exit code, else 0."""
-    port = free_port()
+def launch(cfg: Config, run_dir: Path, resume_from: Path | None, nproc: int, grace_s: float = 30.0) -> int:
+    """Start nproc trainer ranks, and again after a failure that is restarted; return 0 or the code of the failure
+    that ended the run."""
     # The ranks share this machine's cores.
-    env = {**rank_environment(threads=(os.cpu_count() or 1) // nproc), START_ID_ENV: new_start_id()}
+    env = rank_environment(threads=(os.cpu_count() or 1) // nproc)
     procs: list[subprocess.Popen] = []
+    signalled = False
 
     def forward(signum, _frame):
+        nonlocal signalled
+        signalled = True  # the user or the scheduler decides what follows: no restart
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    def start(start_id: str, resume: Path | None) -> Ending:
+        procs.clear()
+        port = free_port()  # a new one for each start: the last one's may still be closing
+        for rank in range(nproc):
+            rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                            LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                            **{START_ID_ENV: start_id})
+            procs.append(subprocess.Popen(rank_command(run_dir, resume), env=rank_env))
+        return _wait(procs, grace_s)
+
     # Forwarding starts before the first rank does: a signal while they start reaches those already started.
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        for rank in range(nproc):
-            rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-                            LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            procs.append(subprocess.Popen(command, env=rank_env))
-        return _wait(procs, grace_s)
+        ending, _ = run_with_restarts(cfg, run_dir, resume_from, start, stopping=lambda: signalled)
+        return ending.code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _wait(procs: list[subprocess.Popen], grace_s: float) -> int:
+def _wait(procs: list[subprocess.Popen], grace_s: float) -> Ending:
     while True:
         codes = [p.poll() for p in procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if EXIT_HANG in failed:
-            for p in procs:
-                if p.poll() is None:
-                    _kill_with_children(p)
-            return EXIT_HANG
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
-            # A rank exited non-zero. After a preemption save the others follow by themselves; after a crash they
-            # would hang in their next collective, so after a grace period they are stopped.
-            deadline = time.monotonic() + grace_s
-            for p in procs:
-                try:
-                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            return failed[0]
+            failed_at = time.time()
+            hung = [(rank, code) for rank, code in failed if code == EXIT_HANG]
+            # An error exit is the likelier consequence of another rank's failure (its peer gone from a collective).
+            rank, code = hung[0] if hung else min(failed, key=lambda failure: failure[1] == EXIT_FAILURE)
+            if hung:
+                for p in procs:
+                    if p.poll() is None:
+                        _kill_with_children(p)
+            else:
+                _stop_the_others(procs, grace_s)
+            return Ending(code, rank, failed_at, time.time())
         if all(c == 0 for c in codes):
-            return 0
-        time.sleep(0.2)
+            return Ending(0)
+        time.sleep(POLL_S)
+
+
+def _stop_the_others(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """After a preemption save the other ranks follow by themselves; after a crash they would hang in their next
+    collective (or fail in it, over gloo), so after a grace period, in which a failing rank completes a save being
+    written, they are stopped."""
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def _kill_with_children(rank: subprocess.Popen) -> None:

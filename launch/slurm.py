@@ -9,7 +9,10 @@ for the step and decides what follows:
 * SIGTERM reached the batch step: Slurm is cancelling, preempting or timing out the job (the ranks got SIGTERM
   too and saved at their next step boundary); Slurm decides whether the job runs again, never us. `scontrol
   requeue` after `scancel` would bring a cancelled job back.
-* otherwise (the ranks saved on the warning signal and exited 75, a rank failed, or the ranks reported a hang):
+* a rank failed or the ranks reported a hang: a new step starts every rank again in this allocation, from the newest
+  complete checkpoint (launch.restarts, at most launch.max_restarts times), unless the failure came where the one
+  before it was: then the job ends, as a requeue would fail there again.
+* otherwise (the ranks saved on the warning signal and exited 75, bad input, or the restarts are used up):
   requeue the job, which resumes from the newest checkpoint of the run directory, unless the last
   `slurm.max_requeues` requeues of this job all happened at the same checkpoint step (a crash or hang that comes back
   at the same step, not progress). After a hang the batch step exits EXIT_HANG, whatever srun's status (srun ends the
@@ -36,6 +39,7 @@ from pathlib import Path
 
 from launch.errors import UserError
 from launch.rank import rank_command, rank_environment
+from launch.restarts import Ending, run_with_restarts
 from pretrain.config import SLURM_TIME, Config
 from pretrain.launch_contract import (
     EXIT_HANG,
@@ -43,7 +47,6 @@ from pretrain.launch_contract import (
     START_ID_ENV,
     STOP_SIGNALS,
     hang_summary,
-    new_start_id,
 )
 
 WARNING_SIGNAL = signal.SIGUSR1  # the trainer saves on it at the next step boundary
@@ -92,7 +95,8 @@ def allocation_tasks() -> int | None:
 
 
 def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> int:
-    """One trainer rank per Slurm task (srun); then requeue the job if it should go on. Returns srun's status."""
+    """One trainer rank per Slurm task (srun), started again in this allocation after a failure that is restarted
+    (launch.restarts); then requeue the job if it should go on. Returns the last step's status."""
     # Ranks that saved on a signal exit 75 one after the other: a bad exit must not kill the rest at once
     # (--kill-on-bad-exit=0); after a crash the others would wait in their next collective, so the last ones
     # still running a minute after the first exit are stopped (--wait).
@@ -101,34 +105,40 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
         # srun 22.05 to 23.02 does not inherit the batch's --cpus-per-task: data workers would share one core.
         command.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
     # Each task's threads: the CPUs Slurm gave it (one without --cpus-per-task, Slurm's default).
-    start_id = new_start_id()
-    env = {**rank_environment(threads=int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))), START_ID_ENV: start_id}
+    env = rank_environment(threads=int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
     # Every task takes its rank and rendezvous from Slurm (launch.rank): a RANK inherited from the submitting shell
     # would give them all the same, and an inherited MASTER_ADDR (127.0.0.1, say) would send the ranks of other
     # nodes to their own machine, where nobody listens.
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    step = subprocess.Popen(command + rank_command(run_dir, resume_from), env=env)
-    ending = False
+    step: subprocess.Popen | None = None
+    signalled = ending = False
 
     def on_signal(signum, _frame):
-        nonlocal ending
+        nonlocal signalled, ending
+        signalled = True  # Slurm or the user decides what follows: no restart
         if signum == signal.SIGTERM:
             ending = True  # Slurm signals every process of the job itself: nothing to forward
-        elif step.poll() is None:
+        elif step is not None and step.poll() is None:
             step.send_signal(WARNING_SIGNAL)  # srun passes it on to every task
+
+    def start(start_id: str, resume: Path | None) -> Ending:
+        nonlocal step
+        step = subprocess.Popen(command + rank_command(run_dir, resume), env={**env, START_ID_ENV: start_id})
+        code = step.wait()
+        if hang_summary(run_dir, start_id).is_file():
+            code = EXIT_HANG
+        return Ending(code, ended_at=time.time())
 
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
-        code = step.wait()
+        last, repeated = run_with_restarts(cfg, run_dir, resume_from, start, stopping=lambda: signalled)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if hang_summary(run_dir, start_id).is_file():
-        code = EXIT_HANG
-    if code != 0 and not ending:
-        requeue_if_progressing(cfg, run_dir, code)
-    return code
+    if last.code != 0 and not ending and not repeated:
+        requeue_if_progressing(cfg, run_dir, last.code)
+    return last.code
 
 
 def requeue_if_progressing(cfg: Config, run_dir: Path, code: int) -> bool:

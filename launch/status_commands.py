@@ -1,4 +1,5 @@
-"""`pretrain status RUN_DIR`: where a run stands (steps, tokens, checkpoints and their verification, last metrics)."""
+"""`pretrain status RUN_DIR`: where a run stands (steps, tokens, checkpoints and their verification, last metrics,
+the restarts of its ranks)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 from launch.errors import UserError
+from launch.restarts import read_restarts, restart_line
 from pretrain.checkpoint.store import CheckpointError, complete_steps, step_dir_name, verify
 from pretrain.config import load_config
 from pretrain.training.metrics import read_metrics
@@ -39,6 +41,7 @@ def run_status(run_dir: Path, hash_files: bool = True) -> dict:
         "incomplete_saves": incomplete,
         "last_train": train[-1] if train else None,
         "last_eval": evals[-1] if evals else None,
+        "restarts": read_restarts(run_dir),
         "finished": bool(checkpoints) and checkpoints[0]["ok"] and checkpoints[0]["step"] >= cfg.train.steps,
     }
 
@@ -59,6 +62,8 @@ def print_status(status: dict) -> None:
             shown = {k: v for k, v in record.items() if k not in ("kind", "time")}
             print(f"  {kind.replace('_', ' ')}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                          for k, v in shown.items()))
+    for record in status["restarts"]:
+        print(f"  {restart_line(record)}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -85,7 +90,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="a run's or Slurm job's progress, checkpoints (verified) and last metrics")
+    p = sub.add_parser("status", help="a run's or Slurm job's progress, checkpoints (verified), last metrics and "
+                                      "restarts")
     p.add_argument("target", help="run directory, or the Slurm job id `pretrain submit` printed")
     p.add_argument("--quick", action="store_true", help="check checkpoint sizes only, not their sha256")
     p.add_argument("--json", action="store_true", help="machine-readable output")

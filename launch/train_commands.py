@@ -26,7 +26,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launch.local import check_one_gpu_per_rank, launch
-    from launch.rank import rank_command
     from launch.slurm import allocation_tasks, run_in_allocation
 
     overrides = list(args.overrides)
@@ -65,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     if slurm_tasks:
         return run_in_allocation(cfg, run_dir, resume_from)
-    return launch(rank_command(run_dir, resume_from), world)
+    return launch(cfg, run_dir, resume_from, world)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -241,6 +241,13 @@ class LoggingConfig(_Section):
     peak_tflops: float | None = Field(None, gt=0)
 
 
+class LaunchConfig(_Section):
+    # In-job restarts (launch/restarts.py): after a rank crashes or hangs, the launcher ends the others and starts
+    # every rank again from the newest complete checkpoint, at most this many times per `pretrain train` (per run of
+    # a Slurm job); 0: never.
+    max_restarts: int = Field(3, ge=0)
+
+
 # A Slurm time limit: minutes, MM:SS, HH:MM:SS, with an optional D- before.
 SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
@@ -276,6 +283,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")
@@ -565,7 +573,8 @@ def _describe(error: ValidationError, data: dict[str, Any]) -> str:
     if first["type"] == "value_error":
         return str(first["ctx"]["error"]) if "ctx" in first else first["msg"]
     if first["type"] == "model_type" and not loc:
-        return "config must be a mapping of sections: model, parallel, data, optim, train, checkpoint, logging, slurm"
+        return ("config must be a mapping of sections: model, parallel, data, optim, train, checkpoint, logging, "
+                "launch, slurm")
     value = first.get("input")
     return f"config key {dotted or '<root>'}={value!r}: {first['msg'].lower()}; fix the value in the YAML or override"
 

@@ -39,9 +39,10 @@ def rank_log(run_dir: Path, rank: int) -> Path:
     return run_dir / "logs" / f"rank{rank:05d}.log"
 
 
-def new_start_id() -> str:
-    """An id for the ranks a launcher starts now (START_ID_ENV): the time, and the launcher's process id."""
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+def new_start_id(restart: int) -> str:
+    """An id for the ranks a launcher starts now (START_ID_ENV): the time, the launcher's process id and, after its
+    first start (restart 0), the number of the restart (two starts may fall in one second)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" + (f"-restart{restart}" if restart else "")
 
 
 def hang_dir(run_dir: Path, start_id: str) -> Path:

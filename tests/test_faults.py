@@ -1,6 +1,7 @@
-"""Faults a long run meets, each with real processes: SIGKILL at random moments (also during saves), non-finite
-steps and rollback, a full disk during a save, an unwritable or corrupt checkpoint, an incompatible config, and
-collectives that outwait the hang watchdog (hangs themselves: tests/test_hangs.py)."""
+"""Faults a long run meets, each with real processes: SIGKILL at random moments (also during saves), a rank killed
+or failing while its launcher restarts the ranks in place, non-finite steps and rollback, a full disk during a save,
+an unwritable or corrupt checkpoint, an incompatible config, and collectives that outwait the hang watchdog (hangs
+themselves: tests/test_hangs.py)."""
 
 import json
 import os
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from launch.restarts import read_restarts, restart_line
 from pretrain.checkpoint.store import newest_valid, step_dir_name, verify
 from pretrain.launch_contract import free_port
-from tests.runs import ROOT, error_line, losses, metrics, resumed_step, run_train, train, train_command
+from tests.runs import ROOT, Watched, error_line, losses, metrics, resumed_step, run_train, train, train_command
 
 STEPS = 12
 # One optimizer step per batch and a checkpoint every step: saves are a large part of each run's life.
@@ -90,29 +92,76 @@ def _kill_at_random_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Ra
     return False
 
 
-def test_error_in_a_step_completes_the_asynchronous_save_being_written(tiny_data, tmp_path):
+# Two ranks, a checkpoint every 4 steps written in the background.
+TWO_RANKS = ["train.steps=8", "parallel.micro_batch=4", "checkpoint.every_steps=4", "checkpoint.async_save=true"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_ranks(tiny_data, tmp_path_factory):
+    return train(tmp_path_factory.mktemp("whole2"), tiny_data, TWO_RANKS, nproc=2)
+
+
+def test_a_killed_rank_is_restarted_in_place_and_the_run_ends_as_if_uninterrupted(uninterrupted_two_ranks, tiny_data,
+                                                                                     tmp_path):
+    """Rank 1 is killed (SIGKILL) after step 5: the launcher ends rank 0, starts both again from the checkpoint of
+    step 4 and the run ends with exit 0 and the uninterrupted run's losses, to the last bit. The terminal says so in
+    one line; RUN_DIR/restarts.jsonl and `pretrain status` (of the finished run) keep when, why and how long."""
+    run_dir = tmp_path / "run"
+    run = Watched(train_command(run_dir, tiny_data, TWO_RANKS, nproc=2), tmp_path / "stderr.log")
+    run.wait_for(lambda: 5 in (losses(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}), timeout=600)
+    _, rank1 = run.started_ranks(2)
+    rank1.kill()
+    assert run.wait(timeout=600) == 0, run.stderr()[-3000:]
+    assert losses(run_dir) == uninterrupted_two_ranks
+    stderr = run.stderr()
+    assert "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if "restarting" in line or line.startswith("[pretrain] restart")]
+    assert line.startswith("[pretrain] restart 1 of 3: rank 1 was killed by SIGKILL after step ")
+    assert line.endswith(f"; starting every rank again from checkpoint {step_dir_name(4)}"), line
+    assert resumed_step(stderr) == 4
+    [record] = read_restarts(run_dir)
+    assert (record["rank"], record["exit_code"], record["checkpoint_step"]) == (1, -signal.SIGKILL, 4)
+    parts = [record[key] for key in ("teardown_s", "start_s", "load_s", "first_step_s")]
+    assert all(part >= 0 for part in parts) and record["next_step_s"] == pytest.approx(sum(parts), abs=0.01)
+    shown = subprocess.run([sys.executable, "-m", "launch.cli", "status", str(run_dir), "--quick"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "(finished)" in shown and f"  {restart_line(record)}" in shown.splitlines(), shown
+    assert "rank 1 was killed by SIGKILL after step" in restart_line(record)
+    assert not run.left_behind()
+
+
+def test_an_error_at_the_same_step_after_a_restart_stops_the_run(uninterrupted_two_ranks, tiny_data, tmp_path):
     """Rank 1 raises in step 5 (an exception, as a bug would), while the asynchronous save of step 4 is still pending:
     before the processes exit the save completes and is the newest checkpoint, the terminal shows the error in one
-    line and the traceback is in the rank's log; the same command without the fault resumes from step 4 and ends
-    with an uninterrupted run's losses."""
-    overrides = ["train.steps=8", "parallel.micro_batch=4", "checkpoint.every_steps=4", "checkpoint.async_save=true"]
-    uninterrupted = train(tmp_path / "whole", tiny_data, overrides, nproc=2)
+    line and the traceback is in the rank's log. The restart fails at the same step: the launcher stops with one
+    line naming it, rather than restart again. The same command without the fault resumes from step 4 and ends with
+    an uninterrupted run's losses."""
     run_dir = tmp_path / "run"
-    result = run_train(run_dir, tiny_data, overrides + ["train.inject_error_at_step=5"], nproc=2)
+    result = run_train(run_dir, tiny_data, TWO_RANKS + ["train.inject_error_at_step=5"], nproc=2)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    [line] = [line for line in result.stderr.splitlines() if "rank 1: error:" in line]
     rank_log = run_dir / "logs" / "rank00001.log"
-    assert line.endswith(f"error: RuntimeError: train.inject_error_at_step=5: an error injected into this step "
-                         f"(traceback in {rank_log})")
+    errors = [line for line in result.stderr.splitlines() if "rank 1: error:" in line]
+    assert len(errors) == 2 and errors[0] == errors[1]
+    assert errors[0].endswith(f"error: RuntimeError: train.inject_error_at_step=5: an error injected into this step "
+                              f"(traceback in {rank_log})")
     assert "Traceback" in rank_log.read_text()
     assert "completed checkpoint step 4, which was being written when the error came" in result.stderr
+    restarts = [line for line in result.stderr.splitlines()
+                if "restarting" in line or line.startswith("[pretrain] restart")]
+    assert restarts == [
+        "[pretrain] restart 1 of 3: rank 1 failed (exit code 1) after step 4 (newest checkpoint step 4); starting "
+        f"every rank again from checkpoint {step_dir_name(4)}",
+        "[pretrain] rank 1 failed (exit code 1) after step 4 (newest checkpoint step 4), where the start before "
+        "failed too: not restarting, it would fail there again; fix the cause, then run the same command to resume"]
     assert newest_valid_step(run_dir) == 4
     assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
-    result = run_train(run_dir, tiny_data, overrides, nproc=2)
+    [record] = read_restarts(run_dir)
+    assert record["next_step_s"] is None  # the restarted ranks failed before completing a step
+    result = run_train(run_dir, tiny_data, TWO_RANKS, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert resumed_step(result.stderr) == 4
-    assert losses(run_dir) == uninterrupted
+    assert losses(run_dir) == uninterrupted_two_ranks
 
 
 def test_nonfinite_steps_are_skipped_then_rolled_back_past_the_bad_data(tiny_data, tmp_path):

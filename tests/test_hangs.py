@@ -22,7 +22,8 @@ from tests.runs import ROOT, Watched, losses, metrics, train_command
 TIMEOUT_S = 15
 # Ended within this of the hang: its timeout, the others' reports, SIGKILL for the rest.
 ENDED_WITHIN_S = TIMEOUT_S + 30
-HANG = [f"train.hang_timeout_s={TIMEOUT_S}", "train.steps=1000", "checkpoint.every_steps=0"]
+# Without restarts (launch.restarts): each test ends at the hang it reports.
+HANG = [f"train.hang_timeout_s={TIMEOUT_S}", "train.steps=1000", "checkpoint.every_steps=0", "launch.max_restarts=0"]
 HOST = socket.gethostname()
 
 

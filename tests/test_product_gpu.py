@@ -227,7 +227,9 @@ def fault_lane(data, root: Path) -> dict:
     Its checkpoints are removed once their tensors' hashes are read."""
     run_dir = root / "fault"
     with BUDGET.held(disk=2 * CHECKPOINT):
-        crashed = train(data, run_dir, [*DETERMINISTIC, f"train.inject_error_at_step={FAULT_STEP}"])
+        # Not restarted in place (launch.restarts, tests/test_faults.py): the next commands resume it.
+        crashed = train(data, run_dir, [*DETERMINISTIC, f"train.inject_error_at_step={FAULT_STEP}",
+                                        "launch.max_restarts=0"])
         newest = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         stopped = train_until_sigterm(data, run_dir, after_step=8)
         resumed = train(data, run_dir, DETERMINISTIC)
