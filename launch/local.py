@@ -3,10 +3,11 @@ MASTER_ADDR/PORT, and OMP_NUM_THREADS: the machine's cores shared between the ra
 
 Our own small launcher rather than torchrun because preemption handling needs SIGTERM and SIGUSR1 forwarded to
 every rank so that all of them save at the same step boundary; torchrun's agent turns SIGTERM into killing its
-workers. If one rank fails, the others are stopped, and all of them start again from the newest complete checkpoint
-(launch.restarts, which decides whether to, and says why not) or the launcher exits with the failing rank's code. A
-rank that reported a hang (EXIT_HANG: its line is out, pretrain.training.hang) ends the others at once, with
-SIGKILL: a stopped rank would ignore anything else, and one blocked in a collective would wait forever.
+workers. If one rank fails, the others are ended (FAILURE_GRACE_S), and all of them start again from the newest
+complete checkpoint (launch.restarts, which decides whether to, and says why not) or the launcher exits with the
+failing rank's code. A rank that reported a hang (EXIT_HANG: its line is out, pretrain.training.hang) ends the others
+at once, with SIGKILL: a stopped rank would ignore anything else, and one blocked in a collective would wait
+forever.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -24,11 +26,23 @@ from launch.errors import UserError
 from launch.rank import rank_command, rank_environment
 from launch.restarts import Ending, run_with_restarts
 from pretrain.config import Config
-from pretrain.launch_contract import EXIT_FAILURE, EXIT_HANG, START_ID_ENV, STOP_SIGNALS, free_port
+from pretrain.launch_contract import (
+    EXIT_FAILURE,
+    EXIT_HANG,
+    EXIT_SAVED_ON_SIGNAL,
+    START_ID_ENV,
+    STOP_SIGNALS,
+    free_port,
+)
 
 FORWARDED_SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
 # How often the launcher looks at its ranks: a failure is seen within this.
 POLL_S = 0.05
+# After a failure (other than a hang, whose ranks are killed at once) the other ranks get this long to end by
+# themselves: over gloo they fail in their next collective and exit within about 2 s (the CPU benchmark,
+# benchmarks/RESULTS.md), finishing a save whose every part is written; on NCCL, or waiting for the failed rank's part
+# of a save, they would wait far longer, and the restart for them. A save cut short is removed at the next start.
+FAILURE_GRACE_S = 5.0
 
 
 def visible_gpus() -> int:
@@ -49,9 +63,9 @@ def check_one_gpu_per_rank(nproc: int) -> None:
                         f"{gpus} or fewer (or hide the GPUs with CUDA_VISIBLE_DEVICES= to train on CPU)")
 
 
-def launch(cfg: Config, run_dir: Path, resume_from: Path | None, nproc: int, grace_s: float = 30.0) -> int:
+def launch(cfg: Config, run_dir: Path, resume_from: Path | None, nproc: int, save_grace_s: float = 30.0) -> int:
     """Start nproc trainer ranks, and again after a failure that is restarted; return 0 or the code of the failure
-    that ended the run."""
+    that ended the run. After a rank saved on a stop signal the others have `save_grace_s` to save and exit."""
     # The ranks share this machine's cores.
     env = rank_environment(threads=(os.cpu_count() or 1) // nproc)
     procs: list[subprocess.Popen] = []
@@ -72,7 +86,7 @@ def launch(cfg: Config, run_dir: Path, resume_from: Path | None, nproc: int, gra
                             LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                             **{START_ID_ENV: start_id})
             procs.append(subprocess.Popen(rank_command(run_dir, resume), env=rank_env))
-        return _wait(procs, grace_s)
+        return _wait(procs, save_grace_s, lambda: signalled)
 
     # Forwarding starts before the first rank does: a signal while they start reaches those already started.
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
@@ -84,7 +98,7 @@ def launch(cfg: Config, run_dir: Path, resume_from: Path | None, nproc: int, gra
             signal.signal(sig, handler)
 
 
-def _wait(procs: list[subprocess.Popen], grace_s: float) -> Ending:
+def _wait(procs: list[subprocess.Popen], save_grace_s: float, signalled: Callable[[], bool]) -> Ending:
     while True:
         codes = [p.poll() for p in procs]
         failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
@@ -94,21 +108,20 @@ def _wait(procs: list[subprocess.Popen], grace_s: float) -> Ending:
             # An error exit is the likelier consequence of another rank's failure (its peer gone from a collective).
             rank, code = hung[0] if hung else min(failed, key=lambda failure: failure[1] == EXIT_FAILURE)
             if hung:
-                for p in procs:
-                    if p.poll() is None:
-                        _kill_with_children(p)
+                _end_the_others(procs, 0.0)
+            elif signalled() or any(status == EXIT_SAVED_ON_SIGNAL for _, status in failed):
+                _stop_after_a_save(procs, save_grace_s)
             else:
-                _stop_the_others(procs, grace_s)
+                _end_the_others(procs, FAILURE_GRACE_S)
             return Ending(code, rank, failed_at, time.time())
         if all(c == 0 for c in codes):
             return Ending(0)
         time.sleep(POLL_S)
 
 
-def _stop_the_others(procs: list[subprocess.Popen], grace_s: float) -> None:
-    """After a preemption save the other ranks follow by themselves; after a crash they would hang in their next
-    collective (or fail in it, over gloo), so after a grace period, in which a failing rank completes a save being
-    written, they are stopped."""
+def _stop_after_a_save(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """After a stop signal, or a save on one, the other ranks follow by themselves (once their part of the save is
+    written); those still running after `grace_s` are stopped."""
     deadline = time.monotonic() + grace_s
     for p in procs:
         try:
@@ -120,6 +133,16 @@ def _stop_the_others(procs: list[subprocess.Popen], grace_s: float) -> None:
             p.wait(timeout=10)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def _end_the_others(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """After a failure: the ranks still running after `grace_s` are killed with their children."""
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill_with_children(p)
 
 
 def _kill_with_children(rank: subprocess.Popen) -> None:

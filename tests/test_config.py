@@ -153,6 +153,13 @@ def test_peak_tflops_must_be_positive():
     assert _error(["logging.peak_tflops=0"]).startswith("config key logging.peak_tflops=0")
 
 
+def test_max_restarts_is_a_count():
+    assert load_config(TINY).launch.max_restarts == 3
+    assert load_config(TINY, ["launch.max_restarts=0"]).launch.max_restarts == 0
+    assert _error(["launch.max_restarts=-1"]) == ("config key launch.max_restarts=-1: input should be greater than or "
+                                                  "equal to 0; fix the value in the YAML or override")
+
+
 def test_layers_not_divisible_by_pp():
     assert "model.n_layers=32 is not divisible by parallel.pp=3" in _error(["parallel.pp=3"])
 
