@@ -15,9 +15,9 @@ for the step and decides what follows:
 * otherwise (the ranks saved on the warning signal and exited 75, bad input, or the restarts are used up):
   requeue the job, which resumes from the newest checkpoint of the run directory, unless the last
   `slurm.max_requeues` requeues of this job all happened at the same checkpoint step (a crash or hang that comes back
-  at the same step, not progress). After a hang the batch step exits EXIT_HANG, whatever srun's status (srun ends the
-  ranks that did not report, a stopped one among them, a minute after the first exit: `--wait`); the line naming
-  it is in the job's log, from the rank that composed it.
+  at the same step, not progress). After a hang the batch step exits EXIT_HANG, whatever srun's status (once the
+  line naming it is out, in the job's log from the rank that composed it, the batch step kills the step's tasks
+  still running, a stopped one among them).
 
 The warning signal is USR1, sent `slurm.signal_seconds` before the time limit to the ranks (`--signal=USR1@N`);
 sent to the batch step instead (`--signal=B:USR1@N`, `scancel --batch`) it is forwarded to them.
@@ -50,6 +50,8 @@ from pretrain.launch_contract import (
 )
 
 WARNING_SIGNAL = signal.SIGUSR1  # the trainer saves on it at the next step boundary
+# How often the batch step looks for a hang's line while its step runs.
+HANG_POLL_S = 0.2
 
 # Control characters could end an #SBATCH line or a shell word and start another: refused outright.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
@@ -125,10 +127,16 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
     def start(start_id: str, resume: Path | None) -> Ending:
         nonlocal step
         step = subprocess.Popen(command + rank_command(run_dir, resume), env={**env, START_ID_ENV: start_id})
-        code = step.wait()
-        if hang_summary(run_dir, start_id).is_file():
-            code = EXIT_HANG
-        return Ending(code, ended_at=time.time())
+        hung = False
+        while step.poll() is None:
+            if not hung and hang_summary(run_dir, start_id).is_file():
+                # The hang's line is out: the ranks still running (a stopped one among them) are ended now, not
+                # srun's --wait after the first exit, so that a restart need not wait for them.
+                hung = True
+                kill_running_steps(os.environ["SLURM_JOB_ID"])
+            time.sleep(HANG_POLL_S)
+        return Ending(EXIT_HANG if hang_summary(run_dir, start_id).is_file() else step.returncode,
+                      ended_at=time.time())
 
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
@@ -139,6 +147,15 @@ def run_in_allocation(cfg: Config, run_dir: Path, resume_from: Path | None = Non
     if last.code != 0 and not ending and not repeated:
         requeue_if_progressing(cfg, run_dir, last.code)
     return last.code
+
+
+def kill_running_steps(job_id: str) -> None:
+    """SIGKILL to every task of the job's running steps: the batch step runs one at a time."""
+    listed = subprocess.run(["squeue", "-h", "--steps", "-j", job_id, "-o", "%i"], capture_output=True, text=True,
+                            timeout=60)
+    for step_id in listed.stdout.split():
+        if re.fullmatch(rf"{job_id}\.\d+", step_id):  # not the batch step itself (JOB.batch), nor JOB.extern
+            subprocess.run(["scancel", "--signal=KILL", step_id], capture_output=True, timeout=60)
 
 
 def requeue_if_progressing(cfg: Config, run_dir: Path, code: int) -> bool:
