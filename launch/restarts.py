@@ -96,7 +96,8 @@ def run_with_restarts(cfg: Config, run_dir: Path, resume_from: Path | None,
                  "the cause, then run the same command to resume")
             return ending, True
         if restarts >= cfg.launch.max_restarts:
-            _say(f"{cause} {at}: not restarting, launch.max_restarts={cfg.launch.max_restarts} restart(s) used")
+            _say(f"{cause} {at}: not restarting, {restarts} of launch.max_restarts={cfg.launch.max_restarts} "
+                 "restarts used")
             return ending, False
         restarts, previous = restarts + 1, where
         resume = _resume_point(run_dir, resume_from, steps_before)

@@ -309,6 +309,7 @@ def test_checkpoint_of_another_model_is_refused(finished_run, tiny_data, tmp_pat
     result = run_train(run_dir, tiny_data, ["train.steps=6", "parallel.micro_batch=8", "model.hidden_dim=512"])
     assert result.returncode == 2
     assert "was saved with model.hidden_dim=688, this config has 512" in error_line(result)
+    assert "[pretrain] restart" not in result.stderr  # bad input fails the same way again: not restarted
 
 
 def test_collectives_wait_longer_than_the_hang_watchdog(tiny_data, tmp_path):
