@@ -1,7 +1,20 @@
+import fcntl
 import os
+import shutil
 import subprocess
 
 import pytest
+
+# The longest files (minutes each on 2 cores), started first: tests/run.sh gives each file to one of two workers
+# (pytest-xdist's loadfile), and none should be left with a long one at the end.
+LONGEST_FIRST = ["test_training.py", "test_slurm.py", "test_faults.py", "test_hangs.py", "test_main_job.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        return LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its order
 
 
 @pytest.fixture(scope="session")
@@ -21,12 +34,21 @@ def tiny_data(tmp_path_factory):
     from data_pipeline.prepare import prepare
     from data_pipeline.tokenizer import train_tokenizer
 
-    root = tmp_path_factory.mktemp("tiny_data")
-    write_builtin_corpus(root / "corpus", max_mb=1.5)
+    # One copy for the whole run: xdist's workers share their base directory's parent and take turns under a lock.
+    shared = tmp_path_factory.getbasetemp()
+    root = (shared.parent if "PYTEST_XDIST_WORKER" in os.environ else shared) / "tiny_data"
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            write_builtin_corpus(root / "corpus", max_mb=1.5)
+            tokenizer = root / "tokenizer"
+            train_tokenizer([str(root / "corpus" / "train" / "*.jsonl")], tokenizer, vocab_size=4096,
+                            sample_bytes=1_500_000)
+            for split in ("train", "eval"):
+                prepare([str(root / "corpus" / split / "*.jsonl")], tokenizer, 128, root / split, progress=False)
+            (root / "done").touch()
     tokenizer = root / "tokenizer"
-    train_tokenizer([str(root / "corpus" / "train" / "*.jsonl")], tokenizer, vocab_size=4096, sample_bytes=1_500_000)
-    for split in ("train", "eval"):
-        prepare([str(root / "corpus" / split / "*.jsonl")], tokenizer, 128, root / split, progress=False)
     return [
         f"data.train=[{{path: {root / 'train'}}}]",
         f"data.eval={root / 'eval'}",
