@@ -33,8 +33,10 @@ import pytest
 from tests.runs import ROOT, losses, metrics, run_train, train, train_command, trained_once
 
 STEPS = 20
-# The step-10 checkpoint of each layout is what the resharding tests load.
-COMMON = [f"train.steps={STEPS}", "parallel.micro_batch=2", "checkpoint.every_steps=10"]
+# The step-10 checkpoint of each layout is what the resharding tests load. The loss-spike guard judges from step 5
+# against a window of 8 (128 and 64 by default): in every layout it decides, and must find no spike.
+COMMON = [f"train.steps={STEPS}", "parallel.micro_batch=2", "checkpoint.every_steps=10",
+          "train.spike_guard.window=8", "train.spike_guard.min_steps=4"]
 TOLERANCE = 2e-4
 
 LAYOUTS = {
@@ -71,8 +73,9 @@ def assert_close(got: dict[int, float], expected: dict[int, float], what: str) -
 
 @pytest.mark.parametrize("layout", PARALLEL_LAYOUTS)
 def test_layout_matches_single_process(layout, runs):
-    _, got = runs(layout)
+    run_dir, got = runs(layout)
     assert sorted(got) == list(range(1, STEPS + 1))
+    assert not [r["step"] for r in metrics(run_dir) if r["kind"] == "spike"]
     assert_close(got, runs("single")[1], layout)
 
 
