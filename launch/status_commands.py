@@ -1,5 +1,5 @@
 """`pretrain status RUN_DIR`: where a run stands (steps, tokens, checkpoints and their verification, last metrics,
-the restarts of its ranks)."""
+steps skipped (loss spikes among them) and rollbacks, the restarts of its ranks)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def run_status(run_dir: Path, hash_files: bool = True) -> dict:
         "incomplete_saves": incomplete,
         "last_train": train[-1] if train else None,
         "last_eval": evals[-1] if evals else None,
+        "spikes": [r for r in records if r.get("kind") == "spike"],
         "restarts": read_restarts(run_dir),
         "finished": bool(checkpoints) and checkpoints[0]["ok"] and checkpoints[0]["step"] >= cfg.train.steps,
     }
@@ -62,6 +63,15 @@ def print_status(status: dict) -> None:
             shown = {k: v for k, v in record.items() if k not in ("kind", "time")}
             print(f"  {kind.replace('_', ' ')}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                          for k, v in shown.items()))
+    last = status["last_train"] or {}
+    if last.get("skipped_steps") or last.get("rollbacks"):
+        print(f"  skipped steps: {last['skipped_steps']} ({last.get('spike_steps', 0)} loss spikes, the others not "
+              f"finite), rollbacks: {last['rollbacks']}")
+    for spike in status["spikes"]:
+        exceeded = spike["exceeded"]
+        print(f"  loss spike skipped at step {spike['step']}: {exceeded} {spike[exceeded]:.4g} over "
+              f"{spike['threshold']:.4g} (mean {spike['mean']:.4g} + {spike['sigmas']:g} x std {spike['std']:.4g}), "
+              f"global batch {spike['global_batch']}, samples {spike['samples'][0]}-{spike['samples'][1] - 1}")
     for record in status["restarts"]:
         print(f"  {restart_line(record)}")
 

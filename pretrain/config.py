@@ -163,6 +163,24 @@ class OptimConfig(_Section):
         return self
 
 
+class SpikeGuardConfig(_Section):
+    """A finite step whose loss or gradient norm lies more than `sigmas` standard deviations above the mean of the
+    last `window` applied steps is not applied, like a non-finite one (OLMo-core's SkipStepAdamW, used for OLMo 3 7B:
+    6 sigma over 128 steps). It judges once the window holds `min_steps` values (OLMo-core: half the window)."""
+
+    enabled: bool = True
+    window: int = Field(128, ge=2)
+    sigmas: float = Field(6.0, gt=0)
+    min_steps: int = Field(64, ge=2)
+
+    @model_validator(mode="after")
+    def _min_steps_fit(self) -> SpikeGuardConfig:
+        if self.min_steps > self.window:
+            raise ValueError(f"train.spike_guard.min_steps={self.min_steps} exceeds window={self.window}, which "
+                             "never holds that many steps: set min_steps <= window")
+        return self
+
+
 class TrainConfig(_Section):
     steps: int = Field(1000, gt=0)
     # In sequences; gradient accumulation = global_batch / (micro_batch * dp).
@@ -197,13 +215,17 @@ class TrainConfig(_Section):
     startup_timeout_s: int = Field(600, gt=0)
     # How long a rank waits for rank 0's rendezvous (MASTER_ADDR:MASTER_PORT) before it gives up with an error.
     rendezvous_timeout_s: int = Field(300, gt=0)
-    # A step whose loss or gradients are not finite is skipped; after this many in a row the run reloads its newest
-    # checkpoint and goes on past the data that caused them, at most max_rollbacks times.
-    max_nonfinite_in_row: int = Field(5, ge=1)
+    # A step whose loss or gradients are not finite, or that spike_guard calls a spike, is skipped; after this many
+    # skipped in a row the run reloads its newest checkpoint and goes on past the data that caused them, at most
+    # max_rollbacks times.
+    spike_guard: SpikeGuardConfig = Field(default_factory=SpikeGuardConfig)
+    max_skipped_in_row: int = Field(5, ge=1)
     max_rollbacks: int = Field(3, ge=0)
-    # A test of the above: the 1-based global batches (as the data loader counts them) whose loss is made NaN, as a
-    # bad batch would make it. Announced at the start of the run; pp == 1 only.
+    # Tests of the above: the 1-based global batches (as the data loader counts them) whose loss is made NaN, as a
+    # bad batch would make it, or multiplied by SPIKE_FACTOR (pretrain.training.spike_guard), as a batch of
+    # garbage would raise it. Announced at the start of the run; pp == 1 only.
     inject_nonfinite_batches: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+    inject_spike_batches: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
     # A test of what a crash leaves behind: the last rank raises an error in this step (0: never), as a bug or a
     # lost device would; a save still being written completes first. Announced at the start of the run.
     inject_error_at_step: int = Field(0, ge=0)
@@ -347,9 +369,10 @@ class Config(_Section):
         if p.async_tensor_parallel and not self.train.compile:
             raise ValueError("parallel.async_tensor_parallel=true needs train.compile=true: the compiler fuses each "
                              "gather or scatter with its matmul; set train.compile=true or async_tensor_parallel=false")
-        if self.train.inject_nonfinite_batches and p.pp > 1:
-            raise ValueError("train.inject_nonfinite_batches works with parallel.pp=1 only: set parallel.pp=1 or "
-                             "train.inject_nonfinite_batches=[]")
+        for injected in ("inject_nonfinite_batches", "inject_spike_batches"):
+            if getattr(self.train, injected) and p.pp > 1:
+                raise ValueError(f"train.{injected} works with parallel.pp=1 only: set parallel.pp=1 or "
+                                 f"train.{injected}=[]")
         check_zero_stage_for_dtype(self, self.train.dtype)  # `auto` is checked when the engine is built
         self._check_fp8()
         if p.dp is not None:
@@ -544,8 +567,9 @@ def _unknown_key_message(dotted: str, name: str, valid: list[str]) -> str:
 
 
 # Keys by their earlier names, (section, key) -> key: configs, run directories and checkpoints that use them still
-# read. train.watchdog_s (no step within so many seconds) became train.hang_timeout_s (no progress within them).
-_RENAMED_KEYS = {("train", "watchdog_s"): "hang_timeout_s"}
+# read. train.watchdog_s (no step within so many seconds) became train.hang_timeout_s (no progress within them);
+# train.max_nonfinite_in_row became train.max_skipped_in_row when loss spikes came to be skipped too.
+_RENAMED_KEYS = {("train", "watchdog_s"): "hang_timeout_s", ("train", "max_nonfinite_in_row"): "max_skipped_in_row"}
 
 
 def validate(data: dict[str, Any]) -> Config:

@@ -160,6 +160,19 @@ def test_max_restarts_is_a_count():
                                                   "equal to 0; fix the value in the YAML or override")
 
 
+def test_spike_guard_defaults_are_olmo_cores_and_its_values_are_checked():
+    guard = load_config(TINY).train.spike_guard
+    assert (guard.enabled, guard.window, guard.sigmas, guard.min_steps) == (True, 128, 6.0, 64)
+    assert _error(["train.spike_guard.min_steps=200"]) == (
+        "train.spike_guard.min_steps=200 exceeds window=128, which never holds that many steps: set min_steps <= "
+        "window")
+    assert _error(["train.spike_guard.sigmas=0"]).startswith("config key train.spike_guard.sigmas=0")
+    assert "train.inject_spike_batches works with parallel.pp=1 only" in _error(["parallel.pp=2",
+                                                                               "train.inject_spike_batches=[3]"])
+    # Its earlier name, from when only non-finite steps were skipped, still reads.
+    assert load_config(TINY, ["train.max_nonfinite_in_row=2"]).train.max_skipped_in_row == 2
+
+
 def test_layers_not_divisible_by_pp():
     assert "model.n_layers=32 is not divisible by parallel.pp=3" in _error(["parallel.pp=3"])
 

@@ -162,7 +162,7 @@ def test_an_error_at_the_same_step_after_a_restart_stops_the_run(tiny_data, tmp_
 
 def test_nonfinite_steps_are_skipped_then_rolled_back_past_the_bad_data(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = FAST + ["checkpoint.every_steps=5", "train.max_nonfinite_in_row=3",
+    overrides = FAST + ["checkpoint.every_steps=5", "train.max_skipped_in_row=3",
                         "train.inject_nonfinite_batches=[7,8,9]"]
     result = subprocess.run(train_command(run_dir, tiny_data, overrides), cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
@@ -176,8 +176,55 @@ def test_nonfinite_steps_are_skipped_then_rolled_back_past_the_bad_data(tiny_dat
     assert all(r["loss"] == r["loss"] for r in records[9:])  # finite after the rollback
 
 
+def test_loss_spikes_are_skipped_then_rolled_back_past_the_bad_data_and_a_replay_is_bitwise_equal(tiny_data,
+                                                                                                    tmp_path):
+    """The spike guard judges from step 5 (a window of 8); batch 5's loss, made 100 times larger, is skipped without
+    an update; batches 7 and 8 in a row roll the run back to its step-6 checkpoint, and it goes on with batch 9. The
+    same command run twice (at once, one process each) ends with the same bits; `pretrain status` shows the spikes."""
+    steps = 9
+    overrides = FAST + [f"train.steps={steps}", "checkpoint.every_steps=3", "train.max_skipped_in_row=2",
+                        "train.spike_guard.window=8", "train.spike_guard.min_steps=4",
+                        "train.inject_spike_batches=[5,7,8]"]
+    runs = [tmp_path / "run", tmp_path / "replay"]
+    procs = [subprocess.Popen(train_command(run_dir, tiny_data, overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for run_dir in runs]
+    stderrs = [proc.communicate(timeout=600)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], stderrs[0][-3000:] + stderrs[1][-3000:]
+    run_dir, stderr = runs[0], stderrs[0]
+    assert "train.inject_spike_batches: the loss of global batches [5, 7, 8] is multiplied by 100" in stderr
+    assert "step 5: loss " in stderr and "update skipped (1 in a row, 1 in all), global batch 5" in stderr
+    assert f"resumed from {run_dir / 'checkpoints' / step_dir_name(6)} at step 6," in stderr
+    records = metrics(run_dir)
+    train_steps = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_steps] == [*range(1, 9), *range(7, steps + 1)]
+    # Only the poisoned batches are spikes: the steps between them, judged against as few as 4, are not.
+    spikes = [r for r in records if r["kind"] == "spike"]
+    assert [(r["step"], r["global_batch"], r["samples"], r["exceeded"]) for r in spikes] == [
+        (step, step, [(step - 1) * 8, step * 8], "loss") for step in (5, 7, 8)]
+    assert all(r["loss"] > r["threshold"] == r["mean"] + 6 * r["std"] and r["grad_norm"] > 0 for r in spikes)
+    assert (train_steps[-1]["skipped_steps"], train_steps[-1]["spike_steps"], train_steps[-1]["rollbacks"]) == (3, 3, 1)
+    # The curve goes on where it was (after the rollback, batches 9 to 11 are ordinary ones).
+    assert all(r["loss"] < 2 * train_steps[3]["loss"] for r in train_steps[8:])
+    # No update for a skipped step: at step 6, after one spike, Adam and the schedule have taken 5 steps.
+    at_6 = json.loads((run_dir / "checkpoints" / step_dir_name(6) / "trainer.json").read_text())
+    assert (at_6["adam_step"], at_6["scheduler"]["last_epoch"], len(at_6["spikes"])) == (5, 5, 1)
+    final = json.loads((run_dir / "checkpoints" / step_dir_name(steps) / "trainer.json").read_text())
+    assert [spike["step"] for spike in final["spikes"]] == [5, 7, 8]
+    assert final["counters"] == {"skipped_steps": 3, "spike_steps": 3, "rollbacks": 1}
+    assert final["spike_window"] == json.loads((runs[1] / "checkpoints" / step_dir_name(steps) /
+                                                "trainer.json").read_text())["spike_window"]
+    assert losses(runs[1]) == losses(run_dir)
+    shard = Path("checkpoints") / step_dir_name(steps) / "model" / "tp00-pp00-dp0000.safetensors"
+    assert (runs[1] / shard).read_bytes() == (run_dir / shard).read_bytes()
+    shown = subprocess.run([sys.executable, "-m", "launch.cli", "status", str(run_dir), "--quick"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "(finished)" in shown
+    assert "skipped steps: 3 (3 loss spikes, the others not finite), rollbacks: 1" in shown
+    assert "loss spike skipped at step 5: loss " in shown and "global batch 5, samples 32-39" in shown
+
+
 def test_divergence_that_persists_stops_with_a_clear_error(tiny_data, tmp_path):
-    overrides = FAST + ["checkpoint.every_steps=2", "train.max_nonfinite_in_row=2", "train.max_rollbacks=1",
+    overrides = FAST + ["checkpoint.every_steps=2", "train.max_skipped_in_row=2", "train.max_rollbacks=1",
                         f"train.inject_nonfinite_batches=[{','.join(str(n) for n in range(4, 40))}]"]
     result = subprocess.run(train_command(tmp_path / "run", tiny_data, overrides), cwd=ROOT, capture_output=True,
                             text=True, timeout=600)

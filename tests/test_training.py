@@ -24,17 +24,21 @@ here: sequence parallelism (megatron-core allocates its gathers on CUDA), FP8 an
 layouts are tested on GPUs (tests/test_training_gpu.py, tests/test_product_gpu.py, benchmarks/multi_gpu.sh).
 """
 
+import json
 import signal
 import subprocess
 import time
 
 import pytest
 
+from pretrain.checkpoint.store import step_dir_name
 from tests.runs import ROOT, losses, metrics, run_train, train, train_command, trained_once
 
 STEPS = 20
-# The step-10 checkpoint of each layout is what the resharding tests load.
-COMMON = [f"train.steps={STEPS}", "parallel.micro_batch=2", "checkpoint.every_steps=10"]
+# The step-10 checkpoint of each layout is what the resharding tests load. The loss-spike guard judges from step 5
+# against a window of 8 (128 and 64 by default): in every layout it decides, and must find no spike.
+COMMON = [f"train.steps={STEPS}", "parallel.micro_batch=2", "checkpoint.every_steps=10",
+          "train.spike_guard.window=8", "train.spike_guard.min_steps=4"]
 TOLERANCE = 2e-4
 
 LAYOUTS = {
@@ -71,8 +75,15 @@ def assert_close(got: dict[int, float], expected: dict[int, float], what: str) -
 
 @pytest.mark.parametrize("layout", PARALLEL_LAYOUTS)
 def test_layout_matches_single_process(layout, runs):
-    _, got = runs(layout)
+    run_dir, got = runs(layout)
     assert sorted(got) == list(range(1, STEPS + 1))
+    records = metrics(run_dir)
+    assert not [r["step"] for r in records if r["kind"] == "spike"]
+    # What the guard judged is what was logged: the loss and gradient norm over all ranks, not one rank's share.
+    logged = {r["step"]: r for r in records if r["kind"] == "train"}
+    window = json.loads((run_dir / "checkpoints" / step_dir_name(STEPS) / "trainer.json").read_text())["spike_window"]
+    for key in ("loss", "grad_norm"):
+        assert window[key] == pytest.approx([logged[step][key] for step in range(STEPS - 7, STEPS + 1)], rel=1e-6)
     assert_close(got, runs("single")[1], layout)
 
 

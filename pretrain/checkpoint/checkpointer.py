@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,19 +62,28 @@ class TrainState:
 
     step: int = 0
     tokens: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # non-finite and spikes
+    spike_steps: int = 0
     rollbacks: int = 0
+    # Each step skipped as a loss spike: its step, loss, grad_norm, what exceeded which threshold, its data.
+    spikes: list[dict] = field(default_factory=list)
+    # The spike guard's window: the loss and grad_norm of the latest applied steps, oldest first.
+    spike_window: dict[str, list[float]] = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "counters": self.counters()}
+        # Copies: an asynchronous save writes them while training goes on.
+        return {"step": self.step, "tokens": self.tokens, "counters": self.counters(), "spikes": list(self.spikes),
+                "spike_window": {key: list(values) for key, values in self.spike_window.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state.get("step", 0)), int(state.get("tokens", 0))
         counters = state.get("counters", {})
         self.skipped_steps, self.rollbacks = counters.get("skipped_steps", 0), counters.get("rollbacks", 0)
+        self.spike_steps = counters.get("spike_steps", 0)
+        self.spikes, self.spike_window = state.get("spikes", []), state.get("spike_window", {})
 
     def counters(self) -> dict[str, int]:
-        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}
+        return {"skipped_steps": self.skipped_steps, "spike_steps": self.spike_steps, "rollbacks": self.rollbacks}
 
 
 @dataclass

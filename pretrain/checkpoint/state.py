@@ -24,7 +24,8 @@ in one file) load as they are.
                                                                <offset> on, flat
         shape/<name>                                           int64, the shape of a shard stored in fragments
     rng/rank00000.pt                     python, numpy, torch CPU and the rank's own CUDA generator states
-    trainer.json                         step, tokens, scheduler, loader position, counters, config, code version
+    trainer.json                         step, tokens, scheduler, loader position, counters, the loss spikes
+                                         skipped and the spike guard's window, config, code version
 """
 
 from __future__ import annotations

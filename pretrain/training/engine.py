@@ -24,6 +24,7 @@ import deepspeed  # noqa: E402
 from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
+from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS  # noqa: E402
 from deepspeed.utils import set_z3_leaf_modules  # noqa: E402
 from torch.distributed._symmetric_memory import enable_symm_mem_for_group  # noqa: E402
 
@@ -42,9 +43,11 @@ from pretrain.model.mistral import (  # noqa: E402
     megatron_layer_config,
 )
 from pretrain.training.converters import build_converters  # noqa: E402
-from pretrain.training.optim import build_optimizer, build_scheduler  # noqa: E402
+from pretrain.training.optim import GatedAdamW, build_optimizer, build_scheduler  # noqa: E402
 
 _deepspeed_update_hp_grad = BF16_Optimizer._update_hp_grad
+# ZeRO takes the optimizers it lists by their exact type; GatedAdamW is torch's AdamW with a gate before its step.
+ZERO_SUPPORTED_OPTIMIZERS.append(GatedAdamW)
 
 if torch.cuda.is_available():
     import triton

@@ -69,12 +69,14 @@ class MetricsLogger:
         record = {"step": step, "kind": kind, "time": time.time(), **values}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        # Their charts take numbers; a record's names and ranges (a spike's) stay in metrics.jsonl.
+        scalars = {key: value for key, value in values.items() if isinstance(value, int | float)}
         if self._tensorboard is not None:
-            for key, value in values.items():
+            for key, value in scalars.items():
                 self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
             self._tensorboard.flush()
         if self._wandb is not None:
-            self._wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+            self._wandb.log({f"{kind}/{k}": v for k, v in scalars.items()}, step=step)
 
     def close(self, plot: bool = True) -> None:
         if not self.enabled:

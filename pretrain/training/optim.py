@@ -23,7 +23,21 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-class NonFiniteSkippingAdamW(torch.optim.AdamW):
+class GatedAdamW(torch.optim.AdamW):
+    """AdamW that applies an update only where its `gate` (the loss-spike guard, when on) allows it: a refused step
+    leaves the weights, the moments and the step count as they were. ZeRO calls it after reducing the gradients and
+    taking their global norm, which the gate reads."""
+
+    gate = None  # a pretrain.training.spike_guard.SpikeGate, set by the trainer
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.gate is not None and not self.gate.allows_update():
+            return None
+        return super().step(closure)
+
+
+class NonFiniteSkippingAdamW(GatedAdamW):
     """AdamW that leaves the parameters untouched when any rank's gradients hold inf or NaN.
 
     DeepSpeed's ZeRO optimizers check the global gradient norm and skip such steps themselves; without ZeRO it calls
@@ -44,7 +58,7 @@ class NonFiniteSkippingAdamW(torch.optim.AdamW):
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, zero_stage: int) -> torch.optim.Optimizer:
     on_cuda = next(model.parameters()).is_cuda
-    adamw = NonFiniteSkippingAdamW if zero_stage == 0 else torch.optim.AdamW
+    adamw = NonFiniteSkippingAdamW if zero_stage == 0 else GatedAdamW
     return adamw(
         parameter_groups(model, cfg.weight_decay),
         lr=cfg.lr,

@@ -38,6 +38,7 @@ from pretrain.training.global_batch import GlobalBatchReader
 from pretrain.training.hang import HangWatchdog
 from pretrain.training.metrics import MetricsLogger, StepMetrics, StepProfiler
 from pretrain.training.op_builds import op_builds
+from pretrain.training.spike_guard import SPIKE_FACTOR, SpikeGate
 from pretrain.training.stop import StopSignals
 
 
@@ -115,7 +116,12 @@ class Trainer:
         device_name = torch.cuda.get_device_name(self.device) if self.device is not None else None
         self.step_metrics = StepMetrics(cfg, self.engine, self.checkpointer, self.state, self.world, self.device,
                                         peak_flops(cfg, device_name, self.log_rank0))
+        self.spike_gate = None
+        if cfg.train.spike_guard.enabled:
+            self.spike_gate = SpikeGate(cfg.train.spike_guard, self.engine, self.state)
+            self.engine.client_optimizer.gate = self.spike_gate
         self.inject_nonfinite = set(cfg.train.inject_nonfinite_batches)
+        self.inject_spike = set(cfg.train.inject_spike_batches)
         self._log_setup()
 
     def log_rank0(self, message: str) -> None:
@@ -142,6 +148,9 @@ class Trainer:
         if self.inject_nonfinite:
             self.log_rank0(f"train.inject_nonfinite_batches: the loss of global batches "
                            f"{sorted(self.inject_nonfinite)} is made NaN (a test of skipping and rolling back)")
+        if self.inject_spike:
+            self.log_rank0(f"train.inject_spike_batches: the loss of global batches {sorted(self.inject_spike)} is "
+                           f"multiplied by {SPIKE_FACTOR:g} (a test of the spike guard)")
         if cfg.train.inject_error_at_step:
             self.log_rank0(f"train.inject_error_at_step: rank {self.world - 1} raises an error in step "
                            f"{cfg.train.inject_error_at_step} (a test of crash handling)")
@@ -167,7 +176,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step over a global batch: (mean loss over the global batch, data wait s, whether the
-        update was applied: DeepSpeed skips it when the gradients are not finite)."""
+        update was applied: DeepSpeed skips it when the gradients are not finite, the spike gate when it is a
+        spike)."""
         if self.state.step + 1 == self.cfg.train.inject_error_at_step and self.rank == self.world - 1:
             raise RuntimeError(f"train.inject_error_at_step={self.cfg.train.inject_error_at_step}: an error injected "
                                "into this step")
@@ -176,23 +186,46 @@ class Trainer:
         micro_batches, divisor = self.global_batch.read(batches, where)
         waited = time.perf_counter() - start
         self.built.float8.refresh_weights()  # the last step (or a checkpoint load) changed the weights
+        accum = len(micro_batches)
         if self.built.pipelined:
             self.built.pipeline_loss.divisor = divisor
             marked = self.global_batch.marked(micro_batches, f"{where}, pipeline micro-batch")
+            if self.spike_gate is not None:
+                self.spike_gate.expect(lambda: self._pipeline_loss(accum))
             return float(self.engine.train_batch(data_iter=marked)), waited, self.engine.was_step_applied()
-        accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for micro, (inputs, labels) in enumerate(micro_batches):
             self.watchdog.progress(f"{where}, micro-batch {micro + 1}")
             loss = self.engine(inputs, labels, loss_divisor=divisor)
-            if micro == 0 and self.inject_nonfinite and self._data_batch(accum) in self.inject_nonfinite:
-                loss = loss * float("nan")
+            if micro == 0 and (self.inject_nonfinite or self.inject_spike):
+                loss = self._injected(loss, self._data_batch(accum))
             self.engine.backward(loss)
-            self.engine.step()
             total += loss.detach()
+            if micro < accum - 1:
+                self.engine.step()  # accumulates only: the last micro-batch's step() updates, below
         self.watchdog.progress(f"{where}, loss all-reduce")
         [total_over_ranks] = parallel.all_reduce_numbers([float(total) / accum], group=parallel.dp_cp_group())
-        return total_over_ranks / parallel.dp_cp_size(), waited, self.engine.was_step_applied()
+        step_loss = total_over_ranks / parallel.dp_cp_size()
+        if self.spike_gate is not None:
+            self.spike_gate.expect(lambda: step_loss)  # judged in the optimizer step
+        self.engine.step()
+        return step_loss, waited, self.engine.was_step_applied()
+
+    def _pipeline_loss(self, accum: int) -> float:
+        """Asked in the pipeline's optimizer step: the mean loss over the global batch as train_batch will return it
+        (0 on stages before the last), from the pipeline engine's sum over this rank's micro-batches."""
+        total = self.engine.total_loss if self.engine.is_last_stage() else None
+        [over_ranks] = parallel.all_reduce_numbers([0.0 if total is None else float(total) / accum],
+                                                   group=parallel.dp_cp_group())
+        return over_ranks / parallel.dp_cp_size()
+
+    def _injected(self, loss: torch.Tensor, data_batch: int) -> torch.Tensor:
+        """The loss as train.inject_nonfinite_batches and train.inject_spike_batches make it for this batch."""
+        if data_batch in self.inject_nonfinite:
+            return loss * float("nan")
+        if data_batch in self.inject_spike:
+            return loss * SPIKE_FACTOR
+        return loss
 
     def _data_batch(self, accum: int) -> int:
         """The 1-based number of the global batch being consumed, as the data loader counts them."""
@@ -211,13 +244,13 @@ class Trainer:
 
     def fit(self) -> int | str:
         """Train to train.steps. Returns the process exit code (EXIT_SAVED_ON_SIGNAL after a signal), or
-        _ROLLBACK after train.max_nonfinite_in_row skipped steps in a row."""
+        _ROLLBACK after train.max_skipped_in_row skipped steps in a row."""
         cfg, state = self.cfg, self.state
         metrics = MetricsLogger(cfg, self.run_dir, cfg.train.steps, state.step, enabled=self.rank == 0)
         self.step_metrics.start_window()
         loss = float("nan")
         outcome: int | str = 0
-        nonfinite_in_row = 0
+        skipped_in_row = 0
         profiler = StepProfiler(cfg.logging.profile_step, self.run_dir, enabled=self.rank == 0)
         # Closed however the loop ends: the workers of an unclosed iterator outlive training (see Batches).
         with iter(self.loader) as batches:
@@ -231,15 +264,19 @@ class Trainer:
                 profiler.after_step(state.step)
                 state.tokens += self.tokens_per_step
                 self.step_metrics.add_data_wait(waited)
-                nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
+                skipped_in_row = 0 if applied else skipped_in_row + 1
                 if not applied:
                     state.skipped_steps += 1
-                    self.log_rank0(f"step {state.step}: loss {loss} or its gradients are not finite: update skipped "
-                                   f"({nonfinite_in_row} in a row, {state.skipped_steps} in all)")
+                    spike = self.spike_gate.spike if self.spike_gate is not None else None
+                    if spike is None:
+                        self.log_rank0(f"step {state.step}: loss {loss} or its gradients are not finite: update "
+                                       f"skipped ({skipped_in_row} in a row, {state.skipped_steps} in all)")
+                    else:
+                        self._record_spike(metrics, spike, skipped_in_row)
                 if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.steps:
                     metrics.log(state.step, self.step_metrics.values(loss))
                     self.step_metrics.start_window()
-                if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                if skipped_in_row >= cfg.train.max_skipped_in_row:
                     outcome = _ROLLBACK
                     break
                 if self.evaluator and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
@@ -273,27 +310,43 @@ class Trainer:
         metrics.close(plot=outcome != EXIT_SAVED_ON_SIGNAL)
         return outcome
 
+    def _record_spike(self, metrics: MetricsLogger, spike: dict, in_row: int) -> None:
+        """A step skipped as a loss spike: in the checkpointed counters, metrics.jsonl (kind "spike") and one line."""
+        state, global_batch = self.state, self._data_batch(self.engine.gradient_accumulation_steps())
+        first_sample = (global_batch - 1) * self.cfg.train.global_batch
+        record = {**spike, "global_batch": global_batch, "samples": [first_sample,
+                                                                     first_sample + self.cfg.train.global_batch]}
+        state.spike_steps += 1
+        state.spikes.append({"step": state.step, **record})
+        metrics.write(state.step, record, "spike")
+        exceeded = spike["exceeded"]
+        self.log_rank0(f"step {state.step}: {exceeded} {spike[exceeded]:.4g} is a spike (over {spike['threshold']:.4g}"
+                       f" = mean + {spike['sigmas']:g} sigma of the last applied steps): update skipped ({in_row} in "
+                       f"a row, {state.skipped_steps} in all), global batch {global_batch}")
+
     def roll_back(self) -> None:
         """Reload the newest checkpoint into this engine; the data goes on past the batches that diverged, and
         skipped steps and rollbacks stay counted."""
         if self.state.rollbacks >= self.cfg.train.max_rollbacks:
             raise TrainingError(
-                f"{self.cfg.train.max_nonfinite_in_row} steps in a row had a non-finite loss or gradients again after "
-                f"{self.state.rollbacks} rollbacks: lower optim.lr, raise optim.warmup_steps or check the "
-                "data, then resume"
+                f"{self.cfg.train.max_skipped_in_row} steps in a row were skipped (a non-finite loss or gradients, or "
+                f"loss spikes) again after {self.state.rollbacks} rollbacks: lower optim.lr, raise "
+                "optim.warmup_steps or check the data, then resume"
             )
-        position, counters = self.loader.state_dict(), self.state.counters()
+        position, counters, spikes = self.loader.state_dict(), self.state.counters(), self.state.spikes
         with self.watchdog.long_operation(f"step {self.state.step}, rollback"):
             ckpt = self.checkpointer.restore(None)
         if ckpt is None:
             raise TrainingError(
-                f"{self.cfg.train.max_nonfinite_in_row} steps in a row had a non-finite loss or gradients before "
-                "the first checkpoint, so there is nothing to roll back to: lower optim.lr or check the data"
+                f"{self.cfg.train.max_skipped_in_row} steps in a row were skipped (a non-finite loss or gradients, or "
+                "loss spikes) before the first checkpoint, so there is nothing to roll back to: lower optim.lr or "
+                "check the data"
             )
         self.log_rank0(f"rolled back to {ckpt.name} (rollback {counters['rollbacks'] + 1}); the data goes on after the "
                        "batches that diverged")
         self.loader.load_state_dict(position)
-        self.state.skipped_steps, self.state.rollbacks = counters["skipped_steps"], counters["rollbacks"] + 1
+        self.state.skipped_steps, self.state.spike_steps = counters["skipped_steps"], counters["spike_steps"]
+        self.state.rollbacks, self.state.spikes = counters["rollbacks"] + 1, spikes
 
 
 def collective_timeout_s(train: TrainConfig) -> float:
