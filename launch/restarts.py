@@ -31,6 +31,7 @@ from durable import append_line
 from pretrain.checkpoint.store import complete_steps, step_dir_name
 from pretrain.config import Config
 from pretrain.launch_contract import EXIT_HANG, EXIT_SAVED_ON_SIGNAL, EXIT_USER_ERROR, hang_dir, new_start_id
+from pretrain.training.metrics import read_metrics
 
 RESTARTS_FILE = "restarts.jsonl"
 # How often a restart's record looks for the restarted ranks' first step in metrics.jsonl.
@@ -68,7 +69,7 @@ def describe(ending: Ending) -> str:
 
 def reached(run_dir: Path) -> tuple[int, int]:
     """How far the run has got: (its last training step in metrics.jsonl, its newest complete checkpoint step)."""
-    logged = [r["step"] for r in _records(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    logged = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
     saved = complete_steps(run_dir / "checkpoints")
     return (logged[-1] if logged else 0), (saved[-1] if saved else 0)
 
@@ -145,24 +146,6 @@ def _hang_detection_s(run_dir: Path, start_id: str, seen: float) -> float | None
     return seen - min(began) if began else None
 
 
-def _records(path: Path, offset: int = 0) -> list[dict]:
-    """The JSON lines of `path` from byte `offset` on; a line cut short (by a kill in the middle of its write) is
-    skipped."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            lines = f.read().decode(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
 class _Record:
     """One restart's record in RUN_DIR/restarts.jsonl, completed from the restarted ranks' `startup` record in
     metrics.jsonl (rank 0 writes it after their first step), by a thread that looks for it while they run. Where the
@@ -203,7 +186,7 @@ class _Record:
         append_line(self.run_dir / RESTARTS_FILE, json.dumps(record))
 
     def _startup(self) -> dict | None:
-        records = _records(self.run_dir / "metrics.jsonl", self.offset)
+        records = read_metrics(self.run_dir / "metrics.jsonl", self.offset)
         return next((r for r in records if r.get("kind") == "startup"), None)
 
 
@@ -213,7 +196,7 @@ _PARTS = (("detection", "detection_s"), ("teardown", "teardown_s"), ("start", "s
 
 def read_restarts(run_dir: Path) -> list[dict]:
     """The records of a run's restarts, oldest first."""
-    return _records(run_dir / RESTARTS_FILE)
+    return read_metrics(run_dir / RESTARTS_FILE)
 
 
 def restart_line(record: dict) -> str:

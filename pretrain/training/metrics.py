@@ -153,10 +153,22 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
+def read_metrics(path: Path, offset: int = 0) -> list[dict]:
+    """The JSON records of `path` (metrics.jsonl, or another file of JSON lines) from byte `offset` on; a line cut
+    short (by a kill in the middle of its write) is skipped."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:
